@@ -1,0 +1,167 @@
+"""The plugin contract (API v1): every algorithm fits on a dataset and scores histories.
+
+Third parties build against this module, so it stays small. ``api_version`` is ``MAJOR.MINOR``: a minor
+bump only adds optional methods with defaults; a major bump changes a signature or a shape, and the
+registry refuses plugins whose major version it does not support (see ``SUPPORTED_API_MAJORS``).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Self
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from fuserec.histories import PAD, Histories
+
+if TYPE_CHECKING:
+    import torch
+
+    from fuserec.data.dataset import Dataset
+
+API_VERSION = "1.0"
+SUPPORTED_API_MAJORS: tuple[int, ...] = (1,)
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.npz"
+
+
+class AlgorithmConfig(BaseModel):
+    """Base of every plugin's typed config: unknown keys are errors, so typos in params.yaml surface."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = 42
+
+
+class Algorithm(ABC):
+    """Base class of recommender plugins.
+
+    Subclasses set ``Config`` (a pydantic model deriving from :class:`AlgorithmConfig`) and implement
+    ``fit``, ``score``, ``to_torch`` and the two state hooks. ``__init__`` only stores the config (as in
+    scikit-learn); fitted state lives in attributes ending in ``_``.
+
+    Shapes and dtypes:
+    - ``score(histories)`` -> ``float32 [len(histories), n_items]``, finite; higher is better. It does not
+      exclude seen items: callers do (evaluation, export), so fusion can still read those scores.
+    - ``to_torch()`` -> ``torch.nn.Module`` whose ``forward(history)`` takes ``int64 [B, L]`` item indices
+      padded with -1 (see :meth:`Histories.to_padded`; every index is in ``[-1, n_items)``) and returns
+      ``float32 [B, n_items]`` equal to ``score`` on the same histories.
+    """
+
+    api_version: ClassVar[str] = API_VERSION
+    Config: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
+
+    def __init__(self, config: AlgorithmConfig | dict[str, Any] | None = None) -> None:
+        if config is None:
+            config = self.Config()
+        elif isinstance(config, dict):
+            config = self.Config.model_validate(config)
+        elif not isinstance(config, self.Config):
+            config = self.Config.model_validate(config.model_dump())
+        self.config = config
+        self.n_items_: int | None = None
+
+    # -- the contract -------------------------------------------------------------------------------
+    @abstractmethod
+    def fit(self, data: Dataset) -> Self:
+        """Learn from ``data.interactions`` (positives of the training carve); set ``self.n_items_``."""
+
+    @abstractmethod
+    def score(self, histories: Histories) -> np.ndarray:
+        """Scores of every catalog item for each history: ``float32 [n_users, n_items]``."""
+
+    @abstractmethod
+    def to_torch(self) -> torch.nn.Module:
+        """A module computing :meth:`score` from padded histories, for ONNX export."""
+
+    @abstractmethod
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Fitted arrays to save (numeric, no objects: saved with ``allow_pickle=False``)."""
+
+    @abstractmethod
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`get_state` returned."""
+
+    # -- optional -----------------------------------------------------------------------------------
+    def user_representation(self, histories: Histories) -> np.ndarray | None:
+        """``float32 [n_users, d]`` vectors for feature fusion; None when the model has none."""
+        return None
+
+    def item_representation(self) -> np.ndarray | None:
+        """``float32 [n_items, d]`` vectors for feature fusion; None when the model has none."""
+        return None
+
+    def explain(self, history: np.ndarray, item: int) -> dict[str, Any] | None:
+        """What drove ``item``'s score for this history (e.g. contributing history items); None if unknown."""
+        return None
+
+    # -- persistence (no pickle) --------------------------------------------------------------------
+    @property
+    def is_fitted(self) -> bool:
+        return self.n_items_ is not None
+
+    def _check_fitted(self) -> int:
+        if self.n_items_ is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(dataset) or load(path) first")
+        return self.n_items_
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``config.json`` and ``state.npz`` into folder ``path``."""
+        n_items = self._check_fitted()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_FILE).write_text(
+            json.dumps({"config": self.config.model_dump(mode="json"), "n_items": n_items}, indent=2)
+        )
+        state = self.get_state()
+        bad = [k for k, v in state.items() if not isinstance(v, np.ndarray) or v.dtype == object]
+        if bad:
+            raise TypeError(f"{type(self).__name__}.get_state() returned non-numeric arrays for {bad}")
+        np.savez(path / STATE_FILE, **state)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        path = Path(path)
+        meta = json.loads((path / CONFIG_FILE).read_text())
+        algo = cls(cls.Config.model_validate(meta["config"]))
+        with np.load(path / STATE_FILE, allow_pickle=False) as npz:
+            algo.set_state({k: npz[k] for k in npz.files})
+        algo.n_items_ = int(meta["n_items"])
+        return algo
+
+
+def api_major(version: str) -> int:
+    """Major part of an ``api_version`` string such as ``"1.0"``."""
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError as exc:
+        raise ValueError(f"api_version {version!r} is not MAJOR.MINOR") from exc
+
+
+def multi_hot(history: torch.Tensor, n_items: int) -> torch.Tensor:
+    """``float32 [B, n_items]`` with 1 where an item is in the padded history; -1 padding is ignored.
+
+    For use inside ``to_torch()`` modules; written with scatter so it exports to ONNX.
+    """
+    import torch
+
+    idx = torch.where(history >= 0, history, torch.full_like(history, n_items))
+    hot = torch.zeros(history.shape[0], n_items + 1, dtype=torch.float32, device=history.device)
+    hot = hot.scatter(1, idx, torch.ones_like(idx, dtype=torch.float32))
+    return hot[:, :n_items]
+
+
+__all__ = [
+    "API_VERSION",
+    "PAD",
+    "SUPPORTED_API_MAJORS",
+    "Algorithm",
+    "AlgorithmConfig",
+    "Histories",
+    "api_major",
+    "multi_hot",
+]

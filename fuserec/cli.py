@@ -1,0 +1,89 @@
+"""``fuserec``: run the pipeline, run one stage (what dvc.yaml calls), list plugins, show results."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import fuserec._env  # noqa: F401
+from fuserec.tasks import STAGES
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="override a param: dotted.key=value (value parsed as YAML)"),
+]
+
+
+@app.command()
+def run(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    user: Annotated[str | None, typer.Option(help="raw user id to show the top-10 for")] = None,
+) -> None:
+    """Run the whole pipeline as a Prefect flow, then print the metrics and one user's top-10."""
+    from fuserec.config import load_params
+    from fuserec.flows.pipeline import train_pipeline
+
+    overrides = list(set_ or [])
+    train_pipeline(str(params), overrides)
+    _show(load_params(params, overrides).outputs_dir, user)
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(STAGES)}")],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Run one stage's code without the Prefect engine (dvc.yaml calls this)."""
+    from fuserec.config import load_params
+
+    if name not in STAGES:
+        raise typer.BadParameter(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
+    module = importlib.import_module(f"fuserec.tasks.{name}")
+    out = getattr(module, name).fn(load_params(params, list(set_ or [])))
+    console.print(f"[green]{name}[/green] -> {out}")
+
+
+@app.command()
+def plugins() -> None:
+    """List every algorithm plugin found through entry points, broken ones included."""
+    from fuserec.registry import discover
+
+    table = Table("name", "distribution", "version", "api_version", "status")
+    for info in discover():
+        status = "[green]ok[/green]" if info.ok else f"[red]{info.error}[/red]"
+        table.add_row(info.name, info.distribution, info.version, info.api_version or "?", status)
+    console.print(table)
+
+
+@app.command()
+def show(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    user: Annotated[str | None, typer.Option(help="raw user id")] = None,
+) -> None:
+    """Print the last run's metrics table and a user's top-10 from the exported ONNX model."""
+    from fuserec.config import load_params
+
+    _show(load_params(params, list(set_ or [])).outputs_dir, user)
+
+
+def _show(outputs: Path, user: str | None) -> None:
+    from fuserec.report import metrics_table, top_items_for_user
+
+    console.print(metrics_table(outputs))
+    console.print(top_items_for_user(outputs, user))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,196 @@
+"""Typed view of ``params.yaml``: the one place configuration lives.
+
+Each stage reads only its own section, so DVC can declare exactly the params a stage depends on.
+Per-dataset settings (tuned hyper-parameters) live in ``configs/datasets/<data.source>.yaml`` and are
+merged under ``params.yaml``'s values, so selecting a dataset also selects its tuned settings.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DATASET_SETTINGS_DIR = Path(__file__).resolve().parent.parent / "configs" / "datasets"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticConfig(_Section):
+    """Size and shape of the embedded synthetic dataset."""
+
+    n_interactions: int = Field(20_000, ge=1_000, le=10_000_000)
+    n_users: int | None = Field(None, ge=10, description="default: derived from n_interactions")
+    n_items: int | None = Field(None, ge=10, description="default: derived from n_interactions")
+    n_clusters: int = Field(8, ge=1)
+    seed: int = 42
+
+
+class ColumnMap(_Section):
+    """Maps canonical column names to the columns of a generic CSV/Parquet source."""
+
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    rating: str | None = "rating"
+    timestamp: str | None = "timestamp"
+
+
+class GenericFiles(_Section):
+    """File names (relative to ``data.path``) of a generic source; items and users are optional."""
+
+    interactions: str = "interactions.csv"
+    items: str | None = None
+    users: str | None = None
+    item_columns: dict[str, str] = Field(default_factory=dict, description="canonical -> source column")
+    user_columns: dict[str, str] = Field(default_factory=dict, description="canonical -> source column")
+    separator: str = ","
+
+
+Source = Literal[
+    "synthetic", "movielens-100k", "movielens-1m", "movielens-10m", "movielens-latest", "csv", "parquet"
+]
+
+
+class DataConfig(_Section):
+    source: Source = "synthetic"
+    path: str | None = None
+    download: bool = Field(
+        False, description="fetch a MovieLens archive into data.cache_dir when path is unset"
+    )
+    cache_dir: str = "~/.cache/fuserec"
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    columns: ColumnMap = Field(default_factory=ColumnMap)
+    files: GenericFiles = Field(default_factory=GenericFiles)
+
+
+class ValidateConfig(_Section):
+    max_reject_share: float = Field(0.05, ge=0.0, le=1.0)
+    rating_min: float = 0.5
+    rating_max: float = 5.0
+    timestamp_min: int = Field(0, description="unix seconds")
+    timestamp_max: int = Field(4_102_444_800, description="unix seconds (2100-01-01)")
+    sample_rows: int = Field(5, ge=0, description="rejected rows shown per rule in the report")
+
+
+class CleanConfig(_Section):
+    implicit_threshold: float | None = Field(
+        4.0, description="rating >= threshold is a positive; null keeps all"
+    )
+    kcore: int = Field(0, ge=0, description="iteratively keep users and items with >= kcore positives")
+
+
+class SplitConfig(_Section):
+    method: Literal["temporal_user", "leave_last_out", "global_time"] = "temporal_user"
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    min_user_positives: int = Field(5, ge=1)
+
+
+class TrainConfig(_Section):
+    algorithms: list[str] | Literal["all"] = "all"
+    seed: int = 42
+
+
+class EvaluateConfig(_Section):
+    ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
+    batch_size: int = Field(1024, ge=1)
+
+    @field_validator("ks")
+    @classmethod
+    def _positive(cls, ks: list[int]) -> list[int]:
+        if not ks or any(k < 1 for k in ks):
+            raise ValueError("evaluate.ks must be a non-empty list of positive integers, e.g. [5, 10, 20]")
+        return sorted(set(ks))
+
+
+class ExportConfig(_Section):
+    algorithm: str = "itemknn"
+    k: int = Field(10, ge=1)
+    max_history: int = Field(
+        512, ge=1, description="longest history the served graph reads (most recent kept)"
+    )
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+    opset: int = 18
+
+
+class Params(_Section):
+    """All of ``params.yaml``."""
+
+    outputs: str = "outputs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    algorithms: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @property
+    def outputs_dir(self) -> Path:
+        return Path(self.outputs)
+
+    def algorithm_config(self, name: str) -> dict[str, Any]:
+        return dict(self.algorithms.get(name) or {})
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML, so lists and numbers work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {text!r} is not KEY=VALUE; write e.g. --set data.source=movielens-100k")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = value
+    return out
+
+
+def dataset_settings(source: str, settings_dir: Path = DATASET_SETTINGS_DIR) -> dict[str, Any]:
+    """Per-dataset settings (e.g. tuned hyper-parameters) selected by ``data.source``; empty if none."""
+    path = settings_dir / f"{source}.yaml"
+    if not path.exists():
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read params.yaml, layer the dataset's settings over it, then apply ``--set`` overrides.
+
+    Precedence (highest first): overrides, ``configs/datasets/<data.source>.yaml``, params.yaml, defaults.
+    The dataset file holds what was tuned for that dataset (``fuserec tune`` writes it), so it beats the
+    generic values in params.yaml; an explicit ``--set`` beats both.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; run from the project root or pass --params PATH")
+    raw = yaml.safe_load(path.read_text()) or {}
+    with_overrides = apply_overrides(raw, overrides or [])
+    source = (with_overrides.get("data") or {}).get("source", "synthetic")
+    merged = apply_overrides(_deep_merge(raw, dataset_settings(source)), overrides or [])
+    return Params.model_validate(merged)

@@ -1,0 +1,1 @@
+"""Dataset model, loaders for raw sources and the synthetic generator."""

@@ -1,0 +1,90 @@
+"""The served graph: padded histories in; all scores, top-k item indices and their scores out.
+
+The same wrapper turns any ``Algorithm.to_torch()`` scorer into the exported model, so every plugin (and
+later every fuser) is served the same way, and new users or fresh events need no retraining.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fuserec.api import Algorithm, multi_hot
+
+INPUT_NAME = "history"
+OUTPUT_NAMES = ("scores", "top_items", "top_scores")
+
+
+class TopKModel(torch.nn.Module):
+    """Wraps a scorer: sanitises ids, excludes seen items, takes the top ``k``.
+
+    Ids outside ``[0, n_items)`` are treated as padding before any Gather, so a bad id can never index
+    out of bounds (onnxruntime on CUDA does not bound-check). Top-k ties go to the lower item index
+    (ONNX TopK's rule), as in the evaluation protocol.
+    """
+
+    def __init__(self, scorer: torch.nn.Module, n_items: int, k: int) -> None:
+        super().__init__()
+        self.scorer = scorer
+        self.n_items = n_items
+        self.k = min(k, n_items)
+
+    def forward(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        valid = (history >= 0) & (history < self.n_items)
+        history = torch.where(valid, history, torch.full_like(history, -1))
+        scores = self.scorer(history)
+        seen = multi_hot(history, self.n_items) > 0
+        masked = scores.masked_fill(seen, float("-inf"))
+        top_scores, top_items = torch.topk(masked, self.k, dim=1)
+        return scores, top_items, top_scores
+
+
+def export_onnx(algo: Algorithm, path: str | Path, k: int, opset: int = 18) -> Path:
+    """Export ``algo``'s scoring as one self-contained ONNX file with dynamic batch and history length."""
+    from torch.export import Dim
+
+    n_items = algo._check_fitted()
+    model = TopKModel(algo.to_torch(), n_items, k).eval()
+    example = torch.tensor([[0, min(1, n_items - 1), -1], [min(2, n_items - 1), -1, -1]], dtype=torch.int64)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=({0: Dim("batch"), 1: Dim("history_len")},),
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
+        )
+    program.save(str(path), external_data=False)
+    return path
+
+
+class OnnxRecommender:
+    """An onnxruntime session over an exported model, with its providers named explicitly."""
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        providers = providers or ["CPUExecutionProvider"]
+        missing = [p for p in providers if p not in ort.get_available_providers()]
+        if missing:
+            raise RuntimeError(
+                f"onnxruntime providers {missing} are not available here "
+                f"(available: {ort.get_available_providers()}); set export.providers in params.yaml"
+            )
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.providers = self.session.get_providers()
+
+    def run(self, padded: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores, top item indices, top scores) for ``int64 [B, L]`` padded histories."""
+        scores, items, top = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: padded.astype(np.int64)})
+        return scores, items, top

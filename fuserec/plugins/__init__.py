@@ -1,0 +1,1 @@
+"""Built-in algorithms. Each is registered in pyproject.toml's entry points like a third party's."""

@@ -1,0 +1,114 @@
+"""Plugins found through entry points, built-ins exactly like third parties'.
+
+A plugin that fails to import, is not an Algorithm, or declares an unsupported ``api_version`` is
+recorded with its distribution and version and an error; the others still load.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from dataclasses import dataclass
+from functools import cache
+
+from fuserec.api import API_VERSION, SUPPORTED_API_MAJORS, Algorithm, api_major
+
+ALGORITHMS_GROUP = "fuserec.algorithms"
+
+
+class PluginError(LookupError):
+    """A plugin that cannot be used; the message says which, why, and what to do."""
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    group: str
+    target: str  # "module:attr" of the entry point
+    distribution: str
+    version: str
+    api_version: str | None
+    error: str | None
+    cls: type[Algorithm] | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.ok else f"error: {self.error}"
+
+
+def _inspect(ep: md.EntryPoint, group: str) -> PluginInfo:
+    dist = getattr(ep, "dist", None)
+    dist_name = dist.metadata["Name"] if dist is not None else "unknown"
+    dist_version = dist.version if dist is not None else "unknown"
+
+    def broken(error: str, api: str | None = None) -> PluginInfo:
+        return PluginInfo(ep.name, group, ep.value, dist_name, dist_version, api, error, None)
+
+    try:
+        obj = ep.load()
+    except Exception as exc:  # a third party's import error must not take the registry down
+        return broken(f"import failed: {type(exc).__name__}: {exc}")
+    if not (isinstance(obj, type) and issubclass(obj, Algorithm)):
+        return broken(f"{ep.value} is not a subclass of fuserec.api.Algorithm")
+    declared = str(getattr(obj, "api_version", "?"))
+    try:
+        major = api_major(declared)
+    except ValueError:
+        major = -1
+    if major not in SUPPORTED_API_MAJORS:
+        supported = ", ".join(f"{m}.x" for m in SUPPORTED_API_MAJORS)
+        return broken(
+            f"declares api_version {declared}; this fuserec supports {supported} (current {API_VERSION}). "
+            f"Upgrade {dist_name} or fuserec so that they match",
+            declared,
+        )
+    return PluginInfo(ep.name, group, ep.value, dist_name, dist_version, declared, None, obj)
+
+
+@cache
+def discover(group: str = ALGORITHMS_GROUP) -> tuple[PluginInfo, ...]:
+    """Every plugin registered under ``group``, sorted by name, broken ones included."""
+    seen: dict[str, PluginInfo] = {}
+    for ep in md.entry_points(group=group):
+        info = _inspect(ep, group)
+        if ep.name in seen and seen[ep.name].ok:
+            continue  # first working registration of a name wins
+        seen[ep.name] = info
+    return tuple(sorted(seen.values(), key=lambda p: p.name))
+
+
+def available(group: str = ALGORITHMS_GROUP) -> list[str]:
+    return [p.name for p in discover(group) if p.ok]
+
+
+def plugin_info(name: str, group: str = ALGORITHMS_GROUP) -> PluginInfo:
+    for info in discover(group):
+        if info.name == name:
+            if not info.ok:
+                raise PluginError(
+                    f"plugin {name!r} from {info.distribution} {info.version} cannot be used: {info.error}"
+                )
+            return info
+    raise PluginError(
+        f"no plugin named {name!r} in entry-point group {group!r}; available: {available(group)}. "
+        f"Install the distribution that provides it, or fix the name in params.yaml (train.algorithms)"
+    )
+
+
+def get_algorithm(name: str) -> type[Algorithm]:
+    cls = plugin_info(name).cls
+    assert cls is not None
+    return cls
+
+
+def resolve_names(requested: list[str] | str, group: str = ALGORITHMS_GROUP) -> list[str]:
+    """``"all"`` -> every working plugin; a list is checked name by name (unknown names raise)."""
+    if requested == "all":
+        return available(group)
+    names = [requested] if isinstance(requested, str) else list(requested)
+    for name in names:
+        plugin_info(name, group)
+    return names

@@ -1,0 +1,108 @@
+"""Export: the chosen model's scoring -> one ONNX file + catalog + id maps, checked under onnxruntime."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+
+from fuserec.api import Algorithm
+from fuserec.config import Params
+from fuserec.data.dataset import Dataset
+from fuserec.histories import Histories
+from fuserec.layout import Layout
+from fuserec.manifest import file_sha256, read_json, write_manifest
+from fuserec.metrics import top_k
+from fuserec.onnx_model import INPUT_NAME, OUTPUT_NAMES, OnnxRecommender, export_onnx
+from fuserec.tasks.split import SPLIT_FILES
+from fuserec.tasks.train import load_algorithm
+
+MODEL_FILE = "model.onnx"
+CATALOG_FILE = "catalog.parquet"
+USERS_FILE = "users.parquet"
+PARITY_ATOL = 1e-5
+PARITY_RTOL = 1e-5
+
+
+def parity_check(algo: Algorithm, session: OnnxRecommender, histories: Histories, k: int) -> dict[str, Any]:
+    """Compare onnxruntime with ``algo.score`` on ``histories``: scores and top-k (ties may reorder ids)."""
+    padded = histories.to_padded()
+    expected = algo.score(histories)
+    scores, items, top = session.run(padded)
+    diff = np.abs(scores - expected)
+    tol = PARITY_ATOL + PARITY_RTOL * np.abs(expected)
+    ref_items = top_k(expected, k, exclude=histories.to_csr())
+    ref_top = np.take_along_axis(expected, np.maximum(ref_items, 0), axis=1)
+    valid = ref_items >= 0
+    # Same top-k up to ties: the scores at each rank agree, and ids agree wherever scores are not tied.
+    top_scores_match = bool(
+        np.allclose(np.where(valid, top, 0), np.where(valid, ref_top, 0), atol=PARITY_ATOL, rtol=PARITY_RTOL)
+    )
+    ids_match = (items == ref_items) | ~valid
+    untied = np.ones_like(valid)
+    untied[:, 1:] &= ~np.isclose(ref_top[:, 1:], ref_top[:, :-1], atol=PARITY_ATOL, rtol=PARITY_RTOL)
+    untied[:, :-1] &= ~np.isclose(ref_top[:, :-1], ref_top[:, 1:], atol=PARITY_ATOL, rtol=PARITY_RTOL)
+    return {
+        "users": len(histories),
+        "empty_histories": int((histories.lengths == 0).sum()),
+        "max_abs_diff": float(diff.max()) if diff.size else 0.0,
+        "scores_match": bool((diff <= tol).all()),
+        "top_scores_match": top_scores_match,
+        "top_items_match_up_to_ties": bool((ids_match | ~untied).all()),
+        "atol": PARITY_ATOL,
+        "rtol": PARITY_RTOL,
+    }
+
+
+def parity_batch(data: Dataset, test: pd.DataFrame, n: int = 64) -> Histories:
+    """Training histories of up to ``n`` test users, plus one user with an empty history."""
+    hist = data.histories().select(np.unique(test["user"].to_numpy())[:n])
+    indptr = np.concatenate([hist.indptr, hist.indptr[-1:]])
+    return Histories(indptr, hist.items, hist.n_items, hist.timestamps, hist.ratings)
+
+
+@task(name="export")
+def export(params: Params) -> str:
+    layout = Layout(params.outputs_dir)
+    cfg = params.export
+    folder = layout.model(cfg.algorithm)
+    if not (folder / "manifest.json").exists():
+        raise FileNotFoundError(
+            f"export.algorithm is {cfg.algorithm!r} but {folder} holds no trained model; "
+            f"add it to train.algorithms or choose one of {sorted(p.name for p in layout.models.iterdir())}"
+        )
+    algo = load_algorithm(folder)
+    out = layout.export
+    onnx_path = export_onnx(algo, out / MODEL_FILE, cfg.k, cfg.opset)
+    session = OnnxRecommender(onnx_path, cfg.providers)
+    data = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES["train"])
+    test = pd.read_parquet(layout.split / SPLIT_FILES["test"])
+    parity = parity_check(algo, session, parity_batch(data, test), cfg.k)
+    if not (parity["scores_match"] and parity["top_scores_match"] and parity["top_items_match_up_to_ties"]):
+        raise RuntimeError(f"exported ONNX model disagrees with {cfg.algorithm}.score: {parity}")
+    data.items.to_parquet(out / CATALOG_FILE, index=False)
+    data.users[["user", "user_id"]].to_parquet(out / USERS_FILE, index=False)
+    write_manifest(
+        out,
+        kind="exported-model",
+        algorithm=read_json(folder / "manifest.json"),
+        file=MODEL_FILE,
+        sha256=file_sha256(onnx_path),
+        input={
+            "name": INPUT_NAME,
+            "dtype": "int64",
+            "shape": ["batch", "history_len"],
+            "padding": -1,
+            "meaning": "item indices (see catalog.parquet), oldest first, -1 = padding",
+        },
+        outputs=list(OUTPUT_NAMES),
+        k=cfg.k,
+        max_history=cfg.max_history,
+        n_items=data.n_items,
+        providers=session.providers,
+        opset=cfg.opset,
+        parity=parity,
+    )
+    return str(out)

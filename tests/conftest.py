@@ -1,0 +1,56 @@
+"""Shared fixtures. PREFECT_HOME points at a temp dir before Prefect is imported anywhere."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="fuserec-prefect-")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ML100K = REPO.parent / "shared" / "data" / "ml-100k"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One ephemeral Prefect backend for the whole session (starting one costs seconds)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
+@pytest.fixture(scope="session")
+def ml100k() -> Path:
+    if not (SHARED_ML100K / "u.data").exists():
+        pytest.skip(f"MovieLens-100k not found at {SHARED_ML100K} (../shared is absent; CI always has it)")
+    return SHARED_ML100K
+
+
+def write_params(folder: Path, **sections: dict) -> Path:
+    """A params.yaml in ``folder``: the repo's, with ``sections`` merged in and outputs under ``folder``."""
+    from fuserec.config import _deep_merge
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = _deep_merge(raw, {"outputs": str(folder / "outputs"), **sections})
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+SMALL = {"data": {"synthetic": {"n_interactions": 4000, "seed": 7}}, "evaluate": {"ks": [5, 10]}}
+
+
+@pytest.fixture
+def small_params(tmp_path: Path):
+    """Params for a small synthetic run, outputs in tmp_path."""
+    from fuserec.config import load_params
+
+    return load_params(write_params(tmp_path, **SMALL))
