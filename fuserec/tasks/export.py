@@ -48,6 +48,8 @@ def parity_check(algo: Algorithm, session: OnnxRecommender, histories: Histories
         "users": len(histories),
         "empty_histories": int((histories.lengths == 0).sum()),
         "max_abs_diff": float(diff.max()) if diff.size else 0.0,
+        "max_rel_diff": float((diff / np.maximum(1.0, np.abs(expected))).max()) if diff.size else 0.0,
+        "max_abs_score": float(np.abs(expected).max()) if expected.size else 0.0,
         "scores_match": bool((diff <= tol).all()),
         "top_scores_match": top_scores_match,
         "top_items_match_up_to_ties": bool((ids_match | ~untied).all()),

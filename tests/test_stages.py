@@ -1,0 +1,71 @@
+"""Each stage's logic through ``task.fn`` on small synthetic data, in pipeline order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fuserec.layout import Layout
+from fuserec.manifest import read_json
+from fuserec.tasks.clean import clean
+from fuserec.tasks.evaluate import evaluate
+from fuserec.tasks.export import export
+from fuserec.tasks.split import split
+from fuserec.tasks.train import train
+from fuserec.tasks.validate import validate
+
+
+def test_stages_in_order_write_what_the_next_reads(small_params) -> None:
+    layout = Layout(small_params.outputs_dir)
+    validate.fn(small_params)
+    report = read_json(layout.validation_report)
+    assert report["tables"]["interactions"]["rows_in"] == 4000 and report["passed"]
+    clean.fn(small_params)
+    summary = read_json(layout.clean / "summary.json")
+    assert summary["rows_in"] == 4000 and summary["positives"] > 0
+    split.fn(small_params)
+    split_summary = read_json(layout.split / "summary.json")
+    assert (
+        split_summary["train"]["interactions"] + split_summary["test"]["interactions"] == summary["positives"]
+    )
+    train.fn(small_params)
+    for name in ("popularity", "itemknn"):
+        manifest = read_json(layout.model(name) / "manifest.json")
+        assert manifest["distribution"] == "fuserec" and manifest["config"]["seed"] == 42
+    evaluate.fn(small_params)
+    metrics = read_json(layout.metrics)
+    assert set(metrics["models"]) == {"popularity", "itemknn"}
+    assert metrics["models"]["popularity"]["n_users"] == metrics["protocol"]["test_users"]
+    by_k = pd.read_csv(layout.plots / "itemknn.csv")
+    assert by_k["k"].tolist() == [5, 10] and (np.diff(by_k["recall"]) >= 0).all()
+    export.fn(small_params)
+    manifest = read_json(layout.export / "manifest.json")
+    assert manifest["parity"]["top_items_match_up_to_ties"] and manifest["algorithm"]["name"] == "itemknn"
+
+
+def test_train_is_deterministic_and_rejects_unknown_plugins(small_params) -> None:
+    from fuserec.config import Params
+
+    for stage in (validate, clean, split):
+        stage.fn(small_params)
+    layout = Layout(small_params.outputs_dir)
+    train.fn(small_params)
+    first = np.load(layout.model("itemknn") / "state.npz")["weights"]
+    train.fn(small_params)
+    np.testing.assert_array_equal(first, np.load(layout.model("itemknn") / "state.npz")["weights"])
+    bad = Params.model_validate({**small_params.model_dump(by_alias=True), "train": {"algorithms": ["nope"]}})
+    with pytest.raises(LookupError, match="available"):
+        train.fn(bad)
+
+
+def test_export_names_the_missing_model(small_params) -> None:
+    from fuserec.config import Params
+
+    for stage in (validate, clean, split, train):
+        stage.fn(small_params)
+    other = Params.model_validate(
+        {**small_params.model_dump(by_alias=True), "export": {"algorithm": "popularity_typo"}}
+    )
+    with pytest.raises(FileNotFoundError, match="popularity_typo"):
+        export.fn(other)
