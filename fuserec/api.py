@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
@@ -28,10 +29,43 @@ CONFIG_FILE = "config.json"
 STATE_FILE = "state.npz"
 
 
+@dataclass(frozen=True)
+class IntRange:
+    """An integer hyper-parameter searched in ``[low, high]`` (log-uniform when ``log``)."""
+
+    low: int
+    high: int
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    """A float hyper-parameter searched in ``[low, high]`` (log-uniform when ``log``)."""
+
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A hyper-parameter searched among ``values``."""
+
+    values: tuple[Any, ...]
+
+
+SearchDim = IntRange | FloatRange | Choice
+
+
 class AlgorithmConfig(BaseModel):
-    """Base of every plugin's typed config: unknown keys are errors, so typos in params.yaml surface."""
+    """Base of every plugin's typed config: unknown keys are errors, so typos in params.yaml surface.
+
+    ``search_space`` declares what ``fuserec tune`` searches (on the validation carve only): field name
+    -> :class:`IntRange` / :class:`FloatRange` / :class:`Choice`. Fields not listed keep their values.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    search_space: ClassVar[dict[str, SearchDim]] = {}
 
     seed: int = 42
 
@@ -161,7 +195,11 @@ __all__ = [
     "SUPPORTED_API_MAJORS",
     "Algorithm",
     "AlgorithmConfig",
+    "Choice",
+    "FloatRange",
     "Histories",
+    "IntRange",
+    "SearchDim",
     "api_major",
     "multi_hot",
 ]

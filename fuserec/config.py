@@ -117,6 +117,15 @@ class ExportConfig(_Section):
     opset: int = 18
 
 
+class TuneConfig(_Section):
+    """``fuserec tune``: search each plugin's ``search_space`` on the validation carve only."""
+
+    algorithms: list[str] | Literal["all"] = "all"
+    n_trials: int = Field(20, ge=1)
+    timeout_s: float | None = Field(None, gt=0, description="per algorithm; stops after the running trial")
+    metric: str = "ndcg@10"
+
+
 class Params(_Section):
     """All of ``params.yaml``."""
 
@@ -128,6 +137,7 @@ class Params(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
     algorithms: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

@@ -22,7 +22,9 @@ class Histories:
     """CSR-shaped histories of ``len(self)`` users over a catalog of ``n_items`` items.
 
     ``items[indptr[u]:indptr[u+1]]`` are user u's item indices in time order (oldest first);
-    ``timestamps`` and ``ratings`` align with ``items`` when known.
+    ``timestamps`` and ``ratings`` align with ``items`` when known. ``users`` optionally gives each
+    history's row in the fitted dataset's users table (-1 for a user it does not know), so models that
+    read user attributes (cold start) can find them; models must not require it.
     """
 
     indptr: np.ndarray
@@ -30,6 +32,7 @@ class Histories:
     n_items: int
     timestamps: np.ndarray | None = None
     ratings: np.ndarray | None = None
+    users: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.indptr.ndim != 1 or self.indptr[0] != 0 or self.indptr[-1] != len(self.items):
@@ -81,6 +84,7 @@ class Histories:
             n_items,
             frame["timestamp"].to_numpy(np.int64)[order],
             ratings,
+            np.arange(n_users, dtype=np.int64),
         )
 
     def select(self, rows: np.ndarray | Sequence[int]) -> Histories:
@@ -92,7 +96,8 @@ class Histories:
         take = _ranges(starts, lengths)
         ts = None if self.timestamps is None else self.timestamps[take]
         ratings = None if self.ratings is None else self.ratings[take]
-        return Histories(indptr, self.items[take], self.n_items, ts, ratings)
+        users = None if self.users is None else self.users[rows]
+        return Histories(indptr, self.items[take], self.n_items, ts, ratings, users)
 
     def to_csr(self) -> sp.csr_matrix:
         """Binary user x item matrix (an item seen twice counts once)."""

@@ -8,14 +8,14 @@ index/weight arrays, so memory is linear in the catalog and the exported graph i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, ClassVar, Self
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from pydantic import Field
 
-from fuserec.api import Algorithm, AlgorithmConfig, Histories, multi_hot
+from fuserec.api import Algorithm, AlgorithmConfig, FloatRange, Histories, IntRange, SearchDim, multi_hot
 
 if TYPE_CHECKING:
     from fuserec.data.dataset import Dataset
@@ -24,6 +24,11 @@ DENSE_EXPORT_MAX_ITEMS = 8192  # above this, the exported graph gathers neighbou
 
 
 class ItemKNNConfig(AlgorithmConfig):
+    search_space: ClassVar[dict[str, SearchDim]] = {
+        "k": IntRange(10, 2000, log=True),
+        "shrinkage": FloatRange(0.0, 100.0),
+    }
+
     k: int = Field(200, ge=1, description="neighbours kept per item")
     shrinkage: float = Field(0.0, ge=0.0, description="added to the cosine denominator; damps rare pairs")
     block_size: int = Field(1024, ge=1, description="items per block when computing similarities")
