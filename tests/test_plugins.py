@@ -8,9 +8,12 @@ from fuserec.histories import Histories
 from fuserec.onnx_model import OnnxRecommender, TopKModel, export_onnx
 from fuserec.plugins.itemknn import ItemKNN
 from fuserec.plugins.popularity import Popularity
-from fuserec.tasks.export import parity_check
+from fuserec.testing.data import planted_dataset as _planted
 
-from .small_data import planted_dataset
+
+def planted_dataset():
+    return _planted(n_items=40)
+
 
 HIST = Histories.from_lists([[0, 1, 2], [], [25, 30, 25], [39]], 40)
 
@@ -28,14 +31,16 @@ def test_itemknn_matches_hand_computed_cosine() -> None:
     x = data.matrix().toarray()
     co = x.T @ x
     norms = np.sqrt(np.diag(co))
-    sim = co / np.outer(norms, norms)
+    denom = np.outer(norms, norms)
+    sim = np.divide(co, denom, out=np.zeros_like(co), where=denom > 0)  # the cold item has no neighbours
     np.fill_diagonal(sim, 0)
     algo = ItemKNN({"k": 39}).fit(data)
     expected = HIST.to_csr().toarray() @ sim
     np.testing.assert_allclose(algo.score(HIST), expected, rtol=1e-5, atol=1e-6)
-    # Planted structure: a history in the first half scores first-half items above the second half.
-    s = algo.score(HIST)[0]
-    assert s[3:20].mean() > s[20:].mean()
+    # Planted structure: a history of cluster-3 items (index % 4 == 3) scores that cluster highest.
+    s = algo.score(HIST)[3]
+    own = np.arange(40) % 4 == 3
+    assert s[own].mean() > s[~own].mean()
 
 
 def test_itemknn_keeps_k_neighbours_and_shrinkage_damps() -> None:
@@ -47,23 +52,6 @@ def test_itemknn_keeps_k_neighbours_and_shrinkage_damps() -> None:
     assert shrunk.score(HIST)[0].sum() < plain.score(HIST)[0].sum()
 
 
-@pytest.mark.parametrize("algo_cls", [Popularity, ItemKNN])
-def test_save_load_roundtrip_without_pickle(algo_cls: type, tmp_path: Path) -> None:
-    algo = algo_cls().fit(planted_dataset())
-    algo.save(tmp_path / "m")
-    with np.load(tmp_path / "m" / "state.npz", allow_pickle=False) as npz:
-        assert all(npz[k].dtype != object for k in npz.files)
-    back = algo_cls.load(tmp_path / "m")
-    np.testing.assert_array_equal(back.score(HIST), algo.score(HIST))
-
-
-def test_config_rejects_bad_values_with_field_name() -> None:
-    with pytest.raises(ValueError, match="k"):
-        ItemKNN({"k": 0})
-    with pytest.raises(ValueError, match="extra"):
-        ItemKNN({"neighbors": 5})
-
-
 @pytest.mark.parametrize("dense", [True, False])
 def test_itemknn_torch_module_matches_score_with_repeats(dense: bool) -> None:
     algo = ItemKNN({"k": 5}).fit(planted_dataset())
@@ -72,18 +60,14 @@ def test_itemknn_torch_module_matches_score_with_repeats(dense: bool) -> None:
     np.testing.assert_allclose(scores.numpy(), algo.score(HIST), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("algo", [Popularity(), ItemKNN({"k": 10})], ids=["popularity", "itemknn"])
-def test_onnx_export_matches_python(algo, tmp_path: Path) -> None:
-    algo.fit(planted_dataset())
-    path = export_onnx(algo, tmp_path / "model.onnx", k=5)
-    session = OnnxRecommender(path)
-    report = parity_check(algo, session, HIST, 5)
-    assert report["scores_match"] and report["top_scores_match"] and report["top_items_match_up_to_ties"]
-    assert report["empty_histories"] == 1
-    # Seen items are never recommended; ids outside the catalog are treated as padding, not gathered.
+def test_served_graph_treats_out_of_catalog_ids_as_padding(tmp_path: Path) -> None:
+    """Unknown ids must never reach a Gather (onnxruntime on CUDA does not bound-check)."""
+    algo = ItemKNN({"k": 10}).fit(planted_dataset())
+    session = OnnxRecommender(export_onnx(algo, tmp_path / "model.onnx", k=5))
     _, items, _ = session.run(HIST.to_padded())
-    for row, hist in zip(items, [HIST.user(i) for i in range(len(HIST))], strict=True):
-        assert not set(row.tolist()) & set(hist.tolist())
+    for row, u in zip(items, range(len(HIST)), strict=True):
+        assert not set(row.tolist()) & set(HIST.user(u).tolist())  # seen items are never recommended
     hostile = np.array([[0, 1, 2, 40, 10**9, -7]], dtype=np.int64)
     scores, _, _ = session.run(hostile)
-    np.testing.assert_allclose(scores[0], algo.score(Histories.from_lists([[0, 1, 2]], 40))[0], rtol=1e-5)
+    clean = algo.score(Histories.from_lists([[0, 1, 2]], 40))[0]
+    np.testing.assert_allclose(scores[0], clean, rtol=1e-5)
