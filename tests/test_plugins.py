@@ -38,7 +38,7 @@ def test_itemknn_matches_hand_computed_cosine() -> None:
     expected = HIST.to_csr().toarray() @ sim
     np.testing.assert_allclose(algo.score(HIST), expected, rtol=1e-5, atol=1e-6)
     # Planted structure: a history of cluster-3 items (index % 4 == 3) scores that cluster highest.
-    s = algo.score(HIST)[3]
+    s = algo.score(Histories.from_lists([[3, 7, 11]], 40))[0]
     own = np.arange(40) % 4 == 3
     assert s[own].mean() > s[~own].mean()
 
