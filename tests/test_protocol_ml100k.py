@@ -41,3 +41,10 @@ def test_anchor_metrics(ml100k_run: Path) -> None:
     assert knn["ndcg@10"] >= 0.125, knn
     report = read_json(ml100k_run / "validation_report.json")
     assert report["tables"]["interactions"]["rows_kept"] == 100_000
+
+
+def test_collaborative_family_reaches_its_bars(ml100k_run: Path) -> None:
+    models = read_json(ml100k_run / "metrics.json")["models"]
+    bars = {"ease": 0.140, "als": 0.138, "itemknn": 0.128, "userknn": 0.120, "bpr": 0.110, "content": 0.030}
+    for name, bar in bars.items():
+        assert models[name]["ndcg@10"] >= bar, (name, models[name]["ndcg@10"])

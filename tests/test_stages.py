@@ -35,7 +35,9 @@ def test_stages_in_order_write_what_the_next_reads(small_params) -> None:
         assert manifest["distribution"] == "fuserec" and manifest["config"]["seed"] == 42
     evaluate.fn(small_params)
     metrics = read_json(layout.metrics)
-    assert set(metrics["models"]) == {"popularity", "itemknn"}
+    from fuserec.registry import available
+
+    assert set(metrics["models"]) == set(available())
     assert metrics["models"]["popularity"]["n_users"] == metrics["protocol"]["test_users"]
     by_k = pd.read_csv(layout.plots / "itemknn.csv")
     assert by_k["k"].tolist() == [5, 10] and (np.diff(by_k["recall"]) >= 0).all()
