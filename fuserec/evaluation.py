@@ -49,4 +49,4 @@ def score_config(
     cfg = cls.Config.model_validate(config)
     seed_everything(cfg.seed)
     algo = cls(cfg).fit(carve.fit)
-    return evaluate_model(algo, carve.fit, carve.truth, ks or [10], batch_size), algo
+    return evaluate_model(algo, carve.fit, carve.truth, ks or [10], batch_size, segments=False), algo

@@ -38,6 +38,11 @@ class Layout:
         return self.models / name
 
     @property
+    def curves(self) -> Path:
+        """Per-model training curves (epoch, loss, validation NDCG) of trainable plugins: DVC plots."""
+        return self.root / "curves"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics.json"
 

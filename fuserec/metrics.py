@@ -411,6 +411,33 @@ def evaluate_rankings(
     return _aggregate(topk, per_user, n_rel, ks, popularity)
 
 
+def rank_users(
+    score_fn: ScoreFn,
+    users: np.ndarray,
+    train: sp.spmatrix | sp.sparray,
+    scored: np.ndarray,
+    k: int,
+    batch_size: int = 1024,
+) -> np.ndarray:
+    """``int64 [len(users), k]`` top-k lists (training items excluded) of the users where ``scored``.
+
+    Rows not scored stay -1. One batch of dense scores is held at a time.
+    """
+    train = sp.csr_matrix(train)
+    n_items = train.shape[1]
+    todo = np.flatnonzero(scored)
+    topk = np.full((users.size, k), -1, dtype=np.int64)
+    for start in range(0, todo.size, batch_size):
+        pos = todo[start : start + batch_size]
+        rows = users[pos]
+        scores = np.asarray(score_fn(rows))
+        if scores.shape != (rows.size, n_items):
+            raise ValueError(f"score_fn returned shape {scores.shape}, expected {(rows.size, n_items)}")
+        topk[pos] = top_k(scores, k, exclude=train[rows])
+        del scores
+    return topk
+
+
 def evaluate_scores(
     score_fn: ScoreFn,
     users: np.ndarray | Sequence[int],
@@ -443,21 +470,9 @@ def evaluate_scores(
     ks = _check_ks(ks)
     kmax = ks[-1]
 
-    train = sp.csr_matrix(train)
     truth_u = _binary_truth(sp.csr_matrix(truth)[users])
     n_rel = _n_relevant(truth_u)
-    scored = np.flatnonzero(n_rel > 0)
-
-    topk = np.full((users.size, kmax), -1, dtype=np.int64)
-    for start in range(0, scored.size, batch_size):
-        pos = scored[start : start + batch_size]
-        rows = users[pos]
-        scores = np.asarray(score_fn(rows))
-        if scores.shape != (rows.size, n_items):
-            raise ValueError(f"score_fn returned shape {scores.shape}, expected {(rows.size, n_items)}")
-        topk[pos] = top_k(scores, kmax, exclude=train[rows])
-        del scores
-
+    topk = rank_users(score_fn, users, train, n_rel > 0, kmax, batch_size)
     per_user, _ = _per_user_all(topk, truth_u, ks)
     aggregate = _aggregate(topk, per_user, n_rel, ks, popularity)
     keep_ks = {kmax} | ({10} & set(ks))

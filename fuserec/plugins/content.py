@@ -20,7 +20,8 @@ Cold start (empty history):
 The exported graph takes only the padded history: it reproduces :meth:`Content.score` exactly when
 ``histories.users`` and ``histories.ratings`` are None, or when ``rating_power`` is 0 and no empty history
 has a known user. Attribute-based cold start and rating weights stay Python-side until the serving graph
-gets those inputs. Sentence embeddings of titles are not offered: no encoder package is installed here.
+gets those inputs. With ``text_encoder: minilm`` (optional extra ``fuserec[text]``) item vectors also
+carry sentence embeddings of title and text, computed offline from weights shipped inside a pip package.
 """
 
 from __future__ import annotations
@@ -90,6 +91,11 @@ class ContentConfig(AlgorithmConfig):
         "attributes",
         description="prior added to cold-start scores: global popularity, or popularity among similar users",
     )
+    text_encoder: Literal["none", "minilm"] = Field(
+        "none",
+        description="add sentence embeddings of title/text (minilm: needs pip install 'fuserec[text]')",
+    )
+    embedding_weight: float = Field(1.0, ge=0.0, description="weight of the sentence-embedding block")
     attribute_min_count: int = Field(5, ge=1, description="attribute values rarer than this get no column")
     numeric_bins: int = Field(5, ge=2, description="quantile bands of numeric attributes (e.g. age)")
 
@@ -104,7 +110,8 @@ class Content(Algorithm):
     def fit(self, data: Dataset) -> Self:
         n_items = data.n_items
         vocab, fields, idf, vectors = _fit_tfidf(data.items, self.config, n_items)
-        self.vocab_, self.term_fields_, self.idf_, self.item_vectors_ = vocab, fields, idf, vectors
+        self.vocab_, self.term_fields_, self.idf_ = vocab, fields, idf
+        self.item_vectors_ = self._with_embeddings(data.items, vectors)
         counts = data.item_popularity().astype(np.float64)
         top = math.log1p(counts.max()) if len(counts) and counts.max() > 0 else 1.0
         self.log_scale_ = np.float32(1.0 / top)
@@ -229,7 +236,21 @@ class Content(Algorithm):
     def embed_items(self, items: pd.DataFrame) -> np.ndarray:
         """Vectors of catalog rows (same columns as the items table) in the fitted vocabulary."""
         self._check_fitted()
-        return _transform(items, self.vocab_, self.term_fields_, self.idf_, self.config)
+        tfidf = _transform(items, self.vocab_, self.term_fields_, self.idf_, self.config)
+        return self._with_embeddings(items, tfidf)
+
+    def _with_embeddings(self, items: pd.DataFrame, tfidf: np.ndarray) -> np.ndarray:
+        """TF-IDF rows, joined with weighted sentence embeddings when ``text_encoder`` is set, unit norm.
+
+        Why join rather than replace: genres and year carry most of the signal on catalogs like
+        MovieLens; embeddings add what titles and descriptions say, at a weight chosen on validation.
+        """
+        if self.config.text_encoder == "none":
+            return tfidf
+        from fuserec.text_embeddings import encode_texts, item_texts
+
+        emb = encode_texts(item_texts(items), self.config.text_encoder)
+        return _unit_rows(np.hstack([tfidf, self.config.embedding_weight * emb]))
 
     def score_items(self, histories: Histories, items: pd.DataFrame) -> np.ndarray:
         """Scores ``[len(histories), len(items)]`` of items known only by content (e.g. brand-new ones).
@@ -255,9 +276,13 @@ class Content(Algorithm):
             contributions[h] = contributions.get(h, 0.0) + w * float(self.item_vectors_[h] @ target) / norm
         return {
             "score": float(terms.sum()),
-            "terms": [(str(self.vocab_[t]), float(terms[t])) for t in top if terms[t] > 0],
+            "terms": [(self._term_name(int(t)), float(terms[t])) for t in top if terms[t] > 0],
             "contributions": sorted(contributions.items(), key=lambda kv: -kv[1]),
         }
+
+    def _term_name(self, t: int) -> str:
+        """A vocabulary term, or ``embedding[j]`` for a sentence-embedding dimension."""
+        return str(self.vocab_[t]) if t < len(self.vocab_) else f"embedding[{t - len(self.vocab_)}]"
 
     def to_torch(self) -> torch.nn.Module:
         self._check_fitted()
@@ -445,12 +470,18 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 # -- user attributes ---------------------------------------------------------------------------------
 def _encode_attributes(users: pd.DataFrame, config: ContentConfig) -> np.ndarray:
-    """One-hot ``float32 [n_users, f]`` of every attribute column; ``f = 0`` when there are none.
+    """One-hot ``float32 [n_users, f]`` of every attribute column; ``f = 0`` when there are none."""
+    return _encode_attributes_named(users, config)[0]
+
+
+def _encode_attributes_named(users: pd.DataFrame, config: ContentConfig) -> tuple[np.ndarray, list[str]]:
+    """:func:`_encode_attributes` and the ``"column:value"`` name of each output column.
 
     Numeric columns become quantile bands, zip-like columns their first character (a region), other
     columns their values; values rarer than ``attribute_min_count`` and missing values get no column.
     """
     blocks: list[np.ndarray] = []
+    names: list[str] = []
     for name in users.columns:
         if name in _NON_ATTRIBUTES:
             continue
@@ -480,6 +511,7 @@ def _encode_attributes(users: pd.DataFrame, config: ContentConfig) -> np.ndarray
             if j is not None:
                 block[row, j] = 1.0
         blocks.append(block)
+        names.extend(f"{name}:{v}" for v in kept)
     if not blocks:
-        return np.zeros((len(users), 0), dtype=np.float32)
-    return np.hstack(blocks)
+        return np.zeros((len(users), 0), dtype=np.float32), []
+    return np.hstack(blocks), names

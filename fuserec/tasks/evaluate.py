@@ -11,13 +11,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from prefect import task
 
 from fuserec.config import Params
 from fuserec.data.dataset import Dataset, interactions_matrix
 from fuserec.layout import Layout
 from fuserec.manifest import write_json
-from fuserec.metrics import evaluate_scores
+from fuserec.metrics import evaluate_rankings, rank_users
+from fuserec.segments import segment_truths
 from fuserec.tasks.split import SPLIT_FILES
 from fuserec.tasks.train import load_algorithm, trained_models
 
@@ -40,22 +42,50 @@ def protocol_summary(params: Params, train: pd.DataFrame, test: pd.DataFrame, n_
 
 
 def evaluate_model(
-    algo: Any, data: Dataset, test: pd.DataFrame, ks: list[int], batch_size: int
-) -> dict[str, float]:
+    algo: Any, data: Dataset, test: pd.DataFrame, ks: list[int], batch_size: int, segments: bool = True
+) -> dict[str, Any]:
+    """Every metric at every k over users with test items, plus ``segments`` (see :mod:`fuserec.segments`)."""
     train_hist = data.histories()
     train_mat = data.matrix()
     truth = interactions_matrix(test, data.n_users, data.n_items)
     users = np.unique(test["user"].to_numpy())
-    metrics, _ = evaluate_scores(
+    popularity = data.item_popularity()
+    topk = rank_users(
         lambda rows: algo.score(train_hist.select(rows)),
         users,
         train_mat,
-        truth,
-        ks,
-        data.item_popularity(),
+        np.ones(len(users), dtype=bool),
+        max(ks),
         batch_size,
     )
+    truth_u = truth[users]
+    metrics: dict[str, Any] = evaluate_rankings(topk, truth_u, ks, popularity)
+    if segments:
+        user_counts = np.diff(sp.csr_matrix(train_mat).indptr)[users]
+        seg_ks = [k for k in ks if k == 10] or [min(ks)]
+        metrics["segments"] = {
+            name: _segment_summary(topk[rows], part[rows], seg_ks, popularity)
+            for name, (rows, part) in segment_truths(truth_u, user_counts, popularity).items()
+        }
     return metrics
+
+
+def _segment_summary(
+    topk: np.ndarray, truth: sp.csr_matrix, ks: list[int], popularity: np.ndarray
+) -> dict[str, float]:
+    if truth.shape[0] == 0:
+        return {"n_users": 0}
+    full = evaluate_rankings(topk, truth, ks, popularity)
+    keep = [f"{m}@{k}" for k in ks for m in ("ndcg", "recall", "hr")]
+    return {**{key: full[key] for key in keep}, "n_users": full["n_users"], "n_interactions": int(truth.nnz)}
+
+
+def rounded(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics for JSON: floats to 6 places, counts as ints, nested segments likewise."""
+    return {
+        k: rounded(v) if isinstance(v, dict) else v if isinstance(v, int) else round(float(v), 6)
+        for k, v in metrics.items()
+    }
 
 
 def metrics_by_k(metrics: dict[str, float], ks: list[int]) -> pd.DataFrame:
@@ -73,7 +103,7 @@ def evaluate(params: Params) -> str:
     for folder in trained_models(layout):
         algo = load_algorithm(folder)
         scores = evaluate_model(algo, data, test, params.evaluate.ks, params.evaluate.batch_size)
-        models[folder.name] = {k: v if isinstance(v, int) else round(float(v), 6) for k, v in scores.items()}
+        models[folder.name] = rounded(scores)
         metrics_by_k(scores, params.evaluate.ks).to_csv(layout.plots / f"{folder.name}.csv", index=False)
     payload = {"protocol": protocol_summary(params, data.interactions, test, data.n_items), "models": models}
     write_json(layout.metrics, payload)

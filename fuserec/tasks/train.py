@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from prefect import task
 
@@ -36,6 +37,7 @@ def fit_algorithm(name: str, params: Params, data: Dataset, out_dir: Path, data_
     algo.fit(data)
     seconds = time.perf_counter() - start
     algo.save(out_dir)
+    write_training_log(algo, Layout(params.outputs_dir).curves / f"{name}.csv")
     info = plugin_info(name)
     write_manifest(
         out_dir,
@@ -50,6 +52,17 @@ def fit_algorithm(name: str, params: Params, data: Dataset, out_dir: Path, data_
         fit_seconds=round(seconds, 3),
     )
     return out_dir
+
+
+def write_training_log(algo: Algorithm, path: Path) -> Path | None:
+    """Write a trainable plugin's ``training_log_`` rows (see :mod:`fuserec.training`) as CSV."""
+    rows = getattr(algo, "training_log_", None)
+    path.unlink(missing_ok=True)
+    if not rows:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
 
 
 def load_algorithm(folder: Path) -> Algorithm:
@@ -80,6 +93,10 @@ def train(params: Params) -> str:
     for stale in trained_models(layout):
         if stale.name not in names:
             shutil.rmtree(stale)
+    layout.curves.mkdir(parents=True, exist_ok=True)  # a DVC plots output: present even when empty
+    for curve in layout.curves.glob("*.csv"):
+        if curve.stem not in names:
+            curve.unlink()
     for name in names:
         fit_algorithm(name, params, data, layout.model(name), data_hash)
     return str(layout.models)
