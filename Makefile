@@ -1,5 +1,6 @@
 # `make run`: create .venv if missing, install, run the whole pipeline on the embedded synthetic data.
 # `make test`: the same install, then the test suite. Both are fast when already installed.
+# The install includes examples/external-plugin (fuserec-rp3beta), a plugin found only via its entry point.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fuserec-installed
@@ -7,11 +8,12 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 
 .PHONY: install run test lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml examples/external-plugin/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e examples/external-plugin
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,7 +23,7 @@ run: install
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q tests examples/external-plugin/tests
 
 lint: install
 	$(VENV)/bin/ruff check .

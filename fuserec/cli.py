@@ -90,6 +90,45 @@ def plugins() -> None:
     console.print(table)
 
 
+@app.command("new-plugin")
+def new_plugin(
+    name: Annotated[
+        str,
+        typer.Argument(help="plugin name: lower case, digits, underscores (the params.yaml key), e.g. cooc"),
+    ],
+    kind: Annotated[
+        str, typer.Option(help="what to generate: algorithm (fuser arrives with the fuser API)")
+    ] = "algorithm",
+    dest: Annotated[
+        Path | None, typer.Option(help="folder to create (default ./fuserec-NAME); must not exist yet")
+    ] = None,
+) -> None:
+    """Generate a plugin distribution that installs and passes the conformance kit as it is.
+
+    It holds pyproject.toml with the entry point, a typed config, a working algorithm with ONNX export,
+    tests subclassing fuserec.testing.AlgorithmTests, and a README for the author.
+    """
+    from rich.markup import escape
+
+    from fuserec.scaffold import PluginNames, ScaffoldError
+    from fuserec.scaffold import new_plugin as generate
+
+    try:
+        folder = generate(name, dest, kind)
+    except ScaffoldError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    names = PluginNames.from_name(name)
+    console.print(f"[green]{names.distribution}[/green] written to {escape(str(folder))}. Next:")
+    console.print(
+        escape(
+            f"  cd {folder}\n  pip install -e .\n  pytest\n"
+            f"  fuserec run --set 'train.algorithms=[popularity,{name}]' --set export.algorithm={name}"
+        ),
+        highlight=False,
+    )
+
+
 @app.command()
 def show(
     params: ParamsOpt = Path("params.yaml"),

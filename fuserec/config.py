@@ -117,6 +117,15 @@ class ExportConfig(_Section):
     opset: int = 18
 
 
+class FuseConfig(_Section):
+    """The fuse stage: which fuser plugins to learn, over which trained algorithms."""
+
+    fusers: list[str] | Literal["all"] = Field("all", description="fuser plugins (fuserec.fusers); [] = none")
+    components: list[str] | Literal["all"] = Field(
+        "all", description="algorithms fused: every trained one, or a list (each must be in train.algorithms)"
+    )
+
+
 class TuneConfig(_Section):
     """``fuserec tune``: search each plugin's ``search_space`` on the validation carve only."""
 
@@ -136,9 +145,11 @@ class Params(_Section):
     split: SplitConfig = Field(default_factory=SplitConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    fuse: FuseConfig = Field(default_factory=FuseConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     algorithms: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    fusers: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -148,6 +159,9 @@ class Params(_Section):
 
     def algorithm_config(self, name: str) -> dict[str, Any]:
         return dict(self.algorithms.get(name) or {})
+
+    def fuser_config(self, name: str) -> dict[str, Any]:
+        return dict(self.fusers.get(name) or {})
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

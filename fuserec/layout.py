@@ -38,6 +38,14 @@ class Layout:
         return self.models / name
 
     @property
+    def fusers(self) -> Path:
+        """Fitted fusers (combination parameters only: the components are the trained models)."""
+        return self.root / "fusers"
+
+    def fuser(self, name: str) -> Path:
+        return self.fusers / name
+
+    @property
     def curves(self) -> Path:
         """Per-model training curves (epoch, loss, validation NDCG) of trainable plugins: DVC plots."""
         return self.root / "curves"

@@ -9,10 +9,24 @@ from __future__ import annotations
 import importlib.metadata as md
 from dataclasses import dataclass
 from functools import cache
+from typing import TYPE_CHECKING
 
 from fuserec.api import API_VERSION, SUPPORTED_API_MAJORS, Algorithm, api_major
 
+if TYPE_CHECKING:
+    from fuserec.fusion import Fuser
+
 ALGORITHMS_GROUP = "fuserec.algorithms"
+FUSERS_GROUP = "fuserec.fusers"
+
+
+def _base_class(group: str) -> type:
+    """What a plugin of ``group`` must subclass (fusers are imported lazily: they import the registry)."""
+    if group == FUSERS_GROUP:
+        from fuserec.fusion import Fuser
+
+        return Fuser
+    return Algorithm
 
 
 class PluginError(LookupError):
@@ -28,7 +42,7 @@ class PluginInfo:
     version: str
     api_version: str | None
     error: str | None
-    cls: type[Algorithm] | None
+    cls: type[Algorithm] | type[Fuser] | None
 
     @property
     def ok(self) -> bool:
@@ -51,8 +65,9 @@ def _inspect(ep: md.EntryPoint, group: str) -> PluginInfo:
         obj = ep.load()
     except Exception as exc:  # a third party's import error must not take the registry down
         return broken(f"import failed: {type(exc).__name__}: {exc}")
-    if not (isinstance(obj, type) and issubclass(obj, Algorithm)):
-        return broken(f"{ep.value} is not a subclass of fuserec.api.Algorithm")
+    base = _base_class(group)
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        return broken(f"{ep.value} is not a subclass of {base.__module__}.{base.__name__}")
     declared = str(getattr(obj, "api_version", "?"))
     try:
         major = api_major(declared)
@@ -94,7 +109,8 @@ def plugin_info(name: str, group: str = ALGORITHMS_GROUP) -> PluginInfo:
             return info
     raise PluginError(
         f"no plugin named {name!r} in entry-point group {group!r}; available: {available(group)}. "
-        f"Install the distribution that provides it, or fix the name in params.yaml (train.algorithms)"
+        f"Install the distribution that provides it, or fix the name in params.yaml "
+        f"({'fuse.fusers' if group == FUSERS_GROUP else 'train.algorithms'})"
     )
 
 
@@ -102,6 +118,12 @@ def get_algorithm(name: str) -> type[Algorithm]:
     cls = plugin_info(name).cls
     assert cls is not None
     return cls
+
+
+def get_fuser(name: str) -> type[Fuser]:
+    cls = plugin_info(name, FUSERS_GROUP).cls
+    assert cls is not None
+    return cls  # type: ignore[return-value]
 
 
 def resolve_names(requested: list[str] | str, group: str = ALGORITHMS_GROUP) -> list[str]:

@@ -23,7 +23,7 @@ def prefect_harness() -> Iterator[None]:
     """One ephemeral Prefect backend for the whole session (starting one costs seconds)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=180):  # 2 busy cores can need more than 30 s
         yield
 
 
@@ -45,7 +45,16 @@ def write_params(folder: Path, **sections: dict) -> Path:
     return path
 
 
-SMALL = {"data": {"synthetic": {"n_interactions": 4000, "seed": 7}}, "evaluate": {"ks": [5, 10]}}
+# Trainable plugins get a couple of epochs: these runs check the plumbing, not quality.
+FEW_EPOCHS = {name: {"max_epochs": 2} for name in ("multvae", "sasrec", "twotower", "kg")} | {
+    "bpr": {"epochs": 3}
+}
+SMALL = {
+    "data": {"synthetic": {"n_interactions": 4000, "seed": 7}},
+    "evaluate": {"ks": [5, 10]},
+    "algorithms": FEW_EPOCHS,
+    "fusers": {"weighted": {"n_trials": 20}},
+}
 
 
 @pytest.fixture

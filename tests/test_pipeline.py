@@ -81,6 +81,7 @@ def test_dvc_repro_in_a_fresh_copy_matches_the_flow(flow_run: Path, tmp_path: Pa
     dvc_metrics = read_json(project / "outputs" / "metrics.json")
     flow_metrics = read_json(flow_run / "metrics.json")
     assert dvc_metrics["models"] == flow_metrics["models"]
+    assert dvc_metrics["fusers"] == flow_metrics["fusers"] and dvc_metrics["fusers"]
     assert dvc_metrics["protocol"] == flow_metrics["protocol"]
     status = subprocess.run(["dvc", "status"], cwd=project, env=env, capture_output=True, text=True)
     assert "up to date" in status.stdout.lower(), status.stdout

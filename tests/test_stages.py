@@ -11,6 +11,7 @@ from fuserec.manifest import read_json
 from fuserec.tasks.clean import clean
 from fuserec.tasks.evaluate import evaluate
 from fuserec.tasks.export import export
+from fuserec.tasks.fuse import fuse
 from fuserec.tasks.split import split
 from fuserec.tasks.train import train
 from fuserec.tasks.validate import validate
@@ -33,12 +34,22 @@ def test_stages_in_order_write_what_the_next_reads(small_params) -> None:
     for name in ("popularity", "itemknn"):
         manifest = read_json(layout.model(name) / "manifest.json")
         assert manifest["distribution"] == "fuserec" and manifest["config"]["seed"] == 42
+    fuse.fn(small_params)
+    weighted = read_json(layout.fuser("weighted") / "manifest.json")
+    components = weighted["components"]
+    assert weighted["kind"] == "fuser" and components == sorted(components)
     evaluate.fn(small_params)
     metrics = read_json(layout.metrics)
-    from fuserec.registry import available
+    from fuserec.registry import FUSERS_GROUP, available
 
-    assert set(metrics["models"]) == set(available())
+    assert set(metrics["models"]) == set(available()) == set(components)
+    assert set(metrics["fusers"]) == set(available(FUSERS_GROUP))
+    assert set(metrics["segments"]["warm_users"]) == set(metrics["models"]) | set(metrics["fusers"])
     assert metrics["models"]["popularity"]["n_users"] == metrics["protocol"]["test_users"]
+    segments = metrics["segments"]
+    assert set(segments) == {"cold_users", "warm_users", "long_tail_items", "rare_items", "new_items"}
+    users = segments["cold_users"]["itemknn"]["n_users"] + segments["warm_users"]["itemknn"]["n_users"]
+    assert users == metrics["protocol"]["test_users"]
     by_k = pd.read_csv(layout.plots / "itemknn.csv")
     assert by_k["k"].tolist() == [5, 10] and (np.diff(by_k["recall"]) >= 0).all()
     export.fn(small_params)
@@ -52,6 +63,9 @@ def test_train_is_deterministic_and_rejects_unknown_plugins(small_params) -> Non
     for stage in (validate, clean, split):
         stage.fn(small_params)
     layout = Layout(small_params.outputs_dir)
+    small_params = Params.model_validate(
+        {**small_params.model_dump(by_alias=True), "train": {"algorithms": ["popularity", "itemknn"]}}
+    )
     train.fn(small_params)
     first = np.load(layout.model("itemknn") / "state.npz")["weights"]
     train.fn(small_params)
@@ -61,9 +75,37 @@ def test_train_is_deterministic_and_rejects_unknown_plugins(small_params) -> Non
         train.fn(bad)
 
 
+def test_a_fuser_exports_as_one_onnx_graph_with_parity(small_params) -> None:
+    from fuserec.config import Params
+
+    params = Params.model_validate(
+        {
+            **small_params.model_dump(by_alias=True),
+            "train": {"algorithms": ["popularity", "itemknn", "content"]},
+            "fuse": {"fusers": ["weighted"], "components": ["itemknn", "content"]},
+            "fusers": {"weighted": {"n_trials": 10}},
+            "export": {"algorithm": "weighted"},
+        }
+    )
+    for stage in (validate, clean, split, train, fuse, export):
+        stage.fn(params)
+    manifest = read_json(Layout(params.outputs_dir).export / "manifest.json")
+    assert manifest["algorithm"]["kind"] == "fuser" and manifest["algorithm"]["components"] == [
+        "content",
+        "itemknn",
+    ]
+    assert manifest["parity"]["scores_match"] and manifest["parity"]["max_rel_diff"] < 1e-4
+    bad = Params.model_validate({**params.model_dump(by_alias=True), "fuse": {"components": ["ease"]}})
+    with pytest.raises(ValueError, match=r"train\.algorithms"):
+        fuse.fn(bad)
+
+
 def test_export_names_the_missing_model(small_params) -> None:
     from fuserec.config import Params
 
+    small_params = Params.model_validate(
+        {**small_params.model_dump(by_alias=True), "train": {"algorithms": ["popularity"]}}
+    )
     for stage in (validate, clean, split, train):
         stage.fn(small_params)
     other = Params.model_validate(

@@ -1,4 +1,4 @@
-"""The training pipeline: validate -> clean -> split -> train -> evaluate -> export."""
+"""The training pipeline: validate -> clean -> split -> train -> fuse -> evaluate -> export."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from fuserec.config import Params, load_params
 from fuserec.tasks.clean import clean
 from fuserec.tasks.evaluate import evaluate
 from fuserec.tasks.export import export
+from fuserec.tasks.fuse import fuse
 from fuserec.tasks.split import split
 from fuserec.tasks.train import train
 from fuserec.tasks.validate import validate
@@ -23,6 +24,7 @@ def train_pipeline(params_file: str = "params.yaml", overrides: list[str] | None
         "clean": clean(params),
         "split": split(params),
         "train": train(params),
+        "fuse": fuse(params),
         "evaluate": evaluate(params),
         "export": export(params),
     }

@@ -95,16 +95,28 @@ def metrics_by_k(metrics: dict[str, float], ks: list[int]) -> pd.DataFrame:
 
 @task(name="evaluate")
 def evaluate(params: Params) -> str:
+    """Test metrics of every trained model and every fitted fuser (bound to those models)."""
+    from fuserec.tasks.fuse import fitted_fusers, load_fuser
+
     layout = Layout(params.outputs_dir)
     data = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES["train"])
     test = pd.read_parquet(layout.split / SPLIT_FILES["test"])
-    models: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, dict[str, Any]]] = {"models": {}, "fusers": {}}
+    by_segment: dict[str, dict[str, dict[str, float]]] = {}  # segment -> model or fuser -> metrics
     layout.plots.mkdir(parents=True, exist_ok=True)
-    for folder in trained_models(layout):
-        algo = load_algorithm(folder)
-        scores = evaluate_model(algo, data, test, params.evaluate.ks, params.evaluate.batch_size)
-        models[folder.name] = rounded(scores)
+    scorers = [("models", f, lambda f=f: load_algorithm(f)) for f in trained_models(layout)]
+    scorers += [("fusers", f, lambda f=f: load_fuser(f, layout)) for f in fitted_fusers(layout)]
+    for kind, folder, load in scorers:
+        scores = evaluate_model(load(), data, test, params.evaluate.ks, params.evaluate.batch_size)
+        segments = scores.pop("segments", {})
+        results[kind][folder.name] = rounded(scores)
+        for segment, values in segments.items():
+            by_segment.setdefault(segment, {})[folder.name] = rounded(values)
         metrics_by_k(scores, params.evaluate.ks).to_csv(layout.plots / f"{folder.name}.csv", index=False)
-    payload = {"protocol": protocol_summary(params, data.interactions, test, data.n_items), "models": models}
+    payload = {
+        "protocol": protocol_summary(params, data.interactions, test, data.n_items),
+        **results,
+        "segments": by_segment,
+    }
     write_json(layout.metrics, payload)
     return str(layout.metrics)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,13 +12,15 @@ from prefect import task
 from fuserec.api import Algorithm
 from fuserec.config import Params
 from fuserec.data.dataset import Dataset
+from fuserec.fusion import Fuser
 from fuserec.histories import Histories
 from fuserec.layout import Layout
 from fuserec.manifest import file_sha256, read_json, write_manifest
 from fuserec.metrics import top_k
 from fuserec.onnx_model import INPUT_NAME, OUTPUT_NAMES, OnnxRecommender, export_onnx
+from fuserec.tasks.fuse import fitted_fusers, load_fuser
 from fuserec.tasks.split import SPLIT_FILES
-from fuserec.tasks.train import load_algorithm
+from fuserec.tasks.train import load_algorithm, trained_models
 
 MODEL_FILE = "model.onnx"
 CATALOG_FILE = "catalog.parquet"
@@ -65,24 +68,40 @@ def parity_batch(data: Dataset, test: pd.DataFrame, n: int = 64) -> Histories:
     return Histories(indptr, hist.items, hist.n_items, hist.timestamps, hist.ratings)
 
 
+def scorer_folder(layout: Layout, name: str) -> Path:
+    """The folder of a trained model or of a fitted fuser called ``name``."""
+    for folder in (layout.model(name), layout.fuser(name)):
+        if (folder / "manifest.json").exists():
+            return folder
+    known = [p.name for p in trained_models(layout)] + [p.name for p in fitted_fusers(layout)]
+    raise FileNotFoundError(
+        f"export.algorithm is {name!r} but neither {layout.model(name)} nor {layout.fuser(name)} holds a "
+        f"fitted model; add it to train.algorithms or fuse.fusers, or choose one of {sorted(known)}"
+    )
+
+
+def load_scorer(layout: Layout, folder: Path) -> Algorithm | Fuser:
+    """A trained model, or a fitted fuser bound to the trained models."""
+    if read_json(folder / "manifest.json").get("kind") == "fuser":
+        return load_fuser(folder, layout)
+    return load_algorithm(folder)
+
+
 @task(name="export")
 def export(params: Params) -> str:
     layout = Layout(params.outputs_dir)
     cfg = params.export
-    folder = layout.model(cfg.algorithm)
-    if not (folder / "manifest.json").exists():
-        raise FileNotFoundError(
-            f"export.algorithm is {cfg.algorithm!r} but {folder} holds no trained model; "
-            f"add it to train.algorithms or choose one of {sorted(p.name for p in layout.models.iterdir())}"
-        )
-    algo = load_algorithm(folder)
+    folder = scorer_folder(layout, cfg.algorithm)
+    algo = load_scorer(layout, folder)
     out = layout.export
     onnx_path = export_onnx(algo, out / MODEL_FILE, cfg.k, cfg.opset)
     session = OnnxRecommender(onnx_path, cfg.providers)
     data = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES["train"])
     test = pd.read_parquet(layout.split / SPLIT_FILES["test"])
     parity = parity_check(algo, session, parity_batch(data, test), cfg.k)
-    if not (parity["scores_match"] and parity["top_scores_match"] and parity["top_items_match_up_to_ties"]):
+    exact = getattr(algo, "exact_scores", True)  # rank-based fusers: only the ranking must agree
+    scores_ok = parity["scores_match"] and parity["top_scores_match"] if exact else True
+    if not (scores_ok and parity["top_items_match_up_to_ties"]):
         raise RuntimeError(f"exported ONNX model disagrees with {cfg.algorithm}.score: {parity}")
     data.items.to_parquet(out / CATALOG_FILE, index=False)
     data.users[["user", "user_id"]].to_parquet(out / USERS_FILE, index=False)

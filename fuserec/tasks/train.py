@@ -27,12 +27,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def fit_algorithm(name: str, params: Params, data: Dataset, out_dir: Path, data_hash: str) -> Path:
-    """Fit one plugin with its params.yaml config and save it with a manifest."""
+def make_algorithm(name: str, params: Params) -> Algorithm:
+    """An unfitted plugin with its params.yaml config (train.seed unless the plugin sets its own); seeded."""
     cls = get_algorithm(name)
     config = cls.Config.model_validate({"seed": params.train.seed, **params.algorithm_config(name)})
     seed_everything(config.seed)
-    algo = cls(config)
+    return cls(config)
+
+
+def fit_algorithm(name: str, params: Params, data: Dataset, out_dir: Path, data_hash: str) -> Path:
+    """Fit one plugin with its params.yaml config and save it with a manifest."""
+    algo = make_algorithm(name, params)
+    config = algo.config
     start = time.perf_counter()
     algo.fit(data)
     seconds = time.perf_counter() - start

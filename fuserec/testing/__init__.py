@@ -1,16 +1,17 @@
-"""The public conformance kit for algorithm plugins.
+"""The public conformance kit for algorithm and fuser plugins.
 
 A plugin's tests subclass :class:`AlgorithmTests` in two lines::
 
     class TestMyAlgo(AlgorithmTests):
         algorithm = MyAlgo
 
-Every check is also a plain function in :mod:`fuserec.testing.checks` that raises
-:class:`ConformanceError` with a message saying what to fix.
+Fusers subclass :class:`FuserTests` the same way (``fuser = MyFuser``). Every check is also a plain
+function in :mod:`fuserec.testing.checks` that raises :class:`ConformanceError` saying what to fix.
 """
 
 from fuserec.testing.checks import ConformanceError
 from fuserec.testing.data import planted_dataset
+from fuserec.testing.fusers import FuserTests
 from fuserec.testing.suite import AlgorithmTests
 
-__all__ = ["AlgorithmTests", "ConformanceError", "planted_dataset"]
+__all__ = ["AlgorithmTests", "ConformanceError", "FuserTests", "planted_dataset"]

@@ -1,0 +1,255 @@
+"""The fuser contract (API v1): combine fitted algorithms into one model that still scores histories.
+
+A fuser learns on the validation carve only: its components are fitted on train', it sees their scores
+for validation users and the validation truth. It is then *bound* to the same components refitted on the
+full train and applied to test. The combination itself is written once, in torch (:meth:`Fuser.combine`),
+so Python scoring and the exported ONNX graph run the same arithmetic: the fused graph is every
+component's ``to_torch()`` module plus ``combine``, one file, histories in.
+
+Fusers are plugins in the entry-point group ``fuserec.fusers``, found by the same registry as algorithms.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Self
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from fuserec.api import API_VERSION, Algorithm, SearchDim, multi_hot
+from fuserec.histories import Histories
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from fuserec.data.dataset import Dataset
+
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.npz"
+
+
+class FuserConfig(BaseModel):
+    """Base of every fuser's typed config; unknown keys are errors, as for algorithms."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    search_space: ClassVar[dict[str, SearchDim]] = {}
+
+    seed: int = 42
+
+
+class Fuser(ABC):
+    """Combines named components' scores; subclasses implement :meth:`fit_combination` and :meth:`combine`.
+
+    ``combine(scores, seen)`` gets ``float32 [M, B, n_items]`` component scores (in ``names_`` order) and
+    the ``bool [B, n_items]`` mask of each history's items, and returns ``(fused [B, n_items],
+    contributions [M, B, n_items])`` where contributions sum to ``fused`` (up to a per-user constant that
+    cannot change a ranking). Seen items may get any fused score: callers exclude them.
+    """
+
+    api_version: ClassVar[str] = API_VERSION
+    Config: ClassVar[type[FuserConfig]] = FuserConfig
+    #: False for rank-based fusers: their fused scores jump when float noise (onnxruntime vs torch, ~1e-7)
+    #: reorders two nearly tied component scores, so ONNX parity is checked on the top-k, not on scores.
+    exact_scores: ClassVar[bool] = True
+
+    def __init__(self, config: FuserConfig | dict[str, Any] | None = None) -> None:
+        if config is None:
+            config = self.Config()
+        elif isinstance(config, dict):
+            config = self.Config.model_validate(config)
+        self.config = config
+        self.names_: list[str] | None = None
+        self.n_items_: int | None = None
+        self.components_: dict[str, Algorithm] = {}
+
+    # -- learning on validation ---------------------------------------------------------------------
+    def fit(self, components: Mapping[str, Algorithm], data: Dataset, truth: pd.DataFrame) -> Self:
+        """Learn from ``components`` fitted on ``data`` (train') and the held-out ``truth`` (validation)."""
+        if not components:
+            raise ValueError(f"{type(self).__name__} needs at least one fitted component to fuse")
+        self.names_ = sorted(components)
+        self.n_items_ = data.n_items
+        self.components_ = {name: components[name] for name in self.names_}
+        self.fit_combination(data, truth)
+        return self
+
+    @abstractmethod
+    def fit_combination(self, data: Dataset, truth: pd.DataFrame) -> None:
+        """Set the combination's parameters; ``self.components_`` are fitted on ``data``."""
+
+    def bind(self, components: Mapping[str, Algorithm]) -> Self:
+        """Use ``components`` (the same plugins refitted on full train) from now on."""
+        names = self._check_fitted_names()
+        missing = [n for n in names if n not in components]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__} was fitted on {names} but {missing} are not among the given "
+                f"components {sorted(components)}; train them (train.algorithms) or refit the fuser"
+            )
+        self.components_ = {name: components[name] for name in names}
+        return self
+
+    # -- the combination ----------------------------------------------------------------------------
+    @abstractmethod
+    def combine(self, scores: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(fused [B, n], contributions [M, B, n])`` from ``scores [M, B, n]`` and ``seen [B, n]``."""
+
+    def component_scores(self, histories: Histories) -> torch.Tensor:
+        """``float32 [M, B, n_items]``: each bound component's ``score`` in ``names_`` order."""
+        names = self._check_fitted_names()
+        if not self.components_:
+            raise RuntimeError(f"{type(self).__name__} has no components: call fit(...) or bind(...) first")
+        return torch.from_numpy(np.stack([self.components_[n].score(histories) for n in names]))
+
+    def score(self, histories: Histories) -> np.ndarray:
+        fused, _ = self.score_with_contributions(histories)
+        return fused
+
+    def score_with_contributions(self, histories: Histories) -> tuple[np.ndarray, np.ndarray]:
+        """Fused scores ``[B, n]`` and each component's contribution ``[M, B, n]``."""
+        seen = torch.from_numpy(histories.to_csr().toarray() > 0)
+        with torch.no_grad():
+            fused, parts = self.combine(self.component_scores(histories), seen)
+        return fused.numpy().astype(np.float32), parts.numpy().astype(np.float32)
+
+    def to_torch(self) -> torch.nn.Module:
+        """Every component's exported scorer plus :meth:`combine`: one module, histories in."""
+        names = self._check_fitted_names()
+        return FusedModule(self, [self.components_[n].to_torch() for n in names], self._check_fitted())
+
+    # -- persistence (no pickle) --------------------------------------------------------------------
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Fitted arrays of the combination (numeric); the component names are saved by :meth:`save`."""
+        return {}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:  # noqa: B027 - optional hook, no state by default
+        """Restore what :meth:`get_state` returned."""
+
+    def _check_fitted_names(self) -> list[str]:
+        if self.names_ is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(components, data, truth)")
+        return self.names_
+
+    def _check_fitted(self) -> int:
+        self._check_fitted_names()
+        assert self.n_items_ is not None
+        return self.n_items_
+
+    def save(self, path: str | Path) -> Path:
+        """``config.json`` (config, component names, catalog size) and ``state.npz``; not the components."""
+        names = self._check_fitted_names()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"config": self.config.model_dump(mode="json"), "components": names, "n_items": self.n_items_}
+        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        np.savez(path / STATE_FILE, **self.get_state())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, components: Mapping[str, Algorithm] | None = None) -> Self:
+        path = Path(path)
+        meta = json.loads((path / CONFIG_FILE).read_text())
+        fuser = cls(cls.Config.model_validate(meta["config"]))
+        fuser.names_ = list(meta["components"])
+        fuser.n_items_ = int(meta["n_items"])
+        with np.load(path / STATE_FILE, allow_pickle=False) as npz:
+            fuser.set_state({k: npz[k] for k in npz.files})
+        return fuser.bind(components) if components is not None else fuser
+
+
+class FusedModule(torch.nn.Module):
+    """Padded history -> every component's scores -> the fuser's combination (fused scores only)."""
+
+    def __init__(self, fuser: Fuser, scorers: list[torch.nn.Module], n_items: int) -> None:
+        super().__init__()
+        self.scorers = torch.nn.ModuleList(scorers)
+        self.fuser = fuser
+        self.n_items = n_items
+
+    def forward(self, history: torch.Tensor) -> torch.Tensor:
+        return self.contributions(history)[0]
+
+    def contributions(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.stack([scorer(history) for scorer in self.scorers])
+        seen = multi_hot(history, self.n_items) > 0
+        return self.fuser.combine(scores, seen)
+
+
+# -- score normalisation and ranks, shared by fusers (torch, so they export) -----------------------------
+def masked_minmax(scores: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """Per component and user, scores rescaled to [0, 1] over the unseen items (seen items -> 0)."""
+    big = torch.finfo(scores.dtype).max
+    unseen = ~seen.unsqueeze(0)
+    low = torch.where(unseen, scores, torch.full_like(scores, big)).amin(dim=2, keepdim=True)
+    high = torch.where(unseen, scores, torch.full_like(scores, -big)).amax(dim=2, keepdim=True)
+    span = torch.clamp(high - low, min=1e-12)
+    return torch.where(unseen, (scores - low) / span, torch.zeros_like(scores))
+
+
+def masked_zscore(scores: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """Per component and user, scores standardised over the unseen items (seen items -> 0)."""
+    unseen = (~seen).unsqueeze(0).to(scores.dtype)
+    count = torch.clamp(unseen.sum(dim=2, keepdim=True), min=1.0)
+    mean = (scores * unseen).sum(dim=2, keepdim=True) / count
+    var = (((scores - mean) * unseen) ** 2).sum(dim=2, keepdim=True) / count
+    return (scores - mean) / torch.sqrt(var + 1e-12) * unseen
+
+
+def masked_ranks(scores: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each item among the unseen ones (protocol ties: lower index first); seen -> n.
+
+    Ranks come from a stable descending sort, so equal scores keep index order as in evaluation.
+    """
+    n = scores.shape[-1]
+    low = torch.finfo(scores.dtype).min
+    masked = torch.where(seen.unsqueeze(0), torch.full_like(scores, low), scores)
+    if torch.onnx.is_in_onnx_export():
+        # ONNX has no stable sort, but onnxruntime's TopK puts equal values in index order: the same order.
+        order = torch.topk(masked, n, dim=2, largest=True, sorted=True).indices
+    else:
+        order = torch.sort(masked, dim=2, descending=True, stable=True).indices
+    positions = torch.arange(n, dtype=torch.float32, device=scores.device).expand_as(masked).contiguous()
+    ranks = torch.zeros_like(masked).scatter(2, order, positions)
+    return torch.where(seen.unsqueeze(0), torch.full_like(ranks, float(n)), ranks)
+
+
+# -- what learned fusers fit on -------------------------------------------------------------------------
+class ValidationScores:
+    """Component scores of validation users, their seen-items mask and truth: what fusers learn from.
+
+    Built once per fuser fit (``[M, U, n_items]`` floats; ``max_users`` bounds U on large data), so a
+    search over combinations costs only the combination and a top-k per trial.
+    """
+
+    def __init__(
+        self,
+        fuser: Fuser,
+        data: Dataset,
+        truth: pd.DataFrame,
+        max_users: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        from fuserec.data.dataset import interactions_matrix
+
+        users = np.unique(truth["user"].to_numpy())
+        if max_users is not None and len(users) > max_users:
+            users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+        self.users = users
+        self.histories = data.histories().select(users)
+        self.scores = fuser.component_scores(self.histories)
+        self.seen = torch.from_numpy(self.histories.to_csr().toarray() > 0)
+        self.truth = interactions_matrix(truth, data.n_users, data.n_items)[users]
+        self.popularity = data.item_popularity()
+
+    def ndcg(self, fused: torch.Tensor | np.ndarray, k: int = 10) -> float:
+        """Mean NDCG@k of ``fused [U, n]`` scores, seen items excluded (the protocol's ranking)."""
+        from fuserec.metrics import ndcg_at_k, top_k
+
+        values = fused.numpy() if isinstance(fused, torch.Tensor) else fused
+        ranked = top_k(np.asarray(values, dtype=np.float32), k, exclude=self.histories.to_csr())
+        return float(np.nanmean(ndcg_at_k(ranked, self.truth, k)))

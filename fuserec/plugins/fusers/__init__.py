@@ -1,0 +1,1 @@
+"""Built-in fusers, registered in pyproject.toml under ``fuserec.fusers`` like any third party's."""

@@ -1,0 +1,79 @@
+"""Fusers: the shared normalisations, the built-in fusers through the kit, and the fuse stage's rules."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+
+from fuserec.fusion import masked_minmax, masked_ranks, masked_zscore
+from fuserec.metrics import top_k
+from fuserec.plugins.fusers.voting import RRF, Borda
+from fuserec.plugins.fusers.weighted import Weighted
+from fuserec.registry import FUSERS_GROUP, available
+from fuserec.testing import FuserTests
+from fuserec.testing.fusers import default_case
+
+
+class TestWeighted(FuserTests):
+    fuser = Weighted
+    config: ClassVar[dict] = {"n_trials": 15}
+    bad_configs: ClassVar[list[dict]] = [{"n_trials": 0}, {"normalization": "softmax"}]
+
+
+class TestBorda(FuserTests):
+    fuser = Borda
+    bad_configs: ClassVar[list[dict]] = [{"depth": 0}]
+
+
+class TestRRF(FuserTests):
+    fuser = RRF
+    bad_configs: ClassVar[list[dict]] = [{"k": 0.0}]
+
+
+def test_builtin_fusers_are_entry_point_plugins() -> None:
+    assert {"weighted", "borda", "rrf"} <= set(available(FUSERS_GROUP))
+
+
+def test_ranks_follow_the_protocol_order_among_unseen_items() -> None:
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (2, 3, 9), generator=gen).to(torch.float32)  # many ties
+    seen = torch.zeros(3, 9, dtype=torch.bool)
+    seen[0, [1, 4]] = True
+    ranks = masked_ranks(scores, seen)
+    for m in range(2):
+        for u in range(3):
+            unseen = (~seen[u]).nonzero().flatten().numpy()
+            order = top_k(scores[m, u].numpy()[None], 9, exclude=None)[0]
+            order = [i for i in order if i in set(unseen)]  # the protocol ranking of unseen items
+            assert [int(ranks[m, u, i]) for i in order] == list(range(len(order)))
+            assert (ranks[m, u, seen[u]] == 9).all()
+
+
+def test_normalisations_ignore_seen_items() -> None:
+    scores = torch.tensor([[[5.0, 100.0, 1.0, 3.0]]])
+    seen = torch.tensor([[False, True, False, False]])
+    mm = masked_minmax(scores, seen)[0, 0]
+    assert mm.tolist() == [1.0, 0.0, 0.0, 0.5]  # the seen item's 100 does not squash the scale
+    z = masked_zscore(scores, seen)[0, 0]
+    assert float(z[1]) == 0.0 and abs(float(z[[0, 2, 3]].mean())) < 1e-6
+
+
+def test_weighted_never_loses_to_a_component_on_validation() -> None:
+    case = default_case()
+    fuser = Weighted({"n_trials": 10}).fit(case.inner_models, case.inner.fit, case.inner.truth)
+    from fuserec.fusion import ValidationScores
+
+    val = ValidationScores(fuser, case.inner.fit, case.inner.truth)
+    singles = [val.ndcg(val.scores[m]) for m in range(len(fuser.names_))]
+    assert fuser.validation_ndcg_ >= max(singles) - 1e-9
+    assert set(fuser.weights) == {"popularity", "itemknn", "content"}
+
+
+def test_a_fuser_needs_components() -> None:
+    case = default_case()
+    with pytest.raises(ValueError, match="at least one"):
+        RRF().fit({}, case.inner.fit, case.inner.truth)
+    assert np.isfinite(RRF().fit(case.inner_models, case.inner.fit, case.inner.truth).score(case.probe)).all()
