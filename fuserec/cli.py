@@ -97,7 +97,7 @@ def new_plugin(
         typer.Argument(help="plugin name: lower case, digits, underscores (the params.yaml key), e.g. cooc"),
     ],
     kind: Annotated[
-        str, typer.Option(help="what to generate: algorithm (fuser arrives with the fuser API)")
+        str, typer.Option(help="what to generate: algorithm (fuserec.algorithms) or fuser (fuserec.fusers)")
     ] = "algorithm",
     dest: Annotated[
         Path | None, typer.Option(help="folder to create (default ./fuserec-NAME); must not exist yet")
@@ -105,12 +105,13 @@ def new_plugin(
 ) -> None:
     """Generate a plugin distribution that installs and passes the conformance kit as it is.
 
-    It holds pyproject.toml with the entry point, a typed config, a working algorithm with ONNX export,
-    tests subclassing fuserec.testing.AlgorithmTests, and a README for the author.
+    It holds pyproject.toml with the entry point, a typed config, a working algorithm with ONNX export
+    (or a fuser learned on validation), tests subclassing fuserec.testing.AlgorithmTests (or FuserTests),
+    and a README for the author.
     """
     from rich.markup import escape
 
-    from fuserec.scaffold import PluginNames, ScaffoldError
+    from fuserec.scaffold import PluginNames, ScaffoldError, next_steps
     from fuserec.scaffold import new_plugin as generate
 
     try:
@@ -120,13 +121,7 @@ def new_plugin(
         raise typer.Exit(2) from exc
     names = PluginNames.from_name(name)
     console.print(f"[green]{names.distribution}[/green] written to {escape(str(folder))}. Next:")
-    console.print(
-        escape(
-            f"  cd {folder}\n  pip install -e .\n  pytest\n"
-            f"  fuserec run --set 'train.algorithms=[popularity,{name}]' --set export.algorithm={name}"
-        ),
-        highlight=False,
-    )
+    console.print(escape(next_steps(folder, name, kind)), highlight=False)
 
 
 @app.command()

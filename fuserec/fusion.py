@@ -197,7 +197,8 @@ def masked_zscore(scores: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     count = torch.clamp(unseen.sum(dim=2, keepdim=True), min=1.0)
     mean = (scores * unseen).sum(dim=2, keepdim=True) / count
     var = (((scores - mean) * unseen) ** 2).sum(dim=2, keepdim=True) / count
-    return (scores - mean) / torch.sqrt(var + 1e-12) * unseen
+    # clamp, not `var + eps`: the exporter folds a tiny Add away and constant rows became 0/0 = NaN
+    return (scores - mean) / torch.sqrt(torch.clamp(var, min=1e-12)) * unseen
 
 
 def masked_ranks(scores: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:

@@ -15,16 +15,17 @@ from pathlib import Path
 from string import Template
 
 from fuserec.api import API_VERSION
-from fuserec.registry import ALGORITHMS_GROUP
+from fuserec.registry import ALGORITHMS_GROUP, FUSERS_GROUP
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 TEMPLATE_SUFFIX = ".tmpl"
 PACKAGE_TOKEN = "PACKAGE"  # a path component holding it is renamed to the package name
 DEFAULT_KIND = "algorithm"
-# Kinds announced but not generated yet: kind -> why, shown to whoever asks for one.
-PLANNED_KINDS: dict[str, str] = {
-    "fuser": "fuser plugins arrive with the fuser API, and their template with it; "
-    "until then only --kind algorithm can be generated",
+# kind -> the `fuserec run` that tries a freshly installed plugin of that kind ({name} is its name).
+RUN_HINTS: dict[str, str] = {
+    "algorithm": "fuserec run --set 'train.algorithms=[popularity,{name}]' --set export.algorithm={name}",
+    "fuser": "fuserec run --set 'train.algorithms=[popularity,itemknn]' --set 'fuse.fusers=[{name}]' "
+    "--set export.algorithm={name}",
 }
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
 MAX_NAME_LENGTH = 40
@@ -38,10 +39,10 @@ class ScaffoldError(ValueError):
 class PluginNames:
     """Every name derived from the one the author chose, so they stay consistent across files."""
 
-    name: str  # entry-point name and params.yaml key (algorithms.<name>)
+    name: str  # entry-point name and params.yaml key (algorithms.<name> or fusers.<name>)
     distribution: str  # what pip installs: fuserec-<name>
     package: str  # the import package: fuserec_<name>
-    class_name: str  # the Algorithm subclass: CamelCase of name
+    class_name: str  # the Algorithm or Fuser subclass: CamelCase of name
 
     @classmethod
     def from_name(cls, name: str) -> PluginNames:
@@ -73,14 +74,19 @@ def check_name(name: str) -> None:
         raise ScaffoldError(
             f"plugin name {name!r} is not valid: use lower-case letters, digits and single underscores, "
             f"starting with a letter (it becomes the entry-point name, the params.yaml key "
-            f"algorithms.<name> and the package fuserec_<name>){hint}"
+            f"algorithms.<name> or fusers.<name>, and the package fuserec_<name>){hint}"
         )
     if len(name) > MAX_NAME_LENGTH:
         raise ScaffoldError(f"plugin name {name!r} is longer than {MAX_NAME_LENGTH} characters")
-    builtins = {ep.name for ep in md.distribution("fuserec").entry_points if ep.group == ALGORITHMS_GROUP}
+    # Built-in algorithms and fusers alike: the fuse stage refuses a fuser named like a trained algorithm,
+    # and metrics.json would mix them up.
+    groups = {ALGORITHMS_GROUP: "algorithm", FUSERS_GROUP: "fuser"}
+    builtins = {
+        ep.name: groups[ep.group] for ep in md.distribution("fuserec").entry_points if ep.group in groups
+    }
     if name in builtins:
         raise ScaffoldError(
-            f"plugin name {name!r} is already a built-in fuserec algorithm; choose another name "
+            f"plugin name {name!r} is already a built-in fuserec {builtins[name]}; choose another name "
             f"(the built-ins are {', '.join(sorted(builtins))})"
         )
 
@@ -91,10 +97,9 @@ def kinds() -> list[str]:
 
 
 def check_kind(kind: str) -> Path:
+    """The template folder of ``kind``; an unknown kind is refused with the list of known ones."""
     if kind in kinds():
         return TEMPLATES / kind
-    if kind in PLANNED_KINDS:
-        raise ScaffoldError(f"--kind {kind}: {PLANNED_KINDS[kind]}")
     raise ScaffoldError(f"unknown --kind {kind!r}; choose one of: {', '.join(kinds())}")
 
 
@@ -141,3 +146,11 @@ def new_plugin(name: str, dest: str | Path | None = None, kind: str = DEFAULT_KI
         shutil.rmtree(folder, ignore_errors=True)  # never leave a half-generated package behind
         raise
     return folder
+
+
+def next_steps(folder: Path, name: str, kind: str = DEFAULT_KIND) -> str:
+    """What the author runs after generating: install, the plugin's own tests, a pipeline run with it."""
+    steps = [f"cd {folder}", "pip install -e .", "pytest"]
+    if kind in RUN_HINTS:
+        steps.append(RUN_HINTS[kind].format(name=name))
+    return "\n".join("  " + step for step in steps)

@@ -77,3 +77,20 @@ def test_a_fuser_needs_components() -> None:
     with pytest.raises(ValueError, match="at least one"):
         RRF().fit({}, case.inner.fit, case.inner.truth)
     assert np.isfinite(RRF().fit(case.inner_models, case.inner.fit, case.inner.truth).score(case.probe)).all()
+
+
+def test_zscore_of_a_constant_row_exports_without_nan(tmp_path) -> None:
+    import onnxruntime as ort
+
+    class Z(torch.nn.Module):
+        def forward(self, scores: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+            return masked_zscore(scores, seen)
+
+    scores = torch.ones(1, 2, 5)  # constant: variance 0, as item-kNN on an empty history
+    seen = torch.zeros(2, 5, dtype=torch.bool)
+    program = torch.onnx.export(Z(), (scores, seen), dynamo=True)
+    program.save(str(tmp_path / "z.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "z.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    out = session.run(None, dict(zip(names, [scores.numpy(), seen.numpy()], strict=True)))[0]
+    assert np.isfinite(out).all() and not out.any()
