@@ -7,9 +7,9 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
-from fuserec.plugins.multvae import MultVAE, _Trainer, _VAEModule, kl_weight
 
 from fuserec.histories import Histories
+from fuserec.plugins.multvae import MultVAE, _Trainer, _VAEModule, kl_weight
 from fuserec.testing import AlgorithmTests, planted_dataset
 
 FAST = {

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fuserec.plugins.sasrec import SASRec, SASRecConfig, _dropout, _SASRecModule, training_windows
 
 from fuserec.data.dataset import Dataset
 from fuserec.histories import Histories
+from fuserec.plugins.sasrec import SASRec, SASRecConfig, _dropout, _SASRecModule, training_windows
 from fuserec.testing import AlgorithmTests, planted_dataset
 
 FAST = {

@@ -8,15 +8,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fuserec.plugins.twotower import TwoTower, TwoTowerConfig, _TwoTowerModule, recency_weights, user_features
 
 from fuserec.histories import Histories
+from fuserec.plugins.twotower import TwoTower, TwoTowerConfig, _TwoTowerModule, recency_weights, user_features
 from fuserec.testing import AlgorithmTests, planted_dataset
 from fuserec.testing.data import CLUSTER_GENRES, CLUSTER_WORDS
 
 FAST = {
     "dim": 16,
     "user_hidden": 16,
+    "content_hidden": 16,
     "lr": 1e-2,
     "batch_size": 512,
     "max_epochs": 8,
@@ -89,6 +90,19 @@ def test_items_without_enough_positives_are_scored_from_content_only(fitted: Two
     assert {j for j, _ in explained["contributions"]} == set(hist.user(0).tolist())
 
 
+def test_cold_offset_lifts_exactly_the_items_without_an_id_part(fitted: TwoTower) -> None:
+    data = planted_dataset()
+    id_less = data.item_popularity() < fitted.config.id_min_count
+    assert id_less.any() and not id_less.all()
+    np.testing.assert_array_equal(fitted.params_["id_ok"], (~id_less).astype(np.float32))
+    hist = data.histories().select(np.arange(10))
+    lifted = TwoTower(fitted.config.model_copy(update={"cold_offset": fitted.config.cold_offset + 1.5}))
+    lifted.set_state(fitted.get_state())
+    lifted.n_items_ = fitted.n_items_
+    diff = lifted.score(hist) - fitted.score(hist)
+    np.testing.assert_allclose(diff, np.broadcast_to(1.5 * id_less, diff.shape), atol=1e-5)
+
+
 def test_user_attributes_are_read_when_users_are_given(fitted: TwoTower) -> None:
     data = planted_dataset()
     base = data.histories().select(np.arange(8))
@@ -109,7 +123,7 @@ def test_user_attributes_are_read_when_users_are_given(fitted: TwoTower) -> None
 @pytest.mark.parametrize("folds", [None, [0, 1, 0, 2, 2, 3]])
 def test_training_loss_is_the_softmax_of_the_history_without_its_fold(folds: list[int] | None) -> None:
     # The vectorised training path (sums minus a fold) must equal scoring each held-out history.
-    cfg = TwoTowerConfig(dim=6, user_hidden=5, alpha=0.7, id_min_count=0)
+    cfg = TwoTowerConfig(dim=6, user_hidden=5, alpha=0.7, id_min_count=0, half_life=None)
     gen = torch.Generator().manual_seed(0)
     content = np.random.default_rng(0).random((9, 4)).astype(np.float32)
     module = _TwoTowerModule.initial(cfg, content, np.ones(9, np.float32), 3, gen)

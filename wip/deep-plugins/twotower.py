@@ -6,33 +6,50 @@ item but ignores what people actually do. This model joins them in one network (
 framework"): an item is an id embedding PLUS a projection of its content, and the content path is trained
 to carry signal on its own.
 
-Item tower: ``e_i = k_i * E_i + P(c_i)`` and bias ``b_i = k_i * beta_i + w . c_i``. ``c_i`` is the item's
-TF-IDF content vector (genres, tags, year, text: :class:`fuserec.plugins.content.Content`, whose fitted
-vocabulary is kept, so a catalog row added later is embedded with the same terms), ``P`` a linear map or
-a small MLP, ``E``/``beta`` the id embedding and bias. ``k_i`` switches the id part off:
-- in training, for a random ``id_dropout`` share of the catalog at every step, so the content path must
-  rank items alone (the DropoutNet idea): without it the id part explains everything and ``P`` stays weak;
-- always, for items with fewer than ``id_min_count`` training positives. Why: a full softmax pushes every
-  item that is never a target down, so an unseen item's id bias would end up far below any content
-  evidence. Such items (and brand-new ones, see :meth:`TwoTower.score_items`) are scored from content.
+Item tower: ``e_i = P(c_i) + k_i E_i + (1 - k0_i) e0`` and bias ``b_i = w . c_i + k_i beta_i + (1 - k0_i)
+(b0 + cold_offset)``. ``c_i`` is the item's TF-IDF content vector (genres, tags, year, text: a fitted
+:class:`fuserec.plugins.content.Content` is kept in the state, so a catalog row added later is embedded
+with the same vocabulary), ``P`` a linear map or a small ReLU MLP, ``E``/``beta`` the id embedding and
+bias. The id part is switched off
+- for items with fewer than ``id_min_count`` training positives (``k0_i = 0``), and for brand-new items
+  (:meth:`TwoTower.score_items`): they are scored from content plus a learned "unknown item" token
+  ``e0``/``b0`` (as an out-of-vocabulary word is). Why: a full softmax pushes every item that is seldom a
+  target down, so a rare item's id vector mostly learns "rare", while its content still says what it is;
+- in training, for a random ``id_dropout`` share of the catalog at every step (``k_i = k0_i * keep``), so
+  the content path must rank items alone (the DropoutNet idea): without it the id part explains
+  everything and ``P`` stays weak.
+``cold_offset`` (scoring only) lifts the id-less items: the model is trained to be calibrated, and a
+calibrated model ranks an item with 2 training positives below the head for nearly everyone, so without a
+lift no rare item reaches a top-10 list (validation rare-item NDCG@10 was 0.000 at offset 0).
 
-User tower: history vectors ``h_j = E'_j + P'(c_j)`` (own parameters, or with ``history="shared"`` the
-item tower's ``e_j``), pooled as ``p = (sum_j w_j h_j) / (sum_j w_j) ** alpha`` with recency weights
-``w_j = 2 ** (-age_j / half_life)`` (age 0 = newest; all 1 without ``half_life``), then a residual MLP
-over the pooled vector and the user's one-hot attributes (:func:`fuserec.features.user_attribute_matrix`):
+User tower: the history's item-tower vectors (``history="shared"``; ``"separate"`` learns its own id
+embeddings and content map) pooled as ``p = (sum_j w_j h_j) / (sum_j w_j) ** alpha`` with recency weights
+``w_j = 2 ** (-age_j / half_life)`` (age 0 = newest; all 1 without ``half_life``), then a residual MLP over
+the pooled vector and the user's one-hot attributes (:func:`fuserec.features.user_attribute_matrix`):
 ``u = p + W2 relu(W1 p + A a + b1) + b2``. Score: ``u . e_i + b_i``.
 
-Training: every training positive ``(user, i)`` is one example whose history leaves ``i`` out (as in
-``bpr.py``: the model must not find the target in its own input), with a full softmax cross-entropy over
-the catalog (1,682 items on ML-100k: one ``[pairs, n_items]`` product per step). Adam; epochs chosen by
-:func:`fuserec.training.fit_early_stopped` on validation NDCG@10, then a refit on all data.
+Training: each positive is predicted by a full softmax over the catalog (1,682 items on ML-100k) from its
+user's history with the target LEFT OUT (as in ``bpr.py``: the model must not find the target in its own
+input). ``folds=0`` is exact leave-one-out (one softmax row per positive); ``folds=k`` splits each user's
+positives into k random folds per epoch and predicts every positive of a fold from the other folds (one
+row per fold: several times cheaper, same validation accuracy). Adam; the scoring weights are an
+exponential moving average of the trained ones (``ema_decay``: epoch-to-epoch validation NDCG moved by
++-0.005 without it); epochs chosen by :func:`fuserec.training.fit_early_stopped` on validation NDCG@10,
+then a refit on all data.
+
+On the ML-100k validation carve (NDCG@10, 3 seeds) the defaults score 0.142 overall (0.148 at
+``cold_offset=0``) and 0.010 on rare items (< 5 training positives; 0.000 at offset 0, the collaborative
+plugins ~0.001). Choices that mattered (one seed each; seeds alone move NDCG by +-0.005): recency
+``half_life=20`` (0.141 vs 0.130 without), ``history="shared"`` (0.157 vs 0.147 with separate history
+embeddings), ``id_min_count=5`` (with id vectors, rare items stay at 0 whatever the offset), an MLP
+content map (``content_hidden=64``: less overall NDCG lost per rare-item gain than a linear one).
 
 User attributes and the exported graph: ``score()`` reads attributes when ``histories.users`` is given
 (row of the users table; -1 or out of range = unknown = zero attributes). The module's
 ``forward(history, user_features=None)`` takes the padded history and an OPTIONAL ``float32 [B, f]``
-attribute input (columns as :func:`fuserec.features.user_attribute_matrix` names them); the ONNX export
-passes the history only, which is the zero-attribute case, so export parity holds when ``histories.users``
-is None. Serving can pass ``user_features`` once its graph has that input.
+attribute input (columns named in ``attribute_names_``, as :func:`fuserec.features.user_attribute_matrix`
+names them); the ONNX export passes the history only, which is the zero-attribute case, so export parity
+holds when ``histories.users`` is None. Serving can pass ``user_features`` once its graph has that input.
 """
 
 from __future__ import annotations
@@ -63,14 +80,16 @@ MIN_WEIGHT = 1e-6  # floor of a history's total weight before the |h|^-alpha nor
 class TwoTowerConfig(TorchConfig):
     search_space: ClassVar[dict[str, SearchDim]] = {
         "dim": Choice((32, 64, 128)),
-        "user_hidden": Choice((0, 64, 256)),
-        "content_hidden": Choice((0, 64)),
-        "id_dropout": FloatRange(0.0, 0.7),
-        "id_min_count": IntRange(0, 10),
-        "alpha": FloatRange(0.0, 1.0),
-        "half_life": Choice((None, 5.0, 20.0, 100.0)),
-        "lr": FloatRange(5e-4, 1e-2, log=True),
-        "weight_decay": FloatRange(1e-8, 1e-4, log=True),
+        "user_hidden": Choice((0, 128, 256)),
+        "content_hidden": Choice((0, 64, 128)),
+        "history": Choice(("shared", "separate")),
+        "id_dropout": FloatRange(0.0, 0.5),
+        "id_min_count": IntRange(1, 10),
+        "alpha": FloatRange(0.3, 0.7),
+        "half_life": Choice((None, 10.0, 20.0, 40.0)),
+        "lr": FloatRange(1e-3, 5e-3, log=True),
+        "ema_decay": Choice((0.0, 0.9, 0.97)),
+        "cold_offset": FloatRange(0.0, 3.5),
     }
 
     dim: int = Field(64, ge=1, description="dimension of item and user tower outputs")
@@ -80,37 +99,37 @@ class TwoTowerConfig(TorchConfig):
         description="width of the user tower's residual MLP (0: pooled history + linear attributes)",
     )
     content_hidden: int = Field(
-        0, ge=0, description="width of a ReLU hidden layer of the content projection (0: linear)"
+        64, ge=0, description="width of a ReLU hidden layer of the content projection (0: linear)"
     )
     history: Literal["separate", "shared"] = Field(
-        "separate", description="history vectors: own id embedding + content map, or the item tower's output"
+        "shared", description="history vectors: the item tower's output, or own id embedding + content map"
     )
     id_dropout: float = Field(
-        0.3, ge=0.0, lt=1.0, description="share of the catalog whose id part is dropped at each training step"
+        0.1, ge=0.0, lt=1.0, description="share of the catalog whose id part is dropped at each training step"
     )
     id_min_count: int = Field(
-        1, ge=0, description="items with fewer training positives are scored from content only (no id part)"
+        5, ge=0, description="items with fewer training positives are scored from content only (no id part)"
     )
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="pooling: sum of history vectors / weight^alpha")
     half_life: float | None = Field(
-        None, gt=0.0, description="recency half-life in history positions (newest = 0); None weighs all alike"
+        20.0, gt=0.0, description="recency half-life in history positions (newest = 0); None weighs all alike"
     )
     item_bias: bool = Field(True, description="add a per-item bias (id part + content part) to scores")
     lr: float = Field(2e-3, gt=0.0, description="Adam learning rate")
     weight_decay: float = Field(1e-6, ge=0.0, description="Adam L2 weight decay on every parameter")
     folds: int = Field(
-        0,
+        5,
         ge=0,
         description="0: each positive is predicted from all its user's others (leave-one-out); k: each "
         "epoch splits a user's positives into k random folds, each predicted from the rest (cheaper)",
     )
     batch_size: int = Field(1024, ge=1, description="about this many (history, target) pairs per step")
     ema_decay: float = Field(
-        0.0, ge=0.0, lt=1.0, description="score with a moving average of the weights (per step; 0: off)"
+        0.97, ge=0.0, lt=1.0, description="score with a moving average of the weights (per step; 0: off)"
     )
     cold_offset: float = Field(
-        0.0,
-        description="added to scores of items without an id part (rare, brand-new): exposure for the tail",
+        3.0,
+        description="added to scores of items without an id part (rare, brand-new): tail exposure",
     )
     score_batch_size: int = Field(512, ge=1, description="histories scored per block in score()")
     title_weight: float = Field(0.0, ge=0.0, description="content: weight of title words (see Content)")
@@ -126,7 +145,7 @@ class TwoTower(Algorithm):
     def fit(self, data: Dataset) -> Self:
         cfg = self.config
         content = Content(self._content_config()).fit(data)
-        attributes, self.attribute_names_ = user_attribute_matrix(data.users)
+        attributes, names = user_attribute_matrix(data.users)
         with torch_threads(cfg.threads):
             device = resolve_device(cfg.device)
             trainer, log = fit_early_stopped(
@@ -137,7 +156,10 @@ class TwoTower(Algorithm):
             )
         self.training_log_: list[dict[str, Any]] = log
         params = {k: v.detach().cpu().numpy().copy() for k, v in trainer.scoring.state_dict().items()}
-        self.set_state({**params, **_prefixed(content.get_state()), "attributes": attributes})
+        columns = np.asarray(names, dtype=str) if names else np.zeros(0, dtype="<U1")
+        self.set_state(
+            {**params, **_prefixed(content.get_state()), "attributes": attributes, "attribute_names": columns}
+        )
         self.n_items_ = data.n_items
         return self
 
@@ -244,7 +266,12 @@ class TwoTower(Algorithm):
 
     # -- persistence --------------------------------------------------------------------------------
     def get_state(self) -> dict[str, np.ndarray]:
-        return {**self.params_, **_prefixed(self.content_.get_state()), "attributes": self.attributes_}
+        return {
+            **self.params_,
+            **_prefixed(self.content_.get_state()),
+            "attributes": self.attributes_,
+            "attribute_names": self.attribute_names_,
+        }
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         content = {k[len(CONTENT_PREFIX) :]: v for k, v in state.items() if k.startswith(CONTENT_PREFIX)}
@@ -252,10 +279,11 @@ class TwoTower(Algorithm):
         self.content_.set_state(content)
         self.content_.n_items_ = len(content["item_vectors"])
         self.attributes_ = np.asarray(state["attributes"], dtype=np.float32)
+        self.attribute_names_ = np.asarray(state["attribute_names"], dtype=str)  # columns of user_features
         self.params_ = {
             k: np.asarray(v, dtype=np.float32)
             for k, v in state.items()
-            if not k.startswith(CONTENT_PREFIX) and k != "attributes"
+            if not k.startswith(CONTENT_PREFIX) and k not in ("attributes", "attribute_names")
         }
         self._module = None
 
