@@ -26,7 +26,11 @@ Cost: an epoch is two dense ``[batch, n_items] x [n_items, hidden]`` products pe
 back), about ``6 x users x n_items x hidden`` flops: on ML-100k (943 users, 1,682 items, hidden 600)
 well under a second per epoch on one core. Memory is ``2 x n_items x hidden`` weights (plus Adam's
 state). Epochs are chosen by :func:`fuserec.training.fit_early_stopped` (validation NDCG@10), then the
-model is refit on all data for that many epochs.
+model is refit on all data for that many epochs. A fit on ML-100k took 40-100 s on one core (40 s on a quiet
+machine); it defaults to one torch thread: two threads on a busy 2-core machine took 400 s.
+
+On the ML-100k test split the chosen setting scored NDCG@10 0.130-0.134 over three seeds: below EASE
+(0.1445), level with BPR and item-kNN; it loses more from validation to test than EASE does.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ class MultVAEConfig(TorchConfig):
         "latent": IntRange(32, 256, log=True),
         "dropout": FloatRange(0.0, 0.85),
         "anneal_cap": FloatRange(0.0, 1.0),
-        "anneal_steps": IntRange(100, 20_000, log=True),
+        "anneal_steps": IntRange(50, 5_000, log=True),
         "lr": FloatRange(3e-4, 1e-2, log=True),
         "weight_decay": FloatRange(1e-7, 1e-3, log=True),
         "batch_size": IntRange(32, 512, log=True),
@@ -87,6 +91,9 @@ class MultVAEConfig(TorchConfig):
         200, ge=1, description="upper bound on epochs (early stopping usually ends sooner)"
     )
     patience: int = Field(10, ge=1, description="epochs without a validation gain before stopping")
+    threads: int | None = Field(
+        1, ge=1, description="torch CPU threads while training; these small steps run fastest on one"
+    )
 
 
 class MultVAE(Algorithm):
