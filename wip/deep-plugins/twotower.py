@@ -132,6 +132,11 @@ class TwoTowerConfig(TorchConfig):
         description="added to scores of items without an id part (rare, brand-new): tail exposure",
     )
     score_batch_size: int = Field(512, ge=1, description="histories scored per block in score()")
+    threads: int | None = Field(
+        1,
+        ge=1,
+        description="torch CPU threads while training (None = torch's); small steps run fastest on one",
+    )
     title_weight: float = Field(0.0, ge=0.0, description="content: weight of title words (see Content)")
     year_weight: float = Field(0.75, ge=0.0, description="content: weight of release-year tokens")
 
