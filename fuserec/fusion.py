@@ -56,6 +56,10 @@ class Fuser(ABC):
     #: False for rank-based fusers: their fused scores jump when float noise (onnxruntime vs torch, ~1e-7)
     #: reorders two nearly tied component scores, so ONNX parity is checked on the top-k, not on scores.
     exact_scores: ClassVar[bool] = True
+    #: True for fusers whose features read time (e.g. an item's age when the user last acted): their
+    #: ``combine`` takes a third argument, ``last_time int64 [B]`` (unix seconds of each user's latest
+    #: event), and the exported graph gains the input ``last_time``.
+    uses_time: ClassVar[bool] = False
 
     def __init__(self, config: FuserConfig | dict[str, Any] | None = None) -> None:
         if config is None:
@@ -82,8 +86,24 @@ class Fuser(ABC):
     def fit_combination(self, data: Dataset, truth: pd.DataFrame) -> None:
         """Set the combination's parameters; ``self.components_`` are fitted on ``data``."""
 
-    def bind(self, components: Mapping[str, Algorithm]) -> Self:
-        """Use ``components`` (the same plugins refitted on full train) from now on."""
+    def observe(self, data: Dataset) -> None:  # noqa: B027 - optional hook
+        """Refresh what the combination reads from data (item popularity, first-seen times) from ``data``.
+
+        Called with the full training data once the combination is learned, so test-time features
+        describe the data the bound components were fitted on, as validation features described train'.
+        """
+
+    def history_time(self, histories: Histories) -> np.ndarray:
+        """``int64 [B]``: each history's latest timestamp (fusers with ``uses_time`` override the default)."""
+        if histories.timestamps is None:
+            return np.zeros(len(histories), dtype=np.int64)
+        last = np.zeros(len(histories), dtype=np.int64)
+        has = histories.lengths > 0
+        last[has] = np.maximum.reduceat(histories.timestamps, histories.indptr[:-1][has])
+        return last
+
+    def bind(self, components: Mapping[str, Algorithm], data: Dataset | None = None) -> Self:
+        """Use ``components`` (the same plugins refitted on full train, ``data``) from now on."""
         names = self._check_fitted_names()
         missing = [n for n in names if n not in components]
         if missing:
@@ -92,6 +112,8 @@ class Fuser(ABC):
                 f"components {sorted(components)}; train them (train.algorithms) or refit the fuser"
             )
         self.components_ = {name: components[name] for name in names}
+        if data is not None:
+            self.observe(data)
         return self
 
     # -- the combination ----------------------------------------------------------------------------
@@ -114,7 +136,11 @@ class Fuser(ABC):
         """Fused scores ``[B, n]`` and each component's contribution ``[M, B, n]``."""
         seen = torch.from_numpy(histories.to_csr().toarray() > 0)
         with torch.no_grad():
-            fused, parts = self.combine(self.component_scores(histories), seen)
+            scores = self.component_scores(histories)
+            if self.uses_time:
+                fused, parts = self.combine(scores, seen, torch.from_numpy(self.history_time(histories)))
+            else:
+                fused, parts = self.combine(scores, seen)
         return fused.numpy().astype(np.float32), parts.numpy().astype(np.float32)
 
     def to_torch(self) -> torch.nn.Module:
@@ -171,12 +197,18 @@ class FusedModule(torch.nn.Module):
         self.fuser = fuser
         self.n_items = n_items
 
-    def forward(self, history: torch.Tensor) -> torch.Tensor:
-        return self.contributions(history)[0]
+    def forward(self, history: torch.Tensor, last_time: torch.Tensor | None = None) -> torch.Tensor:
+        return self.contributions(history, last_time)[0]
 
-    def contributions(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def contributions(
+        self, history: torch.Tensor, last_time: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         scores = torch.stack([scorer(history) for scorer in self.scorers])
         seen = multi_hot(history, self.n_items) > 0
+        if self.fuser.uses_time:
+            if last_time is None:
+                raise ValueError(f"{type(self.fuser).__name__} reads time: pass last_time int64 [B]")
+            return self.fuser.combine(scores, seen, last_time)
         return self.fuser.combine(scores, seen)
 
 
@@ -247,10 +279,16 @@ class ValidationScores:
         self.truth = interactions_matrix(truth, data.n_users, data.n_items)[users]
         self.popularity = data.item_popularity()
 
-    def ndcg(self, fused: torch.Tensor | np.ndarray, k: int = 10) -> float:
-        """Mean NDCG@k of ``fused [U, n]`` scores, seen items excluded (the protocol's ranking)."""
+    def ndcg(self, fused: torch.Tensor | np.ndarray, k: int = 10, rows: np.ndarray | None = None) -> float:
+        """Mean NDCG@k of ``fused [U, n]`` scores, seen items excluded (the protocol's ranking).
+
+        ``rows`` says which of the validation users ``fused`` holds (all of them by default).
+        """
         from fuserec.metrics import ndcg_at_k, top_k
 
         values = fused.numpy() if isinstance(fused, torch.Tensor) else fused
-        ranked = top_k(np.asarray(values, dtype=np.float32), k, exclude=self.histories.to_csr())
-        return float(np.nanmean(ndcg_at_k(ranked, self.truth, k)))
+        seen, truth = self.histories.to_csr(), self.truth
+        if rows is not None:
+            seen, truth = seen[rows], truth[rows]
+        ranked = top_k(np.asarray(values, dtype=np.float32), k, exclude=seen)
+        return float(np.nanmean(ndcg_at_k(ranked, truth, k)))

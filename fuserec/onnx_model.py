@@ -7,6 +7,7 @@ later every fuser) is served the same way, and new users or fresh events need no
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,7 +15,13 @@ import torch
 from fuserec.api import Algorithm, multi_hot
 
 INPUT_NAME = "history"
+TIME_INPUT = "last_time"
 OUTPUT_NAMES = ("scores", "top_items", "top_scores")
+
+
+def uses_time(scorer: object) -> bool:
+    """Whether ``scorer`` (e.g. a stacking fuser) also reads each user's latest event time."""
+    return bool(getattr(scorer, "uses_time", False))
 
 
 class TopKModel(torch.nn.Module):
@@ -32,13 +39,27 @@ class TopKModel(torch.nn.Module):
         self.k = min(k, n_items)
 
     def forward(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.top_k(history, None)
+
+    def top_k(
+        self, history: torch.Tensor, last_time: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         valid = (history >= 0) & (history < self.n_items)
         history = torch.where(valid, history, torch.full_like(history, -1))
-        scores = self.scorer(history)
+        scores = self.scorer(history) if last_time is None else self.scorer(history, last_time)
         seen = multi_hot(history, self.n_items) > 0
         masked = scores.masked_fill(seen, float("-inf"))
         top_scores, top_items = torch.topk(masked, self.k, dim=1)
         return scores, top_items, top_scores
+
+
+class TimedTopKModel(TopKModel):
+    """:class:`TopKModel` for scorers that read time: a second input, ``last_time int64 [B]``."""
+
+    def forward(  # type: ignore[override]
+        self, history: torch.Tensor, last_time: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.top_k(history, last_time)
 
 
 def export_onnx(algo: Algorithm, path: str | Path, k: int, opset: int = 18) -> Path:
@@ -46,18 +67,26 @@ def export_onnx(algo: Algorithm, path: str | Path, k: int, opset: int = 18) -> P
     from torch.export import Dim
 
     n_items = algo._check_fitted()
-    model = TopKModel(algo.to_torch(), n_items, k).eval()
     example = torch.tensor([[0, min(1, n_items - 1), -1], [min(2, n_items - 1), -1, -1]], dtype=torch.int64)
+    batch = Dim("batch")
+    if uses_time(algo):
+        model: TopKModel = TimedTopKModel(algo.to_torch(), n_items, k).eval()
+        inputs: tuple[torch.Tensor, ...] = (example, torch.tensor([10**9, 10**9 + 1], dtype=torch.int64))
+        shapes: tuple[dict[int, Any], ...] = ({0: batch, 1: Dim("history_len")}, {0: batch})
+        names = [INPUT_NAME, TIME_INPUT]
+    else:
+        model, inputs, names = TopKModel(algo.to_torch(), n_items, k).eval(), (example,), [INPUT_NAME]
+        shapes = ({0: batch, 1: Dim("history_len")},)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         program = torch.onnx.export(
             model,
-            (example,),
+            inputs,
             dynamo=True,
-            input_names=[INPUT_NAME],
+            input_names=names,
             output_names=list(OUTPUT_NAMES),
-            dynamic_shapes=({0: Dim("batch"), 1: Dim("history_len")},),
+            dynamic_shapes=shapes,
             opset_version=opset,
             external_data=False,
             verbose=False,
@@ -84,7 +113,22 @@ class OnnxRecommender:
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.providers = self.session.get_providers()
 
-    def run(self, padded: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(scores, top item indices, top scores) for ``int64 [B, L]`` padded histories."""
-        scores, items, top = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: padded.astype(np.int64)})
+        self.uses_time = TIME_INPUT in {i.name for i in self.session.get_inputs()}
+
+    def run(
+        self, padded: np.ndarray, last_time: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores, top item indices, top scores) for ``int64 [B, L]`` padded histories.
+
+        Models with a ``last_time`` input (fusers that read time) need each user's latest event time.
+        """
+        feed = {INPUT_NAME: padded.astype(np.int64)}
+        if self.uses_time:
+            if last_time is None:
+                raise ValueError(
+                    "this model reads time: pass last_time, int64 [B] unix seconds of each user's latest "
+                    "event (the request time for a user with no history)"
+                )
+            feed[TIME_INPUT] = np.asarray(last_time, dtype=np.int64).reshape(-1)
+        scores, items, top = self.session.run(list(OUTPUT_NAMES), feed)
         return scores, items, top

@@ -34,7 +34,7 @@ class TestRRF(FuserTests):
 
 
 def test_builtin_fusers_are_entry_point_plugins() -> None:
-    assert {"weighted", "borda", "rrf"} <= set(available(FUSERS_GROUP))
+    assert {"weighted", "borda", "rrf", "stacking"} <= set(available(FUSERS_GROUP))
 
 
 def test_ranks_follow_the_protocol_order_among_unseen_items() -> None:

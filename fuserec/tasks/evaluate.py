@@ -18,8 +18,9 @@ from fuserec.config import Params
 from fuserec.data.dataset import Dataset, interactions_matrix
 from fuserec.layout import Layout
 from fuserec.manifest import write_json
-from fuserec.metrics import evaluate_rankings, rank_users
-from fuserec.segments import segment_truths
+from fuserec.metrics import evaluate_rankings, ndcg_at_k, rank_users
+from fuserec.segments import COLD_USER_MAX, segment_truths
+from fuserec.significance import best_by, paired_comparison
 from fuserec.tasks.split import SPLIT_FILES
 from fuserec.tasks.train import load_algorithm, trained_models
 
@@ -42,9 +43,18 @@ def protocol_summary(params: Params, train: pd.DataFrame, test: pd.DataFrame, n_
 
 
 def evaluate_model(
-    algo: Any, data: Dataset, test: pd.DataFrame, ks: list[int], batch_size: int, segments: bool = True
+    algo: Any,
+    data: Dataset,
+    test: pd.DataFrame,
+    ks: list[int],
+    batch_size: int,
+    segments: bool = True,
+    per_user: bool = False,
 ) -> dict[str, Any]:
-    """Every metric at every k over users with test items, plus ``segments`` (see :mod:`fuserec.segments`)."""
+    """Every metric at every k over users with test items, plus ``segments`` (see :mod:`fuserec.segments`).
+
+    ``per_user`` adds each user's NDCG@10 and cold flag (arrays, for paired significance tests).
+    """
     train_hist = data.histories()
     train_mat = data.matrix()
     truth = interactions_matrix(test, data.n_users, data.n_items)
@@ -60,6 +70,12 @@ def evaluate_model(
     )
     truth_u = truth[users]
     metrics: dict[str, Any] = evaluate_rankings(topk, truth_u, ks, popularity)
+    if per_user:
+        metrics["per_user"] = {
+            "users": users,
+            "ndcg@10": ndcg_at_k(topk, truth_u, min(10, topk.shape[1])),
+            "cold": np.diff(sp.csr_matrix(train_mat).indptr)[users] <= COLD_USER_MAX,
+        }
     if segments:
         user_counts = np.diff(sp.csr_matrix(train_mat).indptr)[users]
         seg_ks = [k for k in ks if k == 10] or [min(ks)]
@@ -78,6 +94,32 @@ def _segment_summary(
     full = evaluate_rankings(topk, truth, ks, popularity)
     keep = [f"{m}@{k}" for k in ks for m in ("ndcg", "recall", "hr")]
     return {**{key: full[key] for key in keep}, "n_users": full["n_users"], "n_interactions": int(truth.nnz)}
+
+
+def significance(
+    results: dict[str, dict[str, dict[str, Any]]], per_user: dict[str, dict[str, dict[str, np.ndarray]]]
+) -> dict[str, Any]:
+    """The best fuser against the best single model, paired per user on NDCG@10 (all and cold users)."""
+    fuser, single = best_by(results["fusers"], "ndcg@10"), best_by(results["models"], "ndcg@10")
+    if fuser is None or single is None:
+        return {}
+    a, b = per_user["fusers"][fuser], per_user["models"][single]
+    out: dict[str, Any] = {
+        "metric": "ndcg@10",
+        "best_fuser": fuser,
+        "best_single": single,
+        "all_users": paired_comparison(a["ndcg@10"], b["ndcg@10"]),
+        "test": "paired t-test and Wilcoxon over users; 95% interval from 10,000 bootstrap resamples",
+    }
+    cold = a["cold"]
+    if cold.any():
+        models = per_user["models"]
+        cold_best = max(models, key=lambda name: float(np.nanmean(models[name]["ndcg@10"][cold])))
+        out["cold_users"] = {
+            "best_single_on_segment": cold_best,
+            **paired_comparison(a["ndcg@10"][cold], models[cold_best]["ndcg@10"][cold]),
+        }
+    return out
 
 
 def rounded(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -106,9 +148,13 @@ def evaluate(params: Params) -> str:
     layout.plots.mkdir(parents=True, exist_ok=True)
     scorers = [("models", f, lambda f=f: load_algorithm(f)) for f in trained_models(layout)]
     scorers += [("fusers", f, lambda f=f: load_fuser(f, layout)) for f in fitted_fusers(layout)]
+    per_user: dict[str, dict[str, dict[str, np.ndarray]]] = {"models": {}, "fusers": {}}
     for kind, folder, load in scorers:
-        scores = evaluate_model(load(), data, test, params.evaluate.ks, params.evaluate.batch_size)
+        scores = evaluate_model(
+            load(), data, test, params.evaluate.ks, params.evaluate.batch_size, per_user=True
+        )
         segments = scores.pop("segments", {})
+        per_user[kind][folder.name] = scores.pop("per_user")
         results[kind][folder.name] = rounded(scores)
         for segment, values in segments.items():
             by_segment.setdefault(segment, {})[folder.name] = rounded(values)
@@ -117,6 +163,7 @@ def evaluate(params: Params) -> str:
         "protocol": protocol_summary(params, data.interactions, test, data.n_items),
         **results,
         "segments": by_segment,
+        "significance": significance(results, per_user),
     }
     write_json(layout.metrics, payload)
     return str(layout.metrics)

@@ -17,7 +17,7 @@ from fuserec.histories import Histories
 from fuserec.layout import Layout
 from fuserec.manifest import file_sha256, read_json, write_manifest
 from fuserec.metrics import top_k
-from fuserec.onnx_model import INPUT_NAME, OUTPUT_NAMES, OnnxRecommender, export_onnx
+from fuserec.onnx_model import INPUT_NAME, OUTPUT_NAMES, TIME_INPUT, OnnxRecommender, export_onnx, uses_time
 from fuserec.tasks.fuse import fitted_fusers, load_fuser
 from fuserec.tasks.split import SPLIT_FILES
 from fuserec.tasks.train import load_algorithm, trained_models
@@ -33,7 +33,8 @@ def parity_check(algo: Algorithm, session: OnnxRecommender, histories: Histories
     """Compare onnxruntime with ``algo.score`` on ``histories``: scores and top-k (ties may reorder ids)."""
     padded = histories.to_padded()
     expected = algo.score(histories)
-    scores, items, top = session.run(padded)
+    last_time = algo.history_time(histories) if uses_time(algo) else None  # type: ignore[attr-defined]
+    scores, items, top = session.run(padded, last_time)
     diff = np.abs(scores - expected)
     tol = PARITY_ATOL + PARITY_RTOL * np.abs(expected)
     ref_items = top_k(expected, k, exclude=histories.to_csr())
@@ -118,6 +119,17 @@ def export(params: Params) -> str:
             "padding": -1,
             "meaning": "item indices (see catalog.parquet), oldest first, -1 = padding",
         },
+        time_input=(
+            {
+                "name": TIME_INPUT,
+                "dtype": "int64",
+                "shape": ["batch"],
+                "meaning": "unix seconds of each "
+                "user's latest event (the request time for a user with no history)",
+            }
+            if uses_time(algo)
+            else None
+        ),
         outputs=list(OUTPUT_NAMES),
         k=cfg.k,
         max_history=cfg.max_history,

@@ -70,6 +70,7 @@ def fuse(params: Params) -> str:
     inner_file = layout.split / SPLIT_FILES["train_inner"]
     inner = Dataset.load(layout.clean, interactions=inner_file)
     valid = pd.read_parquet(layout.split / SPLIT_FILES["valid"])
+    train = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES["train"])
     start = time.perf_counter()
     fitted: dict[str, Algorithm] = {name: make_algorithm(name, params).fit(inner) for name in components}
     components_s = time.perf_counter() - start
@@ -78,6 +79,7 @@ def fuse(params: Params) -> str:
         config = cls.Config.model_validate({"seed": params.train.seed, **params.fuser_config(name)})
         start = time.perf_counter()
         fuser = cls(config).fit(fitted, inner, valid)
+        fuser.observe(train)  # test-time item statistics come from the data the bound models saw
         seconds = time.perf_counter() - start
         folder = fuser.save(layout.fuser(name))
         info = plugin_info(name, FUSERS_GROUP)

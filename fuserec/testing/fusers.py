@@ -42,7 +42,7 @@ class FusionCase:
 
     def fit(self, cls: type[Fuser], config: dict[str, Any] | None) -> Fuser:
         fuser = cls(cls.Config.model_validate({**(config or {}), "seed": 0}))
-        return fuser.fit(self.inner_models, self.inner.fit, self.inner.truth).bind(self.models)
+        return fuser.fit(self.inner_models, self.inner.fit, self.inner.truth).bind(self.models, self.train)
 
     def test_ndcg(self, scorer: Any) -> float:
         data, truth = self.train, self.outer.truth

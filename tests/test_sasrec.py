@@ -11,6 +11,7 @@ import torch
 
 from fuserec.data.dataset import Dataset
 from fuserec.histories import Histories
+from fuserec.onnx_model import OnnxRecommender, export_onnx
 from fuserec.plugins.sasrec import SASRec, SASRecConfig, _dropout, _SASRecModule, training_windows
 from fuserec.testing import AlgorithmTests, planted_dataset
 
@@ -185,6 +186,7 @@ def test_learns_what_comes_next_in_a_sequence(loss: str) -> None:
         "dropout": 0.0,
         "loss": loss,
         "negatives": 16,
+        "horizon": 1,  # next item only: with horizon > 1 the next few items share the mass
     }
     algo = SASRec(config).fit(data)
     log = [r["loss"] for r in algo.training_log_]
@@ -222,3 +224,62 @@ def test_explain_and_representations_are_consistent_with_scores() -> None:
     items = algo.item_representation()
     assert context.shape == (1, FAST["hidden"]) and items.shape == (30, FAST["hidden"])
     np.testing.assert_allclose(context[0] @ items.T + algo.state_["bias"], full, rtol=1e-4, atol=1e-4)
+
+
+# -- the exported graph: attention, causal and pad masks, and the window scatter under onnxruntime --------
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[SASRec, OnnxRecommender]:
+    # Two blocks of two heads, so stacked masked attention is exported, not only one layer of it.
+    algo = SASRec({**FAST, "blocks": 2, "max_epochs": 2, "early_stopping": False}).fit(planted_dataset())
+    path = export_onnx(algo, tmp_path_factory.mktemp("sasrec") / "model.onnx", k=10)
+    return algo, OnnxRecommender(path)
+
+
+def _padded(rows: list[list[int]], width: int) -> np.ndarray:
+    out = np.full((len(rows), width), -1, dtype=np.int64)
+    for r, row in enumerate(rows):
+        out[r, : len(row)] = row
+    return out
+
+
+def test_onnx_attention_and_masking_match_python(exported: tuple[SASRec, OnnxRecommender]) -> None:
+    algo, session = exported
+    n = algo.n_items_
+    raw = [
+        list(range(14)),  # longer than max_len=10: only the last 10 count
+        [5, -1, 7, -1, 8],  # -1 in the middle is padding
+        [3, 4],  # short, right-padded to the batch width
+        [],  # empty: the learned empty context
+        [1, 2, n, 3, n + 7],  # ids outside the catalog are padding
+        [40, 41, 42, 43, 44, 45, 46, 47, 48, 49],  # exactly max_len
+    ]
+    padded = _padded(raw, 16)
+    scores, _, _ = session.run(padded)
+    real = [[i for i in row if 0 <= i < n] for row in raw]
+    want = algo.score(Histories.from_lists(real, n))
+    np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        eager = algo.to_torch()(torch.from_numpy(np.where(padded < n, padded, -1))).numpy()
+    np.testing.assert_allclose(scores, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_padding_width_does_not_change_scores(exported: tuple[SASRec, OnnxRecommender]) -> None:
+    _, session = exported
+    history = [2, 3, 4]
+    narrow = session.run(_padded([history], 3))[0]
+    for width in (4, 10, 11, 25):
+        np.testing.assert_allclose(session.run(_padded([history], width))[0], narrow, rtol=1e-5, atol=1e-5)
+    # Items older than the window cannot matter, however long the history.
+    last = list(range(20, 30))
+    longer = session.run(_padded([[60, 61, 62, *last], last], 13))[0]
+    np.testing.assert_allclose(longer[0], longer[1], rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_scores_depend_on_the_order_of_the_history(exported: tuple[SASRec, OnnxRecommender]) -> None:
+    algo, session = exported
+    history = [10, 21, 32, 43, 54]
+    rows = [history, history[::-1], [21, 10, 32, 43, 54]]
+    scores = session.run(_padded(rows, 5))[0]
+    assert np.abs(scores[0] - scores[1]).max() > 1e-3  # same set, reversed order: a sequence, not a bag
+    assert np.abs(scores[0] - scores[2]).max() > 1e-3  # even swapping the two oldest items matters
+    np.testing.assert_allclose(scores, algo.score(Histories.from_lists(rows, algo.n_items_)), atol=1e-4)

@@ -1,0 +1,116 @@
+"""Stacking: the kit's checks, the tree walk against LightGBM, the time features' no-look-ahead rule."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fuserec.data.dataset import Dataset
+from fuserec.histories import Histories
+from fuserec.plugins.fusers.stacking import CONTEXT_FEATURES, NEVER, Stacking
+from fuserec.testing import FuserTests
+from fuserec.testing.fusers import default_case
+from fuserec.trees import booster_arrays, predict_trees
+
+FAST = {"n_estimators": 60, "folds": 3, "min_child_samples": 10, "early_stopping": 10}
+
+
+class TestStacking(FuserTests):
+    fuser = Stacking
+    config: ClassVar[dict] = FAST
+    bad_configs: ClassVar[list[dict]] = [{"candidates": 0}, {"folds": 1}, {"learning_rate": 0.0}]
+
+
+@pytest.fixture(scope="module")
+def fitted() -> Stacking:
+    case = default_case()
+    fuser = Stacking({**FAST, "seed": 0})
+    return fuser.fit(case.inner_models, case.inner.fit, case.inner.truth).bind(case.models, case.train)
+
+
+def test_tree_walk_equals_lightgbm_predictions() -> None:
+    import lightgbm as lgb
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 5)).astype(np.float32)
+    x[:, 2] = np.round(x[:, 2])  # values equal to thresholds must go the same way
+    y = (x[:, 0] + x[:, 2] * x[:, 1] > 0.3).astype(float) + (x[:, 3] > 1)
+    booster = lgb.train(
+        {"objective": "lambdarank", "num_leaves": 7, "verbose": -1, "min_child_samples": 5},
+        lgb.Dataset(x, y, group=[30] * 20),
+        num_boost_round=25,
+    )
+    arrays = {k: torch.from_numpy(v) for k, v in booster_arrays(booster, 5).items()}
+    out, attributions = predict_trees(arrays, torch.from_numpy(x), 5)
+    np.testing.assert_allclose(out.numpy(), booster.predict(x), rtol=1e-9, atol=1e-9)
+    base = arrays["value"][:, 0].sum().item()
+    np.testing.assert_allclose(base + attributions.sum(1).numpy(), out.numpy(), rtol=1e-9, atol=1e-9)
+
+
+def test_features_are_named_and_finite(fitted: Stacking) -> None:
+    case = default_case()
+    hist = case.probe
+    scores = fitted.component_scores(hist)
+    seen = torch.from_numpy(hist.to_csr().toarray() > 0)
+    x, idx, _ = fitted.candidate_features(scores, seen, torch.from_numpy(fitted.history_time(hist)))
+    assert x.shape[2] == len(fitted.feature_names) == 2 * len(fitted.names_) + len(CONTEXT_FEATURES)
+    assert torch.isfinite(x).all()
+    assert idx.shape == (len(hist), len(fitted.names_) * fitted.config.candidates)
+    assert set(fitted.importance) == set(fitted.feature_names)
+
+
+def _tiny(times: list[int]) -> Dataset:
+    frame = pd.DataFrame(
+        {"user": [0, 1, 1, 2], "item": [0, 1, 2, 2], "rating": np.nan, "timestamp": np.asarray(times)}
+    )
+    items = pd.DataFrame({"item": range(4), "item_id": range(4), "genres": ["a", "b", "a|b", "b"]})
+    users = pd.DataFrame({"user": range(3), "user_id": range(3)})
+    return Dataset(frame, items, users)
+
+
+def test_time_features_never_read_later_interactions() -> None:
+    """PROTOCOL.md: a user's features may only use interactions dated at or before their latest event."""
+    day = 86_400
+    fuser = Stacking({"recent_days": 2})
+    fuser.names_, fuser.n_items_ = ["a"], 4
+    fuser.observe(_tiny([0, 10 * day, 20 * day, 30 * day]))
+    assert fuser.tables_["first_seen"][3] == NEVER
+    scores = torch.arange(4, dtype=torch.float32).expand(1, 2, 4).contiguous()
+    seen = torch.zeros(2, 4, dtype=torch.bool)
+    when = torch.tensor([15 * day, 40 * day])
+    x, idx, _ = fuser.candidate_features(scores, seen, when)
+    col = {name: i for i, name in enumerate(fuser.feature_names)}
+    at = {int(i): row for i, row in zip(idx[0], x[0], strict=True)}
+    # item 2's positives are at day 20 and 30, after day 15: no age, no popularity then
+    assert at[2][col["age_days"]] == -1.0 and at[2][col["log_popularity_then"]] == 0.0
+    assert at[1][col["age_days"]] == pytest.approx(5.0)  # first positive at day 10
+    later = {int(i): row for i, row in zip(idx[1], x[1], strict=True)}
+    assert later[2][col["log_popularity_then"]] == pytest.approx(np.log1p(2.0))
+    assert later[2][col["log_recent_popularity"]] == 0.0  # nothing in the 2 days before day 40
+
+
+def test_exported_graph_reads_last_time(fitted: Stacking, tmp_path) -> None:
+    from fuserec.onnx_model import OnnxRecommender, export_onnx
+
+    session = OnnxRecommender(export_onnx(fitted, tmp_path / "model.onnx", k=5))
+    hist = default_case().probe
+    with pytest.raises(ValueError, match="last_time"):
+        session.run(hist.to_padded())
+    early, late = (np.full(len(hist), t, dtype=np.int64) for t in (fitted.reference_time_ - 10**7, 2**40))
+    a, b = session.run(hist.to_padded(), early)[0], session.run(hist.to_padded(), late)[0]
+    assert a.shape == b.shape == (len(hist), fitted.n_items_)
+    assert not np.allclose(a, b)  # the time input reaches the features
+
+
+def test_history_time_falls_back_to_the_data_end(fitted: Stacking) -> None:
+    hist = Histories.from_lists([[0], []], fitted.n_items_, timestamps=[[123], []])
+    assert fitted.history_time(hist).tolist() == [123, fitted.reference_time_]
+
+
+def test_validation_estimate_is_recorded(fitted: Stacking) -> None:
+    assert 0.0 <= fitted.cv_ndcg_ <= 1.0 and 0.0 <= fitted.cv_best_single_ <= 1.0
+    assert fitted.rounds_ >= 1
