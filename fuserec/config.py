@@ -98,6 +98,13 @@ class TrainConfig(_Section):
 class EvaluateConfig(_Section):
     ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
     batch_size: int = Field(1024, ge=1)
+    rerank_diversity: list[float] = Field(
+        default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+        description="MMR diversity weights of the accuracy/diversity curve (re-ranking the exported scorer)",
+    )
+    rerank_novelty: list[float] = Field(
+        default_factory=lambda: [0.1, 0.2, 0.4], description="novelty weights added to the curve"
+    )
 
     @field_validator("ks")
     @classmethod
@@ -108,7 +115,7 @@ class EvaluateConfig(_Section):
 
 
 class ExportConfig(_Section):
-    algorithm: str = "itemknn"
+    algorithm: str = "stacking"
     k: int = Field(10, ge=1)
     max_history: int = Field(
         512, ge=1, description="longest history the served graph reads (most recent kept)"

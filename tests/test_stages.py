@@ -12,6 +12,7 @@ from fuserec.tasks.clean import clean
 from fuserec.tasks.evaluate import evaluate
 from fuserec.tasks.export import export
 from fuserec.tasks.fuse import fuse
+from fuserec.tasks.report import report as report_stage
 from fuserec.tasks.split import split
 from fuserec.tasks.train import train
 from fuserec.tasks.validate import validate
@@ -52,9 +53,22 @@ def test_stages_in_order_write_what_the_next_reads(small_params) -> None:
     assert users == metrics["protocol"]["test_users"]
     by_k = pd.read_csv(layout.plots / "itemknn.csv")
     assert by_k["k"].tolist() == [5, 10] and (np.diff(by_k["recall"]) >= 0).all()
+    significance = metrics["significance"]
+    assert significance["best_fuser"] in metrics["fusers"] and significance["best_single"] in metrics["models"]
+    low, high = significance["all_users"]["ci95"]
+    assert low <= significance["all_users"]["mean_difference"] <= high
+    assert 0.0 <= significance["all_users"]["p_value"] <= 1.0
+    assert 0.0 <= metrics["models"]["itemknn"]["diversity@10"] <= 1.0
+    curve = metrics["rerank"]["curve"]
+    assert metrics["rerank"]["scorer"] == "stacking" and len(curve) == 11
+    assert curve[-4]["diversity@10"] >= curve[0]["diversity@10"]  # the strongest MMR weight diversifies
     export.fn(small_params)
     manifest = read_json(layout.export / "manifest.json")
-    assert manifest["parity"]["top_items_match_up_to_ties"] and manifest["algorithm"]["name"] == "itemknn"
+    assert manifest["parity"]["top_items_match_up_to_ties"] and manifest["algorithm"]["name"] == "stacking"
+    assert manifest["parity"]["scores_match"] and manifest["time_input"]["name"] == "last_time"
+    report_stage.fn(small_params)
+    page = (layout.root / "report.html").read_text()
+    assert "stacking" in page and "<svg" in page and "http" not in page.split("<body>")[1].split("ranking")[0]
 
 
 def test_train_is_deterministic_and_rejects_unknown_plugins(small_params) -> None:

@@ -1,4 +1,4 @@
-"""The training pipeline: validate -> clean -> split -> train -> fuse -> evaluate -> export."""
+"""The training pipeline: validate -> clean -> split -> train -> fuse -> evaluate -> export -> report."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from fuserec.tasks.clean import clean
 from fuserec.tasks.evaluate import evaluate
 from fuserec.tasks.export import export
 from fuserec.tasks.fuse import fuse
+from fuserec.tasks.report import report
 from fuserec.tasks.split import split
 from fuserec.tasks.train import train
 from fuserec.tasks.validate import validate
@@ -27,4 +28,5 @@ def train_pipeline(params_file: str = "params.yaml", overrides: list[str] | None
         "fuse": fuse(params),
         "evaluate": evaluate(params),
         "export": export(params),
+        "report": report(params),
     }

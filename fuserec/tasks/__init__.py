@@ -4,4 +4,4 @@ Every stage is ``@task def <stage>(params: Params) -> str`` returning the path i
 plain function that ``fuserec stage <stage>`` (and so ``dvc repro``) calls.
 """
 
-STAGES = ("validate", "clean", "split", "train", "fuse", "evaluate", "export")
+STAGES = ("validate", "clean", "split", "train", "fuse", "evaluate", "export", "report")

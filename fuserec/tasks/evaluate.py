@@ -16,9 +16,11 @@ from prefect import task
 
 from fuserec.config import Params
 from fuserec.data.dataset import Dataset, interactions_matrix
+from fuserec.features import item_content_vectors
 from fuserec.layout import Layout
 from fuserec.manifest import write_json
 from fuserec.metrics import evaluate_rankings, ndcg_at_k, rank_users
+from fuserec.rerank import Rerank, beyond_accuracy, diversity_curve
 from fuserec.segments import COLD_USER_MAX, segment_truths
 from fuserec.significance import best_by, paired_comparison
 from fuserec.tasks.split import SPLIT_FILES
@@ -50,10 +52,12 @@ def evaluate_model(
     batch_size: int,
     segments: bool = True,
     per_user: bool = False,
+    vectors: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Every metric at every k over users with test items, plus ``segments`` (see :mod:`fuserec.segments`).
 
-    ``per_user`` adds each user's NDCG@10 and cold flag (arrays, for paired significance tests).
+    ``per_user`` adds each user's NDCG@10 and cold flag (arrays, for paired significance tests);
+    ``vectors`` (item content) adds intra-list diversity, Gini of exposure and self-information @10.
     """
     train_hist = data.histories()
     train_mat = data.matrix()
@@ -70,6 +74,9 @@ def evaluate_model(
     )
     truth_u = truth[users]
     metrics: dict[str, Any] = evaluate_rankings(topk, truth_u, ks, popularity)
+    if vectors is not None:
+        n_with_history = int((np.diff(sp.csr_matrix(train_mat).indptr) > 0).sum())
+        metrics |= beyond_accuracy(topk[:, : min(10, topk.shape[1])], vectors, popularity, n_with_history)
     if per_user:
         metrics["per_user"] = {
             "users": users,
@@ -122,6 +129,37 @@ def significance(
     return out
 
 
+def rerank_curve(
+    params: Params, layout: Layout, data: Dataset, test: pd.DataFrame, vectors: np.ndarray
+) -> dict[str, Any]:
+    """The exported scorer's accuracy/diversity trade-off as the MMR and novelty weights move."""
+    from fuserec.tasks.export import load_scorer, scorer_folder
+
+    try:
+        folder = scorer_folder(layout, params.export.algorithm)
+    except FileNotFoundError:
+        return {}
+    scorer = load_scorer(layout, folder)
+    cfg = params.evaluate
+    settings = [Rerank(diversity=d) for d in cfg.rerank_diversity]
+    settings += [Rerank(novelty=v) for v in cfg.rerank_novelty]
+    hist = data.histories()
+    users = np.unique(test["user"].to_numpy())
+    truth = interactions_matrix(test, data.n_users, data.n_items)
+    curve = diversity_curve(
+        lambda rows: scorer.score(hist.select(rows)),
+        users,
+        data.matrix(),
+        truth,
+        vectors,
+        data.item_popularity(),
+        settings,
+        batch_size=min(cfg.batch_size, 256),
+    )
+    pd.DataFrame(curve).to_csv(layout.root / "rerank_curve.csv", index=False)  # a DVC plot
+    return {"scorer": folder.name, "curve": [rounded(point) for point in curve]}
+
+
 def rounded(metrics: dict[str, Any]) -> dict[str, Any]:
     """Metrics for JSON: floats to 6 places, counts as ints, nested segments likewise."""
     return {
@@ -149,9 +187,10 @@ def evaluate(params: Params) -> str:
     scorers = [("models", f, lambda f=f: load_algorithm(f)) for f in trained_models(layout)]
     scorers += [("fusers", f, lambda f=f: load_fuser(f, layout)) for f in fitted_fusers(layout)]
     per_user: dict[str, dict[str, dict[str, np.ndarray]]] = {"models": {}, "fusers": {}}
+    vectors = item_content_vectors(data.items)
     for kind, folder, load in scorers:
         scores = evaluate_model(
-            load(), data, test, params.evaluate.ks, params.evaluate.batch_size, per_user=True
+            load(), data, test, params.evaluate.ks, params.evaluate.batch_size, True, True, vectors
         )
         segments = scores.pop("segments", {})
         per_user[kind][folder.name] = scores.pop("per_user")
@@ -164,6 +203,7 @@ def evaluate(params: Params) -> str:
         **results,
         "segments": by_segment,
         "significance": significance(results, per_user),
+        "rerank": rerank_curve(params, layout, data, test, vectors),
     }
     write_json(layout.metrics, payload)
     return str(layout.metrics)

@@ -1,0 +1,180 @@
+"""A self-contained HTML report (inline CSS and SVG, no CDN) from ``metrics.json``.
+
+It must open on an air-gapped machine and in a CI artifact viewer, so charts are drawn here as SVG
+rather than with a JavaScript library.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+COLUMNS = ("ndcg@10", "recall@10", "hr@10", "coverage@10", "diversity@10", "gini@10", "self_information@10")
+PALETTE = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d")
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}tr.fuser td{background:#f3f7fb}.best{font-weight:bold}
+h2{margin-top:1.6em;border-bottom:1px solid #ddd}.note{color:#555;font-size:90%}
+"""
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return html.escape(str(value))
+
+
+def comparison_table(metrics: dict[str, Any]) -> str:
+    rows = [("model", name, v) for name, v in metrics.get("models", {}).items()]
+    rows += [("fuser", name, v) for name, v in metrics.get("fusers", {}).items()]
+    rows.sort(key=lambda r: -float(r[2].get("ndcg@10", 0.0)))
+    cols = [c for c in COLUMNS if any(c in r[2] for r in rows)]
+    best = max((float(r[2].get("ndcg@10", 0.0)) for r in rows), default=None)
+    head = "<tr><th>name</th><th>kind</th>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
+    body = []
+    for kind, name, values in rows:
+        cls = ' class="fuser"' if kind == "fuser" else ""
+        mark = ' class="best"' if values.get("ndcg@10") == best else ""
+        cells = "".join(f"<td>{_fmt(values.get(c, '-'))}</td>" for c in cols)
+        body.append(f"<tr{cls}><td{mark}>{html.escape(name)}</td><td>{kind}</td>{cells}</tr>")
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def bar_chart(groups: dict[str, dict[str, float]], title: str, width: int = 1000) -> str:
+    """Grouped horizontal bars: one group per segment, one bar per model or fuser."""
+    names = sorted({n for values in groups.values() for n in values})
+    if not names:
+        return ""
+    top = max((v for values in groups.values() for v in values.values()), default=1.0) or 1.0
+    bar, gap, label = 12, 14, 200
+    height = sum(len(values) * bar + gap for values in groups.values()) + 40
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">']
+    parts.append(f'<text x="0" y="14" font-size="13" font-weight="bold">{html.escape(title)}</text>')
+    y = 28
+    for group, values in groups.items():
+        parts.append(f'<text x="0" y="{y + 10}" font-size="12">{html.escape(group)}</text>')
+        for name in sorted(values, key=lambda n: -values[n]):
+            w = (width - label - 260) * values[name] / top
+            color = PALETTE[names.index(name) % len(PALETTE)]
+            parts.append(f'<rect x="{label}" y="{y}" width="{w:.1f}" height="{bar - 2}" fill="{color}"/>')
+            parts.append(
+                f'<text x="{label + w + 4:.1f}" y="{y + 9}" font-size="10">'
+                f"{html.escape(name)} {values[name]:.4f}</text>"
+            )
+            y += bar
+        y += gap
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def line_chart(points: list[tuple[float, float, str]], x_label: str, y_label: str) -> str:
+    """A scatter-with-line chart of ``(x, y, label)`` points, in the given order."""
+    if not points:
+        return ""
+    w, h, pad = 640, 360, 50
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1e-9), (y1 if y1 > y0 else y0 + 1e-9)
+
+    def sx(x: float) -> float:
+        return pad + (w - 2 * pad) * (x - x0) / (x1 - x0)
+
+    def sy(y: float) -> float:
+        return h - pad - (h - 2 * pad) * (y - y0) / (y1 - y0)
+
+    path = " ".join(f"{'M' if i == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for i, (x, y, _) in enumerate(points))
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">']
+    parts.append(f'<path d="{path}" fill="none" stroke="#4c78a8" stroke-width="2"/>')
+    for x, y, label in points:
+        parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="#f58518"/>')
+        parts.append(
+            f'<text x="{sx(x) + 6:.1f}" y="{sy(y) - 6:.1f}" font-size="10">{html.escape(label)}</text>'
+        )
+    parts.append(f'<text x="{w / 2}" y="{h - 10}" font-size="12" text-anchor="middle">{x_label}</text>')
+    parts.append(
+        f'<text x="14" y="{h / 2}" font-size="12" transform="rotate(-90 14 {h / 2})" '
+        f'text-anchor="middle">{y_label}</text>'
+    )
+    for value, pos in ((x0, sx(x0)), (x1, sx(x1))):
+        parts.append(f'<text x="{pos:.1f}" y="{h - pad + 16}" font-size="10">{value:.3f}</text>')
+    for value, pos in ((y0, sy(y0)), (y1, sy(y1))):
+        parts.append(f'<text x="2" y="{pos:.1f}" font-size="10">{value:.4f}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def significance_block(sig: dict[str, Any]) -> str:
+    if not sig:
+        return "<p>No fuser and single model to compare.</p>"
+    rows = []
+    for label, key in (("all test users", "all_users"), ("cold users", "cold_users")):
+        if key not in sig:
+            continue
+        s = sig[key]
+        other = s.get("best_single_on_segment", sig["best_single"])
+        ci = s.get("ci95", [float("nan")] * 2)
+        rows.append(
+            f"<tr><td>{label}</td><td>{html.escape(sig['best_fuser'])} vs {html.escape(other)}</td>"
+            f"<td>{s.get('n_users')}</td><td>{_fmt(s.get('candidate_mean'))}</td>"
+            f"<td>{_fmt(s.get('baseline_mean'))}</td><td>{_fmt(s.get('mean_difference'))}</td>"
+            f"<td>[{ci[0]:.4f}, {ci[1]:.4f}]</td><td>{s.get('p_value', float('nan')):.2e}</td>"
+            f"<td>{s.get('wilcoxon_p', float('nan')):.2e}</td></tr>"
+        )
+    head = (
+        "<tr><th>users</th><th>comparison</th><th>n</th><th>fuser</th><th>single</th><th>difference</th>"
+        "<th>95% interval</th><th>paired t p</th><th>Wilcoxon p</th></tr>"
+    )
+    return f"<table>{head}{''.join(rows)}</table><p class='note'>{html.escape(sig.get('test', ''))}</p>"
+
+
+def gating_table(weights: dict[str, dict[str, float]]) -> str:
+    if not weights:
+        return "<p>No gating fuser was fitted in this run.</p>"
+    names = sorted({n for w in weights.values() for n in w})
+    head = "<tr><th>segment</th>" + "".join(f"<th>{html.escape(n)}</th>" for n in names) + "</tr>"
+    body = "".join(
+        f"<tr><td>{html.escape(seg)}</td>" + "".join(f"<td>{w.get(n, 0.0):.3f}</td>" for n in names) + "</tr>"
+        for seg, w in weights.items()
+    )
+    return f"<table>{head}{body}</table>"
+
+
+def render(metrics: dict[str, Any], gating: dict[str, dict[str, float]] | None = None) -> str:
+    """The whole report as one HTML string."""
+    protocol = metrics.get("protocol", {})
+    segments = {
+        seg: {name: float(v.get("ndcg@10", 0.0)) for name, v in values.items() if v.get("n_users", 0)}
+        for seg, values in metrics.get("segments", {}).items()
+    }
+    curve = metrics.get("rerank", {}).get("curve", [])
+    points = [
+        (
+            float(p["diversity@10"]),
+            float(p["ndcg@10"]),
+            f"div {p['diversity_weight']}" if p["novelty_weight"] == 0 else f"nov {p['novelty_weight']}",
+        )
+        for p in curve
+        if p.get("diversity@10") is not None
+    ]
+    curve_rows = "".join(
+        "<tr>" + "".join(f"<td>{_fmt(p.get(c))}</td>" for c in curve[0]) + "</tr>" for p in curve
+    )
+    curve_table = (
+        f"<table><tr>{''.join(f'<th>{c}</th>' for c in curve[0])}</tr>{curve_rows}</table>" if curve else ""
+    )
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>fuserec report</title>
+<style>{STYLE}</style></head><body>
+<h1>fuserec report</h1>
+<p class="note">Split {html.escape(str(protocol.get("split")))}, {protocol.get("test_users")} test users,
+{protocol.get("n_items")} items; ranking: {html.escape(str(protocol.get("ranking")))}.</p>
+<h2>Every model and fuser on test</h2>{comparison_table(metrics)}
+<h2>Best fuser against the best single model</h2>{significance_block(metrics.get("significance", {}))}
+<h2>NDCG@10 by segment</h2>{bar_chart(segments, "NDCG@10 per segment")}
+<h2>Accuracy and diversity as the re-ranking weights move</h2>
+<p class="note">Scorer: {html.escape(str(metrics.get("rerank", {}).get("scorer", "-")))}. MMR over content
+vectors (diversity weight) and a self-information bonus (novelty weight), applied after the scorer.</p>
+{line_chart(points, "intra-list diversity@10", "NDCG@10")}{curve_table}
+<h2>Learned gating weights by user segment</h2>{gating_table(gating or {})}
+</body></html>"""

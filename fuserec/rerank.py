@@ -1,0 +1,165 @@
+"""Multi-objective re-ranking after any scorer: MMR diversity over content vectors and a novelty bonus.
+
+Accuracy is not the only goal: a list of ten near-identical action films is accurate and useless. MMR
+(Carbonell & Goldstein 1998) builds the list greedily, each step taking the item that best trades its
+relevance against its similarity to what is already listed; a novelty term (self-information of the
+item's popularity) pushes toward the long tail. Both are weighted by a parameter, so a user of fuserec
+can move along the accuracy/diversity curve knowingly; ``diversity_curve`` measures that curve.
+
+Written in torch with a fixed number of steps (k), so it can also run inside an exported graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+
+@dataclass(frozen=True)
+class Rerank:
+    """``diversity`` (lambda) in [0, 1): weight of dissimilarity; ``novelty`` >= 0: weight of the bonus."""
+
+    diversity: float = 0.0
+    novelty: float = 0.0
+    depth: int = 100  # the pool: the scorer's top-``depth`` unseen items
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.diversity < 1.0:
+            raise ValueError(f"rerank diversity must lie in [0, 1), got {self.diversity}")
+        if self.novelty < 0.0 or self.depth < 1:
+            raise ValueError(f"rerank novelty must be >= 0 and depth >= 1, got {self.novelty}, {self.depth}")
+
+    @property
+    def active(self) -> bool:
+        return self.diversity > 0.0 or self.novelty > 0.0
+
+
+def novelty_bonus(popularity: np.ndarray, n_users: int) -> np.ndarray:
+    """``float32 [n]`` self-information of each item scaled to [0, 1] (1 = never seen)."""
+    info = -np.log2((np.asarray(popularity, np.float64) + 1.0) / (max(n_users, 1) + 1.0))
+    top = info.max() if info.size and info.max() > 0 else 1.0
+    return (info / top).astype(np.float32)
+
+
+def mmr_top_k(
+    scores: torch.Tensor,
+    seen: torch.Tensor,
+    vectors: torch.Tensor,
+    bonus: torch.Tensor,
+    k: int,
+    rerank: Rerank,
+) -> torch.Tensor:
+    """``int64 [B, k]`` lists: greedy MMR over each user's top-``depth`` unseen items.
+
+    Step score = ``(1 - diversity) * relevance + novelty * bonus - diversity * max cosine to the list``,
+    relevance min-max scaled within the pool. With both weights 0 it is the plain top-k.
+    """
+    b, n = scores.shape
+    depth = min(rerank.depth, n)
+    k = min(k, depth)
+    masked = scores.masked_fill(seen, float("-inf"))
+    pool_scores, pool = torch.topk(masked, depth, dim=1)
+    valid = torch.isfinite(pool_scores)
+    finite = torch.where(valid, pool_scores, torch.zeros_like(pool_scores))
+    low = torch.where(valid, pool_scores, torch.full_like(pool_scores, float("inf"))).amin(1, keepdim=True)
+    high = finite.amax(1, keepdim=True)
+    relevance = (finite - torch.where(torch.isfinite(low), low, 0.0)) / torch.clamp(high - low, min=1e-12)
+    gain = (1.0 - rerank.diversity) * relevance + rerank.novelty * bonus[pool]
+    gain = torch.where(valid, gain, torch.full_like(gain, float("-inf")))
+    unit = vectors[pool]  # [B, depth, d], rows L2-normalised (zero rows have no similarity)
+    sims = unit @ unit.transpose(1, 2)  # [B, depth, depth]
+    closest = torch.zeros_like(gain)
+    taken = torch.zeros_like(gain, dtype=torch.bool)
+    chosen = []
+    for _ in range(k):
+        step = torch.where(taken, torch.full_like(gain, float("-inf")), gain - rerank.diversity * closest)
+        pick = step.argmax(dim=1, keepdim=True)  # ties: the first, i.e. the higher-scored item
+        chosen.append(torch.where(torch.isfinite(step.gather(1, pick)), pool.gather(1, pick), -1))
+        taken = taken.scatter(1, pick, True)
+        closest = torch.maximum(closest, sims.gather(1, pick.unsqueeze(2).expand(b, 1, depth)).squeeze(1))
+    return torch.cat(chosen, dim=1)
+
+
+def unit_vectors(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def intra_list_diversity(topk: np.ndarray, vectors: np.ndarray) -> float:
+    """Mean over lists of the mean pairwise ``1 - cosine`` of their items (padding ignored)."""
+    unit = unit_vectors(vectors)
+    values = []
+    for row in np.asarray(topk):
+        items = row[row >= 0]
+        if len(items) < 2:
+            continue
+        sim = unit[items] @ unit[items].T
+        m = len(items)
+        values.append(1.0 - (sim.sum() - np.trace(sim)) / (m * (m - 1)))
+    return float(np.mean(values)) if values else float("nan")
+
+
+def gini_of_exposure(topk: np.ndarray, n_items: int) -> float:
+    """Gini coefficient of how often each catalog item is recommended (0 = even, 1 = one item only)."""
+    items = np.asarray(topk)
+    counts = np.sort(np.bincount(items[items >= 0], minlength=n_items).astype(np.float64))
+    if counts.sum() == 0:
+        return float("nan")
+    ranks = np.arange(1, n_items + 1)
+    return float((2 * ranks - n_items - 1) @ counts / (n_items * counts.sum()))
+
+
+def beyond_accuracy(topk: np.ndarray, vectors: np.ndarray, popularity: np.ndarray, n_users: int) -> dict:
+    """Diversity, Gini of exposure and self-information of top-k lists (one k: the lists' width)."""
+    from fuserec.metrics import self_information
+
+    k = topk.shape[1]
+    return {
+        f"diversity@{k}": intra_list_diversity(topk, vectors),
+        f"gini@{k}": gini_of_exposure(topk, len(popularity)),
+        f"self_information@{k}": self_information(topk, popularity, max(n_users, 1)),
+    }
+
+
+def diversity_curve(
+    score_fn: Any,
+    users: np.ndarray,
+    train: sp.csr_matrix,
+    truth: sp.csr_matrix,
+    vectors: np.ndarray,
+    popularity: np.ndarray,
+    settings: list[Rerank],
+    k: int = 10,
+    batch_size: int = 256,
+) -> list[dict[str, float]]:
+    """NDCG@k, diversity, novelty, coverage and Gini for each re-ranking setting (scores computed once)."""
+    from fuserec.metrics import evaluate_rankings
+
+    unit = torch.from_numpy(unit_vectors(vectors))
+    n_with_history = int((np.diff(train.indptr) > 0).sum())
+    bonus = torch.from_numpy(novelty_bonus(popularity, n_with_history))
+    lists: list[list[np.ndarray]] = [[] for _ in settings]
+    for start in range(0, len(users), batch_size):
+        rows = users[start : start + batch_size]
+        scores = torch.from_numpy(np.asarray(score_fn(rows), dtype=np.float32))
+        seen = torch.from_numpy(train[rows].toarray() > 0)
+        for i, setting in enumerate(settings):
+            lists[i].append(mmr_top_k(scores, seen, unit, bonus, k, setting).numpy())
+    out = []
+    for setting, parts in zip(settings, lists, strict=True):
+        topk = np.concatenate(parts)
+        metrics = evaluate_rankings(topk, truth[users], [k], popularity)
+        out.append(
+            {
+                "diversity_weight": setting.diversity,
+                "novelty_weight": setting.novelty,
+                f"ndcg@{k}": metrics[f"ndcg@{k}"],
+                f"coverage@{k}": metrics[f"coverage@{k}"],
+                **beyond_accuracy(topk, vectors, popularity, n_with_history),
+            }
+        )
+    return out
