@@ -54,7 +54,8 @@ def test_stages_in_order_write_what_the_next_reads(small_params) -> None:
     by_k = pd.read_csv(layout.plots / "itemknn.csv")
     assert by_k["k"].tolist() == [5, 10] and (np.diff(by_k["recall"]) >= 0).all()
     significance = metrics["significance"]
-    assert significance["best_fuser"] in metrics["fusers"] and significance["best_single"] in metrics["models"]
+    assert significance["best_fuser"] in metrics["fusers"]
+    assert significance["best_single"] in metrics["models"]
     low, high = significance["all_users"]["ci95"]
     assert low <= significance["all_users"]["mean_difference"] <= high
     assert 0.0 <= significance["all_users"]["p_value"] <= 1.0

@@ -1,0 +1,98 @@
+"""Re-ranking and beyond-accuracy metrics: MMR's limits, diversity, Gini, and the curve's shape."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fuserec.rerank import (
+    Rerank,
+    diversity_curve,
+    gini_of_exposure,
+    intra_list_diversity,
+    mmr_top_k,
+    novelty_bonus,
+    unit_vectors,
+)
+
+# two genres: items 0-4 are genre a, 5-9 genre b; scores favour genre a
+VECTORS = np.array([[1.0, 0.0]] * 5 + [[0.0, 1.0]] * 5, dtype=np.float32)
+SCORES = torch.tensor([[10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]])
+
+
+def _mmr(rerank: Rerank, k: int = 4, seen: list[int] | None = None) -> list[int]:
+    mask = torch.zeros(1, 10, dtype=torch.bool)
+    if seen:
+        mask[0, seen] = True
+    bonus = torch.zeros(10)
+    return mmr_top_k(SCORES, mask, torch.from_numpy(VECTORS), bonus, k, rerank)[0].tolist()
+
+
+def test_no_weights_is_the_plain_top_k_and_skips_seen_items() -> None:
+    assert _mmr(Rerank()) == [0, 1, 2, 3]
+    assert _mmr(Rerank(), seen=[0, 2]) == [1, 3, 4, 5]
+
+
+def test_diversity_weight_interleaves_genres() -> None:
+    assert _mmr(Rerank(diversity=0.6)) == [0, 5, 1, 2]  # once both genres are listed, relevance decides
+
+
+def test_novelty_weight_prefers_rare_items() -> None:
+    bonus = torch.from_numpy(novelty_bonus(np.array([100, 100, 100, 100, 100, 0, 0, 0, 0, 0]), 100))
+    mask = torch.zeros(1, 10, dtype=torch.bool)
+    out = mmr_top_k(SCORES, mask, torch.from_numpy(VECTORS), bonus, 3, Rerank(novelty=5.0))[0].tolist()
+    assert set(out) <= {5, 6, 7, 8, 9}
+
+
+def test_bad_weights_are_refused_with_the_rule() -> None:
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        Rerank(diversity=1.0)
+    with pytest.raises(ValueError, match="novelty"):
+        Rerank(novelty=-1.0)
+
+
+def test_intra_list_diversity_and_gini_on_known_lists() -> None:
+    assert intra_list_diversity(np.array([[0, 1, 2]]), VECTORS) == pytest.approx(0.0)
+    assert intra_list_diversity(np.array([[0, 5]]), VECTORS) == pytest.approx(1.0)
+    assert gini_of_exposure(np.array([[0, 1], [2, 3]]), 4) == pytest.approx(0.0)
+    assert gini_of_exposure(np.array([[0], [0]]), 4) == pytest.approx(0.75)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=30))
+def test_gini_lies_in_zero_one(items: list[int]) -> None:
+    value = gini_of_exposure(np.array([items]), 10)
+    assert 0.0 <= value <= 1.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.integers(-1, 9), min_size=2, max_size=6), min_size=1, max_size=5))
+def test_diversity_lies_in_zero_one(lists: list[list[int]]) -> None:
+    width = max(len(x) for x in lists)
+    topk = np.array([x + [-1] * (width - len(x)) for x in lists])
+    value = intra_list_diversity(topk, np.abs(VECTORS) + 0.1)
+    assert np.isnan(value) or -1e-6 <= value <= 1.0 + 1e-6
+
+
+def test_curve_trades_accuracy_for_diversity() -> None:
+    rng = np.random.default_rng(0)
+    n_users, n_items = 40, 10
+    truth = sp.csr_matrix((rng.random((n_users, n_items)) < 0.3).astype(np.float32))
+    train = sp.csr_matrix((n_users, n_items), dtype=np.float32)
+    scores = np.tile(SCORES.numpy(), (n_users, 1))
+    curve = diversity_curve(
+        lambda rows: scores[: len(rows)],
+        np.arange(n_users),
+        train,
+        truth,
+        VECTORS,
+        np.ones(n_items),
+        [Rerank(), Rerank(diversity=0.6)],
+        k=4,
+    )
+    assert curve[0]["diversity@4"] == pytest.approx(0.0) and curve[1]["diversity@4"] == pytest.approx(0.5)
+    assert unit_vectors(np.zeros((1, 2))).tolist() == [[0.0, 0.0]]
