@@ -28,7 +28,7 @@ class TestStacking(FuserTests):
 @pytest.fixture(scope="module")
 def fitted() -> Stacking:
     case = default_case()
-    fuser = Stacking({**FAST, "seed": 0})
+    fuser = Stacking({**FAST, "seed": 0, "fallback": False})  # the ranker itself, even where it loses
     return fuser.fit(case.inner_models, case.inner.fit, case.inner.truth).bind(case.models, case.train)
 
 
@@ -114,3 +114,12 @@ def test_history_time_falls_back_to_the_data_end(fitted: Stacking) -> None:
 def test_validation_estimate_is_recorded(fitted: Stacking) -> None:
     assert 0.0 <= fitted.cv_ndcg_ <= 1.0 and 0.0 <= fitted.cv_best_single_ <= 1.0
     assert fitted.rounds_ >= 1
+
+
+def test_falls_back_to_the_best_component_when_the_ranker_does_not_win() -> None:
+    case = default_case()
+    fuser = Stacking({**FAST, "seed": 0}).fit(case.inner_models, case.inner.fit, case.inner.truth)
+    assert (fuser.fallback_ >= 0) == (fuser.cv_ndcg_ <= fuser.cv_best_single_)
+    fuser.bind(case.models, case.train)
+    fuser.fallback_ = fuser.names_.index("itemknn")  # the branch a losing ranker takes
+    np.testing.assert_allclose(fuser.score(case.probe), case.models["itemknn"].score(case.probe), rtol=1e-6)

@@ -18,10 +18,11 @@ The scorer is block-additive bilinear, so each block's term is its component's c
     score(u, i) = sum_b  u_b^T W_b I_b[i] + v_b^T I_b[i],      W_b = a_b * Id + D_b
 
 ``a_b`` is the learned weight of block b (start 1: the cosine of the item to the history's centre), ``D_b``
-a learned full (``bilinear: full``) or diagonal correction and ``v_b`` a learned item-side linear term
-(popularity-like directions), both L2-penalised. Training is on the validation carve only (components
-fitted on train', validation truth), with the listwise softmax loss over the full catalogue and early
-stopping of :mod:`fuserec.plugins.fusers.gating`, seeded.
+a learned diagonal (default) or full (``bilinear: full``; it over-fitted ML-100k's validation carve)
+correction and ``v_b`` a learned item-side linear term (popularity-like directions), both L2-penalised.
+Training is on the validation carve only (components fitted on train', validation truth), with the
+listwise softmax loss over the full catalogue and the early stopping of
+:mod:`fuserec.plugins.fusers.gating`, seeded.
 
 Factor spaces are not identifiable: ALS refitted on full train returns factors in another basis than ALS
 on train', and ``W_b`` was learned in the train' basis. With ``item_vectors: aligned`` (the default), the
@@ -66,7 +67,9 @@ class FeatureFusionConfig(ListwiseConfig):
 
     learning_rate: float = Field(0.02, gt=0.0, le=1.0)
     dims: int = Field(64, ge=1, description="each block is reduced to at most this many dimensions")
-    bilinear: Literal["full", "diagonal"] = Field("full", description="form of each block's correction D_b")
+    bilinear: Literal["full", "diagonal"] = Field(
+        "diagonal", description="form of each block's correction D_b"
+    )
     block_weights: dict[str, float] = Field(
         default_factory=dict, description="fixed multiplier of a component's block (default 1; 0 drops it)"
     )

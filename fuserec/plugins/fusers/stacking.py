@@ -84,6 +84,9 @@ class StackingConfig(FuserConfig):
     max_users: int | None = Field(None, ge=1, description="validation users to learn from (None = all)")
     batch_users: int = Field(64, ge=1, description="users scored per chunk (bounds memory of the tree walk)")
     threads: int = Field(2, ge=1, description="LightGBM threads")
+    fallback: bool = Field(
+        True, description="serve the best component alone when the ranker does not beat it out of fold"
+    )
 
 
 class Stacking(Fuser):
@@ -194,6 +197,7 @@ class Stacking(Fuser):
         import lightgbm as lgb
 
         cfg = self.config
+        self.fallback_ = -1
         self.observe(data)
         val = ValidationScores(self, data, truth, cfg.max_users, cfg.seed)
         last = torch.from_numpy(self.history_time(val.histories))
@@ -265,6 +269,10 @@ class Stacking(Fuser):
         if scored:
             self.cv_ndcg_ = fused_sum / scored
             self.cv_best_single_ = float(single_sum.max() / scored)
+        # Never worse than the best component on validation: if the ranker's out-of-fold NDCG does not beat
+        # it, serve that component alone (recorded, and visible in metrics as the same numbers).
+        if scored and cfg.fallback and self.cv_ndcg_ <= self.cv_best_single_:
+            self.fallback_ = int(single_sum.argmax())
         everything = dataset(np.ones(len(groups), dtype=bool))
         assert everything is not None
         self._set_trees(lgb.train(params, everything, num_boost_round=rounds), rounds)
@@ -298,6 +306,11 @@ class Stacking(Fuser):
         self, scores: torch.Tensor, seen: torch.Tensor, last_time: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         m, b, n = scores.shape
+        if self.fallback_ >= 0:
+            keep = torch.zeros(m, 1, 1, dtype=scores.dtype, device=scores.device)
+            keep[self.fallback_] = 1.0
+            parts = scores * keep
+            return parts.sum(dim=0), parts
         x, idx, best_rank = self.candidate_features(scores, seen, last_time)
         c = idx.shape[1]
         trees = {k: torch.from_numpy(v).to(scores.device) for k, v in self.trees_.items()}
@@ -330,6 +343,7 @@ class Stacking(Fuser):
             "importance": self.importance_,
             "reference_time": np.asarray(self.reference_time_, dtype=np.int64),
             "rounds": np.asarray(self.rounds_, dtype=np.int64),
+            "fallback": np.asarray(self.fallback_, dtype=np.int64),
             "cv_ndcg": np.asarray(getattr(self, "cv_ndcg_", np.nan)),
             "cv_best_single": np.asarray(getattr(self, "cv_best_single_", np.nan)),
         }
@@ -341,6 +355,7 @@ class Stacking(Fuser):
         self.importance_ = state["importance"]
         self.reference_time_ = int(state["reference_time"])
         self.rounds_ = int(state["rounds"])
+        self.fallback_ = int(state["fallback"]) if "fallback" in state else -1
         self.cv_ndcg_ = float(state["cv_ndcg"])
         self.cv_best_single_ = float(state["cv_best_single"])
 
