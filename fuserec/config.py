@@ -122,6 +122,11 @@ class ExportConfig(_Section):
     )
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     opset: int = 18
+    rerank_diversity: float = Field(
+        0.0, ge=0.0, lt=1.0, description="MMR diversity weight applied inside the served graph (0 = off)"
+    )
+    rerank_novelty: float = Field(0.0, ge=0.0, description="novelty weight applied inside the served graph")
+    rerank_depth: int = Field(100, ge=1, description="the re-ranked pool: the scorer's top-N unseen items")
 
 
 class FuseConfig(_Section):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fuserec.api import Algorithm, multi_hot
+from fuserec.rerank import Rerank, mmr_top_k, unit_vectors
 
 INPUT_NAME = "history"
 TIME_INPUT = "last_time"
@@ -32,11 +33,14 @@ class TopKModel(torch.nn.Module):
     (ONNX TopK's rule), as in the evaluation protocol.
     """
 
-    def __init__(self, scorer: torch.nn.Module, n_items: int, k: int) -> None:
+    def __init__(
+        self, scorer: torch.nn.Module, n_items: int, k: int, reranker: Reranker | None = None
+    ) -> None:
         super().__init__()
         self.scorer = scorer
         self.n_items = n_items
         self.k = min(k, n_items)
+        self.reranker = reranker
 
     def forward(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.top_k(history, None)
@@ -48,9 +52,26 @@ class TopKModel(torch.nn.Module):
         history = torch.where(valid, history, torch.full_like(history, -1))
         scores = self.scorer(history) if last_time is None else self.scorer(history, last_time)
         seen = multi_hot(history, self.n_items) > 0
+        if self.reranker is not None:
+            top_items = self.reranker(scores, seen, self.k)
+            top_scores = scores.gather(1, torch.clamp(top_items, min=0))
+            return scores, top_items, top_scores
         masked = scores.masked_fill(seen, float("-inf"))
         top_scores, top_items = torch.topk(masked, self.k, dim=1)
         return scores, top_items, top_scores
+
+
+class Reranker(torch.nn.Module):
+    """MMR diversity and novelty re-ranking (see :mod:`fuserec.rerank`) as part of the served graph."""
+
+    def __init__(self, rerank: Rerank, vectors: np.ndarray, bonus: np.ndarray) -> None:
+        super().__init__()
+        self.rerank = rerank
+        self.register_buffer("vectors", torch.from_numpy(unit_vectors(vectors)))
+        self.register_buffer("bonus", torch.from_numpy(np.asarray(bonus, dtype=np.float32)))
+
+    def forward(self, scores: torch.Tensor, seen: torch.Tensor, k: int) -> torch.Tensor:
+        return mmr_top_k(scores, seen, self.vectors, self.bonus, k, self.rerank)
 
 
 class TimedTopKModel(TopKModel):
@@ -62,20 +83,26 @@ class TimedTopKModel(TopKModel):
         return self.top_k(history, last_time)
 
 
-def export_onnx(algo: Algorithm, path: str | Path, k: int, opset: int = 18) -> Path:
-    """Export ``algo``'s scoring as one self-contained ONNX file with dynamic batch and history length."""
+def export_onnx(
+    algo: Algorithm, path: str | Path, k: int, opset: int = 18, reranker: Reranker | None = None
+) -> Path:
+    """Export ``algo``'s scoring as one self-contained ONNX file with dynamic batch and history length.
+
+    With a ``reranker``, ``top_items`` are the re-ranked (diversified) list and ``top_scores`` their scores.
+    """
     from torch.export import Dim
 
     n_items = algo._check_fitted()
     example = torch.tensor([[0, min(1, n_items - 1), -1], [min(2, n_items - 1), -1, -1]], dtype=torch.int64)
     batch = Dim("batch")
     if uses_time(algo):
-        model: TopKModel = TimedTopKModel(algo.to_torch(), n_items, k).eval()
+        model: TopKModel = TimedTopKModel(algo.to_torch(), n_items, k, reranker).eval()
         inputs: tuple[torch.Tensor, ...] = (example, torch.tensor([10**9, 10**9 + 1], dtype=torch.int64))
         shapes: tuple[dict[int, Any], ...] = ({0: batch, 1: Dim("history_len")}, {0: batch})
         names = [INPUT_NAME, TIME_INPUT]
     else:
-        model, inputs, names = TopKModel(algo.to_torch(), n_items, k).eval(), (example,), [INPUT_NAME]
+        model = TopKModel(algo.to_torch(), n_items, k, reranker).eval()
+        inputs, names = (example,), [INPUT_NAME]
         shapes = ({0: batch, 1: Dim("history_len")},)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,11 @@ def mmr_top_k(
     depth = min(rerank.depth, n)
     k = min(k, depth)
     masked = scores.masked_fill(seen, float("-inf"))
-    pool_scores, pool = torch.topk(masked, depth, dim=1)
+    if torch.onnx.is_in_onnx_export():  # onnxruntime's TopK keeps equal scores in index order ...
+        pool_scores, pool = torch.topk(masked, depth, dim=1)
+    else:  # ... and so does a stable sort, so ties enter the pool (and win argmax) alike in both
+        pool_scores, pool = torch.sort(masked, dim=1, descending=True, stable=True)
+        pool_scores, pool = pool_scores[:, :depth], pool[:, :depth]
     valid = torch.isfinite(pool_scores)
     finite = torch.where(valid, pool_scores, torch.zeros_like(pool_scores))
     low = torch.where(valid, pool_scores, torch.full_like(pool_scores, float("inf"))).amin(1, keepdim=True)

@@ -96,3 +96,25 @@ def test_curve_trades_accuracy_for_diversity() -> None:
     )
     assert curve[0]["diversity@4"] == pytest.approx(0.0) and curve[1]["diversity@4"] == pytest.approx(0.5)
     assert unit_vectors(np.zeros((1, 2))).tolist() == [[0.0, 0.0]]
+
+
+def test_the_served_graph_applies_the_configured_re_ranking(tmp_path) -> None:
+    from fuserec.onnx_model import OnnxRecommender, Reranker, export_onnx
+    from fuserec.plugins.itemknn import ItemKNN
+    from fuserec.tasks.export import parity_check
+    from fuserec.testing import planted_dataset
+    from fuserec.testing.checks import probe_histories
+
+    data = planted_dataset()
+    algo = ItemKNN({"k": 20}).fit(data)
+    from fuserec.features import item_content_vectors
+
+    vectors = item_content_vectors(data.items)
+    reranker = Reranker(Rerank(diversity=0.5), vectors, np.zeros(data.n_items, np.float32))
+    session = OnnxRecommender(export_onnx(algo, tmp_path / "m.onnx", k=10, reranker=reranker))
+    hist = probe_histories(data)
+    report = parity_check(algo, session, hist, 10, reranker)
+    assert report["top_items_match_up_to_ties"] and report["scores_match"]
+    plain = OnnxRecommender(export_onnx(algo, tmp_path / "p.onnx", k=10))
+    diverse, same = session.run(hist.to_padded())[1], plain.run(hist.to_padded())[1]
+    assert intra_list_diversity(diverse, vectors) > intra_list_diversity(same, vectors)

@@ -7,17 +7,28 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from prefect import task
 
 from fuserec.api import Algorithm
 from fuserec.config import Params
 from fuserec.data.dataset import Dataset
+from fuserec.features import item_content_vectors
 from fuserec.fusion import Fuser
 from fuserec.histories import Histories
 from fuserec.layout import Layout
 from fuserec.manifest import file_sha256, read_json, write_manifest
 from fuserec.metrics import top_k
-from fuserec.onnx_model import INPUT_NAME, OUTPUT_NAMES, TIME_INPUT, OnnxRecommender, export_onnx, uses_time
+from fuserec.onnx_model import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    TIME_INPUT,
+    OnnxRecommender,
+    Reranker,
+    export_onnx,
+    uses_time,
+)
+from fuserec.rerank import Rerank, novelty_bonus
 from fuserec.tasks.fuse import fitted_fusers, load_fuser
 from fuserec.tasks.split import SPLIT_FILES
 from fuserec.tasks.train import load_algorithm, trained_models
@@ -29,15 +40,25 @@ PARITY_ATOL = 1e-5
 PARITY_RTOL = 1e-5
 
 
-def parity_check(algo: Algorithm, session: OnnxRecommender, histories: Histories, k: int) -> dict[str, Any]:
-    """Compare onnxruntime with ``algo.score`` on ``histories``: scores and top-k (ties may reorder ids)."""
+def parity_check(
+    algo: Algorithm, session: OnnxRecommender, histories: Histories, k: int, reranker: Reranker | None = None
+) -> dict[str, Any]:
+    """Compare onnxruntime with ``algo.score`` on ``histories``: scores and top-k (ties may reorder ids).
+
+    With a ``reranker`` the reference lists are the re-ranked ones, computed in Python.
+    """
     padded = histories.to_padded()
     expected = algo.score(histories)
     last_time = algo.history_time(histories) if uses_time(algo) else None  # type: ignore[attr-defined]
     scores, items, top = session.run(padded, last_time)
     diff = np.abs(scores - expected)
     tol = PARITY_ATOL + PARITY_RTOL * np.abs(expected)
-    ref_items = top_k(expected, k, exclude=histories.to_csr())
+    if reranker is None:
+        ref_items = top_k(expected, k, exclude=histories.to_csr())
+    else:
+        seen = torch.from_numpy(histories.to_csr().toarray() > 0)
+        with torch.no_grad():
+            ref_items = reranker(torch.from_numpy(expected), seen, min(k, expected.shape[1])).numpy()
     ref_top = np.take_along_axis(expected, np.maximum(ref_items, 0), axis=1)
     valid = ref_items >= 0
     # Same top-k up to ties: the scores at each rank agree, and ids agree wherever scores are not tied.
@@ -95,11 +116,17 @@ def export(params: Params) -> str:
     folder = scorer_folder(layout, cfg.algorithm)
     algo = load_scorer(layout, folder)
     out = layout.export
-    onnx_path = export_onnx(algo, out / MODEL_FILE, cfg.k, cfg.opset)
-    session = OnnxRecommender(onnx_path, cfg.providers)
     data = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES["train"])
     test = pd.read_parquet(layout.split / SPLIT_FILES["test"])
-    parity = parity_check(algo, session, parity_batch(data, test), cfg.k)
+    rerank = Rerank(cfg.rerank_diversity, cfg.rerank_novelty, cfg.rerank_depth)
+    reranker = None
+    if rerank.active:
+        with_history = int((data.histories().lengths > 0).sum())
+        bonus = novelty_bonus(data.item_popularity(), with_history)
+        reranker = Reranker(rerank, item_content_vectors(data.items), bonus)
+    onnx_path = export_onnx(algo, out / MODEL_FILE, cfg.k, cfg.opset, reranker)
+    session = OnnxRecommender(onnx_path, cfg.providers)
+    parity = parity_check(algo, session, parity_batch(data, test), cfg.k, reranker)
     exact = getattr(algo, "exact_scores", True)  # rank-based fusers: only the ranking must agree
     scores_ok = parity["scores_match"] and parity["top_scores_match"] if exact else True
     if not (scores_ok and parity["top_items_match_up_to_ties"]):
@@ -132,6 +159,7 @@ def export(params: Params) -> str:
         ),
         outputs=list(OUTPUT_NAMES),
         k=cfg.k,
+        rerank={"diversity": rerank.diversity, "novelty": rerank.novelty, "depth": rerank.depth},
         max_history=cfg.max_history,
         n_items=data.n_items,
         providers=session.providers,
