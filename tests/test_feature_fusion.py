@@ -39,7 +39,9 @@ def test_without_item_representations_the_error_names_the_plugins_that_have_them
     components = {"ease": EASE().fit(case.inner.fit), "userknn": UserKNN({"k": 10}).fit(case.inner.fit)}
     with pytest.raises(ValueError, match=r"none of the components \['ease', 'userknn'\]") as info:
         FeatureFusion(FAST).fit(components, case.inner.fit, case.inner.truth)
-    assert "Plugins that do: " in str(info.value) and "als" in str(info.value) and "content" in str(info.value)
+    assert (
+        "Plugins that do: " in str(info.value) and "als" in str(info.value) and "content" in str(info.value)
+    )
 
 
 def test_components_without_a_block_are_skipped_and_contribute_nothing() -> None:
@@ -73,7 +75,9 @@ def test_alignment_undoes_a_rotation_and_keeps_the_fitted_scores() -> None:
     rng = np.random.default_rng(0)
     reference = rng.normal(size=(50, 6)).astype(np.float32)
     rotation, _ = np.linalg.qr(rng.normal(size=(6, 6)))
-    np.testing.assert_allclose(_align(reference @ rotation.T.astype(np.float32), reference), reference, atol=1e-5)
+    np.testing.assert_allclose(
+        _align(reference @ rotation.T.astype(np.float32), reference), reference, atol=1e-5
+    )
     case = default_case()  # bound to the very components it learned on, aligned and fitted vectors agree
     scores = []
     for mode in ("aligned", "fitted"):

@@ -48,7 +48,7 @@ def test_weights_sum_to_one_and_are_the_contributions_share(fitted: Gating) -> N
 
 
 def test_a_component_without_signal_gets_zero_weight(fitted: Gating) -> None:
-    """Item-kNN scores an empty history with zeros everywhere: no signal, so weight 0, the rest renormalised."""
+    """Item-kNN scores an empty history with zeros: no signal, so weight 0, the others renormalised."""
     hist = Histories.from_lists([[], [0, 1, 2]], fitted.n_items_)
     knn = fitted.names_.index("itemknn")
     assert np.ptp(fitted.components_["itemknn"].score(hist.select([0]))) == 0.0

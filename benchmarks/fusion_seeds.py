@@ -1,0 +1,72 @@
+"""Fusion on ML-100k across seeds: every fuser beside the best single model, and the paired test.
+
+Usage (from the repository root; each seed is one full `fuserec run`, about 15 minutes on 2 busy cores):
+    python benchmarks/fusion_seeds.py --seeds 42 1 2 --out /tmp/fusion
+    python benchmarks/fusion_seeds.py --seeds 42 1 2 --out /tmp/fusion --summarise-only
+
+A seed changes every plugin's and every fuser's seed (`train.seed`); the data and split do not change.
+Nothing is tuned here: the fusion configuration is params.yaml's, learned on the validation carve only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
+
+
+def run(seed: int, out: Path) -> Path:
+    target = out / f"seed{seed}"
+    cmd = [
+        sys.executable, "-m", "fuserec.cli", "run",
+        "-s", "data.source=movielens-100k", "-s", f"data.path={ML100K}",
+        "-s", f"outputs={target}", "-s", f"train.seed={seed}",
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    return target
+
+
+def summarise(folder: Path, seed: int) -> dict:
+    metrics = json.loads((folder / "metrics.json").read_text())
+    sig = metrics.get("significance", {})
+    allu = sig.get("all_users", {})
+    best_single = sig.get("best_single")
+    row = {
+        "seed": seed,
+        "best_single": best_single,
+        "best_single_ndcg": metrics["models"][best_single]["ndcg@10"] if best_single else None,
+        **{name: values["ndcg@10"] for name, values in sorted(metrics["fusers"].items())},
+        "difference": allu.get("mean_difference"),
+        "ci95": allu.get("ci95"),
+        "p_value": allu.get("p_value"),
+        "wilcoxon_p": allu.get("wilcoxon_p"),
+    }
+    cold = sig.get("cold_users")
+    if cold:
+        row["cold"] = {
+            k: cold.get(k) for k in ("n_users", "candidate_mean", "baseline_mean", "best_single_on_segment")
+        }
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/fuserec-fusion"))
+    parser.add_argument("--summarise-only", action="store_true", help="read existing runs, run nothing")
+    args = parser.parse_args()
+    if not (ML100K / "u.data").exists():
+        raise SystemExit(f"MovieLens-100k not found at {ML100K}: this benchmark needs ../shared/data")
+    for seed in args.seeds:
+        folder = args.out / f"seed{seed}"
+        if not args.summarise_only:
+            run(seed, args.out)
+        print(json.dumps(summarise(folder, seed)))
+
+
+if __name__ == "__main__":
+    main()
