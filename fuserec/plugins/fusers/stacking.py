@@ -95,6 +95,10 @@ class Stacking(Fuser):
     Config = StackingConfig
     config: StackingConfig
     uses_time = True
+    #: Rank features and candidate membership are discontinuous in the component scores: where a component
+    #: ties many items (popularity counts), onnxruntime may order the tie differently from torch's stable
+    #: sort, moving a non-candidate's fallback score. So export parity is held on the top-k, as for voting.
+    exact_scores = False
 
     # -- data-derived tables ------------------------------------------------------------------------
     def observe(self, data: Dataset) -> None:
@@ -321,8 +325,12 @@ class Stacking(Fuser):
         owner[: 2 * m] = torch.eye(m, dtype=torch.float64, device=scores.device).repeat(2, 1)
         base = trees["value"][:, 0].sum() / m
         slot_parts = (attributions @ owner + base).reshape(b, c, m).permute(2, 0, 1).to(torch.float32)
-        fallback = -1e4 - best_rank  # below every candidate, ordered by the best component rank
-        fused = fallback.scatter(1, idx, out.reshape(b, c).to(torch.float32))
+        ranked = out.reshape(b, c).to(torch.float32)
+        # below every candidate, ordered by the best component rank (and on the candidates' scale, so a
+        # re-ranker that min-max scales a pool is not squashed by a far-away floor)
+        floor = ranked.amin(dim=1, keepdim=True) - 1.0
+        fallback = floor - best_rank / float(n)
+        fused = fallback.scatter(1, idx, ranked)
         parts = (fallback / m).unsqueeze(0).expand(m, b, n).contiguous()
         parts = parts.scatter(2, idx.unsqueeze(0).expand(m, b, c), slot_parts)
         return fused, parts
