@@ -29,8 +29,18 @@ state). Epochs are chosen by :func:`fuserec.training.fit_early_stopped` (validat
 model is refit on all data for that many epochs. A fit on ML-100k took 40-100 s on one core (40 s on a quiet
 machine); it defaults to one torch thread: two threads on a busy 2-core machine took 400 s.
 
-On the ML-100k test split the chosen setting scored NDCG@10 0.130-0.134 over three seeds: below EASE
-(0.1445), level with BPR and item-kNN; it loses more from validation to test than EASE does.
+Defaults, re-chosen on the ML-100k validation carve only (2026-11-29, NDCG@10, seeds 42 / 1 / 2): the
+earlier setting (KL cap 0.5 over 150 steps, batch 256, dropout 0.7) scored 0.1455 / 0.1454 / 0.1474
+(mean 0.1461); no KL term (``anneal_cap`` 0, a Mult-DAE-like model that keeps the sampling noise),
+batch 512 and input dropout 0.85 scored 0.1516 / 0.1504 / 0.1483 (mean 0.1501), the best of the 28
+settings tried (42 validation runs), on each seed. A KL cap of 0.05-0.1, lr 1e-3 / 3e-3, weight decay,
+latent 100 / 300, batch 128 / 1024 and EMA 0.9 / 0.98 were no better.
+
+On the ML-100k test split these defaults scored NDCG@10 0.1315 (seed 42), 0.1364 (seed 1) and 0.1265
+(seed 2), with fits of 28-40 s on one thread. That is about the same as the old defaults (0.1318 at
+seed 42), still below EASE (0.1445), and below the issue's 0.135 target at seed 42. The seed-to-seed spread
+(0.010) is larger than any validation gain here, and the model loses more from validation to test than
+EASE does.
 """
 
 from __future__ import annotations
@@ -72,9 +82,11 @@ class MultVAEConfig(TorchConfig):
     )
     latent: int = Field(200, ge=1, description="dimension of z (and of user_representation)")
     dropout: float = Field(
-        0.7, ge=0.0, lt=1.0, description="input dropout on the normalised history (training)"
+        0.85, ge=0.0, lt=1.0, description="input dropout on the normalised history (training)"
     )
-    anneal_cap: float = Field(0.5, ge=0.0, description="the largest KL weight beta")
+    anneal_cap: float = Field(
+        0.0, ge=0.0, description="the largest KL weight beta (0: no KL term, the Mult-DAE-like variant)"
+    )
     anneal_steps: int = Field(
         150,
         ge=0,
@@ -82,7 +94,7 @@ class MultVAEConfig(TorchConfig):
     )
     lr: float = Field(2e-3, gt=0.0, description="Adam learning rate")
     weight_decay: float = Field(0.0, ge=0.0, description="Adam L2 weight decay on every parameter")
-    batch_size: int = Field(256, ge=1, description="users per optimiser step")
+    batch_size: int = Field(512, ge=1, description="users per optimiser step")
     ema_decay: float = Field(
         0.95, ge=0.0, lt=1.0, description="score with an exponential moving average of the weights (0: off)"
     )
