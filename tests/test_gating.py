@@ -15,7 +15,7 @@ from fuserec.registry import FUSERS_GROUP, available
 from fuserec.testing import FuserTests
 from fuserec.testing.fusers import default_case
 
-FAST = {"steps": 60, "eval_every": 5, "patience": 4, "hidden": 8}
+FAST = {"steps": 60, "eval_every": 5, "patience": 4, "hidden": 8, "fallback": False}
 
 
 class TestGating(FuserTests):
@@ -77,3 +77,17 @@ def test_validation_record_survives_save_and_load(fitted: Gating, tmp_path) -> N
     assert set(record) == {"fused", "uniform", "best_single"} and all(0 <= v <= 1 for v in record.values())
     back = Gating.load(fitted.save(tmp_path), fitted.components_)
     assert back.holdout_ndcg == record and back.training_["steps"] == fitted.training_["steps"]
+
+
+def test_falls_back_to_the_best_component_when_gating_loses_on_held_out_users() -> None:
+    case = default_case()
+    fuser = Gating({**FAST, "fallback": True, "seed": 0}).fit(
+        case.inner_models, case.inner.fit, case.inner.truth
+    )
+    record = fuser.holdout_ndcg
+    assert (fuser.fallback_ >= 0) == (record["fused"] <= record["best_single"])
+    fuser.bind(case.models, case.train)
+    fuser.fallback_ = fuser.names_.index("itemknn")  # the branch a losing gate takes
+    np.testing.assert_allclose(fuser.score(case.probe), case.models["itemknn"].score(case.probe), rtol=1e-6)
+    weights = fuser.weights_for(case.probe)
+    assert (weights[:, fuser.fallback_] == 1.0).all() and weights.sum() == len(case.probe)

@@ -76,6 +76,9 @@ class GatingConfig(ListwiseConfig):
     hidden: int = Field(16, ge=1, description="units of the gating network's hidden layer")
     score_features: bool = Field(True, description="also read each component's max z-score per user")
     content_dims: int = Field(32, ge=1, description="content vectors are reduced to this many dimensions")
+    fallback: bool = Field(
+        True, description="serve the best component alone when gating does not beat it on held-out users"
+    )
 
 
 class Gating(Fuser):
@@ -144,10 +147,18 @@ class Gating(Fuser):
         with torch.no_grad():
             scores = self.component_scores(histories)
             weights = self._weights(scores, seen, masked_zscore(scores, seen))
+        if getattr(self, "fallback_", -1) >= 0:  # what is served: the fallback component alone
+            weights = torch.zeros_like(weights)
+            weights[:, self.fallback_] = 1.0
         return weights.numpy().astype(np.float32)
 
     # -- the combination ----------------------------------------------------------------------------
     def combine(self, scores: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if getattr(self, "fallback_", -1) >= 0:  # lost to a component on held-out users: serve it alone
+            keep = torch.zeros(scores.shape[0], 1, 1, dtype=scores.dtype, device=scores.device)
+            keep[self.fallback_] = 1.0
+            parts = scores * keep
+            return parts.sum(dim=0), parts
         z = masked_zscore(scores, seen)
         weights = self._weights(scores, seen, z)  # [B, M]
         parts = weights.t().unsqueeze(2) * z
@@ -199,6 +210,17 @@ class Gating(Fuser):
             build, loss, lambda mod, rows: val.ndcg(fused(mod, rows), rows=rows), len(val.users), cfg
         )
         self.training_ |= holdout_baselines(val, self.training_["holdout_rows"])
+        # Never worse than the best component on held-out validation users (as stacking's fallback).
+        self.fallback_ = -1
+        hold = self.training_["holdout_rows"]
+        if (
+            cfg.fallback
+            and len(hold)
+            and self.training_["holdout_fused"] <= self.training_["holdout_best_single"]
+        ):
+            idx = torch.from_numpy(hold)
+            single = [val.ndcg(val.scores[i, idx], rows=hold) for i in range(m)]
+            self.fallback_ = int(np.argmax(single))
         self.gate_ = {k: module[k].detach().numpy().astype(np.float32) for k in ("w1", "b1", "w2", "b2")}
         self.gate_ |= {"mean": mean.numpy().astype(np.float32), "std": std.numpy().astype(np.float32)}
 
@@ -212,9 +234,11 @@ class Gating(Fuser):
     def get_state(self) -> dict[str, np.ndarray]:
         state = {f"gate_{k}": v for k, v in self.gate_.items()}
         state |= {f"table_{k}": v for k, v in self.tables_.items()}
-        return state | training_state(self.training_)
+        fallback = {"fallback": np.asarray(getattr(self, "fallback_", -1), dtype=np.int64)}
+        return state | training_state(self.training_) | fallback
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
+        self.fallback_ = int(state["fallback"]) if "fallback" in state else -1
         self.gate_ = {k: state[f"gate_{k}"] for k in GATE_KEYS}
         self.tables_ = {k: state[f"table_{k}"] for k in ("log_popularity", "content")}
         self.training_ = restore_training(state)
