@@ -23,6 +23,7 @@ FAST = {
     "threads": 1,
     "progress": False,
 }
+BINARY = {**FAST, "recency_boost": 0.0}  # the paper's binary input: scoring is a set function of the history
 
 
 class TestMultVAE(AlgorithmTests):
@@ -40,7 +41,7 @@ class TestMultVAE(AlgorithmTests):
 
 @pytest.fixture(scope="module")
 def fitted() -> MultVAE:
-    return MultVAE(FAST).fit(planted_dataset())
+    return MultVAE(BINARY).fit(planted_dataset())
 
 
 def test_kl_weight_rises_linearly_to_the_cap() -> None:
@@ -141,7 +142,7 @@ def test_no_hidden_layer_variant_trains_and_exports() -> None:
 
 def test_weight_average_lags_the_trained_weights_by_the_decay() -> None:
     data = planted_dataset()
-    cfg = MultVAE.Config.model_validate({**FAST, "batch_size": data.n_users, "ema_decay": 0.75})
+    cfg = MultVAE.Config.model_validate({**BINARY, "batch_size": data.n_users, "ema_decay": 0.75})
     trainer = _Trainer(data, cfg, torch.device("cpu"))
     before = [p.detach().clone() for p in trainer.module.parameters()]
     trainer.train_epoch()  # one optimiser step: the batch holds every user
@@ -154,3 +155,19 @@ def test_weight_average_lags_the_trained_weights_by_the_decay() -> None:
     with torch.no_grad():
         want = trainer.average.from_multi_hot(torch.from_numpy(hist.to_csr().toarray())).numpy()
     np.testing.assert_allclose(trainer.score(hist), want)  # validation scores the averaged weights
+
+
+def test_recency_weighting_reads_order_and_exports() -> None:
+    from fuserec.plugins.multvae import weighted_rows
+
+    hist = Histories.from_lists([[3, 7, 11], [11, 7, 3], [], [5, 5]], 20)
+    rows = weighted_rows(hist, 10.0, 5.0)
+    assert rows[0, 11] == pytest.approx(11.0) and rows[0, 3] == pytest.approx(1 + 10 * 0.5 ** (2 / 5))
+    assert rows[3, 5] == pytest.approx(11.0) and rows[2].sum() == 0.0  # a repeat keeps its latest weight
+    algo = MultVAE({**FAST, "max_epochs": 3}).fit(planted_dataset())
+    hist = Histories.from_lists([[3, 7, 11], [11, 7, 3], [], [4]], algo.n_items_)
+    scores = algo.score(hist)
+    assert not np.allclose(scores[0], scores[1])  # the latest item weighs most
+    with torch.no_grad():
+        out = algo.to_torch()(torch.from_numpy(hist.to_padded())).numpy()
+    np.testing.assert_allclose(out, scores, rtol=1e-5, atol=1e-5)

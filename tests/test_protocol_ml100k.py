@@ -55,7 +55,7 @@ def test_collaborative_family_reaches_its_bars(ml100k_run: Path) -> None:
 
 def test_deep_and_graph_families_reach_their_bars(ml100k_run: Path) -> None:
     models = read_json(ml100k_run / "metrics.json")["models"]
-    bars = {"kg": 0.130, "twotower": 0.130, "sasrec": 0.120}
+    bars = {"kg": 0.130, "twotower": 0.130, "sasrec": 0.120, "multvae": 0.135}
     for name, bar in bars.items():
         assert models[name]["ndcg@10"] >= bar, (name, models[name]["ndcg@10"])
 
