@@ -99,12 +99,13 @@ class EvaluateConfig(_Section):
     ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
     batch_size: int = Field(1024, ge=1)
     rerank_diversity: list[float] = Field(
-        default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+        default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
         description="MMR diversity weights of the accuracy/diversity curve (re-ranking the exported scorer)",
     )
     rerank_novelty: list[float] = Field(
         default_factory=lambda: [0.1, 0.2, 0.4], description="novelty weights added to the curve"
     )
+    rerank_keep: int = Field(5, ge=0, description="leading slots of each list the re-ranking leaves alone")
 
     @field_validator("ks")
     @classmethod
@@ -127,6 +128,7 @@ class ExportConfig(_Section):
     )
     rerank_novelty: float = Field(0.0, ge=0.0, description="novelty weight applied inside the served graph")
     rerank_depth: int = Field(100, ge=1, description="the re-ranked pool: the scorer's top-N unseen items")
+    rerank_keep: int = Field(5, ge=0, description="leading slots of each list the re-ranking leaves alone")
 
 
 class FuseConfig(_Section):

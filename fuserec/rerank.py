@@ -28,6 +28,7 @@ class Rerank:
     depth: int = 100  # the pool: the scorer's top-``depth`` unseen items
     relevance: str = "minmax"  # "minmax": scores min-max scaled in the pool; "rank": 1 - position / depth
     penalty: str = "mean"  # similarity to the list: "mean" (greedy intra-list diversity) or "max" (MMR)
+    keep: int = 5  # the first ``keep`` slots stay in score order (the head NDCG weighs most)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.diversity < 1.0:
@@ -36,7 +37,7 @@ class Rerank:
             raise ValueError(f"rerank penalty must be 'mean' or 'max', got {self.penalty!r}")
         if self.relevance not in ("rank", "minmax"):
             raise ValueError(f"rerank relevance must be 'rank' or 'minmax', got {self.relevance!r}")
-        if self.novelty < 0.0 or self.depth < 1:
+        if self.novelty < 0.0 or self.depth < 1 or self.keep < 0:
             raise ValueError(f"rerank novelty must be >= 0 and depth >= 1, got {self.novelty}, {self.depth}")
 
     @property
@@ -86,14 +87,18 @@ def mmr_top_k(
         relevance = (finite - torch.where(torch.isfinite(low), low, 0.0)) / torch.clamp(high - low, min=1e-12)
     gain = (1.0 - rerank.diversity) * relevance + rerank.novelty * bonus[pool]
     gain = torch.where(valid, gain, torch.full_like(gain, float("-inf")))
+    relevance_only = torch.where(valid, relevance, torch.full_like(relevance, float("-inf")))
     unit = vectors[pool]  # [B, depth, d], rows L2-normalised (zero rows have no similarity)
     sims = unit @ unit.transpose(1, 2)  # [B, depth, depth]
     closest = torch.zeros_like(gain)  # max (MMR) or mean (greedy intra-list diversity) cosine to the list
     total = torch.zeros_like(gain)
     taken = torch.zeros_like(gain, dtype=torch.bool)
     chosen = []
-    for _ in range(k):
-        step = torch.where(taken, torch.full_like(gain, float("-inf")), gain - rerank.diversity * closest)
+    for position in range(k):
+        if position < rerank.keep:  # the head stays in relevance order; diversity works on the rest
+            step = torch.where(taken, torch.full_like(gain, float("-inf")), relevance_only)
+        else:
+            step = torch.where(taken, torch.full_like(gain, float("-inf")), gain - rerank.diversity * closest)
         pick = step.argmax(dim=1, keepdim=True)  # ties: the first, i.e. the higher-scored item
         chosen.append(torch.where(torch.isfinite(step.gather(1, pick)), pool.gather(1, pick), -1))
         taken = taken.scatter(1, pick, True)

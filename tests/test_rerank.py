@@ -33,19 +33,27 @@ def _mmr(rerank: Rerank, k: int = 4, seen: list[int] | None = None) -> list[int]
 
 
 def test_no_weights_is_the_plain_top_k_and_skips_seen_items() -> None:
-    assert _mmr(Rerank()) == [0, 1, 2, 3]
-    assert _mmr(Rerank(), seen=[0, 2]) == [1, 3, 4, 5]
+    assert _mmr(Rerank(keep=0)) == [0, 1, 2, 3]
+    assert _mmr(Rerank(keep=0), seen=[0, 2]) == [1, 3, 4, 5]
 
 
 def test_diversity_weight_interleaves_genres() -> None:
-    assert _mmr(Rerank(diversity=0.6)) == [0, 5, 1, 6]  # mean similarity keeps the genres balanced
-    assert _mmr(Rerank(diversity=0.6, penalty="max")) == [0, 5, 1, 2]  # MMR: once both are listed, relevance
+    assert _mmr(Rerank(diversity=0.6, keep=0)) == [0, 5, 1, 6]  # mean similarity keeps the genres balanced
+    assert _mmr(Rerank(diversity=0.6, keep=2)) == [0, 1, 5, 6]  # the head stays in score order
+    assert _mmr(Rerank(diversity=0.6, penalty="max", keep=0)) == [
+        0,
+        5,
+        1,
+        2,
+    ]  # MMR: once both are listed, relevance
 
 
 def test_novelty_weight_prefers_rare_items() -> None:
     bonus = torch.from_numpy(novelty_bonus(np.array([100, 100, 100, 100, 100, 0, 0, 0, 0, 0]), 100))
     mask = torch.zeros(1, 10, dtype=torch.bool)
-    out = mmr_top_k(SCORES, mask, torch.from_numpy(VECTORS), bonus, 3, Rerank(novelty=5.0))[0].tolist()
+    out = mmr_top_k(SCORES, mask, torch.from_numpy(VECTORS), bonus, 3, Rerank(novelty=5.0, keep=0))[
+        0
+    ].tolist()
     assert set(out) <= {5, 6, 7, 8, 9}
 
 
@@ -92,7 +100,7 @@ def test_curve_trades_accuracy_for_diversity() -> None:
         truth,
         VECTORS,
         np.ones(n_items),
-        [Rerank(), Rerank(diversity=0.6)],
+        [Rerank(keep=0), Rerank(diversity=0.6, keep=0)],
         k=4,
     )
     assert curve[0]["diversity@4"] == pytest.approx(0.0) and curve[1]["diversity@4"] == pytest.approx(2 / 3)
@@ -111,7 +119,7 @@ def test_the_served_graph_applies_the_configured_re_ranking(tmp_path) -> None:
     from fuserec.features import item_content_vectors
 
     vectors = item_content_vectors(data.items)
-    reranker = Reranker(Rerank(diversity=0.5), vectors, np.zeros(data.n_items, np.float32))
+    reranker = Reranker(Rerank(diversity=0.5, keep=2), vectors, np.zeros(data.n_items, np.float32))
     session = OnnxRecommender(export_onnx(algo, tmp_path / "m.onnx", k=10, reranker=reranker))
     hist = probe_histories(data)
     report = parity_check(algo, session, hist, 10, reranker)

@@ -61,7 +61,7 @@ def test_stages_in_order_write_what_the_next_reads(small_params) -> None:
     assert 0.0 <= significance["all_users"]["p_value"] <= 1.0
     assert 0.0 <= metrics["models"]["itemknn"]["diversity@10"] <= 1.0
     curve = metrics["rerank"]["curve"]
-    assert metrics["rerank"]["scorer"] == "stacking" and len(curve) == 11
+    assert metrics["rerank"]["scorer"] == "stacking" and len(curve) == 12
     assert curve[-4]["diversity@10"] >= curve[0]["diversity@10"]  # the strongest MMR weight diversifies
     export.fn(small_params)
     manifest = read_json(layout.export / "manifest.json")

@@ -141,8 +141,8 @@ def rerank_curve(
         return {}
     scorer = load_scorer(layout, folder)
     cfg = params.evaluate
-    settings = [Rerank(diversity=d) for d in cfg.rerank_diversity]
-    settings += [Rerank(novelty=v) for v in cfg.rerank_novelty]
+    settings = [Rerank(diversity=d, keep=cfg.rerank_keep) for d in cfg.rerank_diversity]
+    settings += [Rerank(novelty=v, keep=cfg.rerank_keep) for v in cfg.rerank_novelty]
     hist = data.histories()
     users = np.unique(test["user"].to_numpy())
     truth = interactions_matrix(test, data.n_users, data.n_items)

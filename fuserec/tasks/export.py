@@ -118,7 +118,7 @@ def export(params: Params) -> str:
     out = layout.export
     data = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES["train"])
     test = pd.read_parquet(layout.split / SPLIT_FILES["test"])
-    rerank = Rerank(cfg.rerank_diversity, cfg.rerank_novelty, cfg.rerank_depth)
+    rerank = Rerank(cfg.rerank_diversity, cfg.rerank_novelty, cfg.rerank_depth, keep=cfg.rerank_keep)
     reranker = None
     if rerank.active:
         with_history = int((data.histories().lengths > 0).sum())
@@ -159,7 +159,12 @@ def export(params: Params) -> str:
         ),
         outputs=list(OUTPUT_NAMES),
         k=cfg.k,
-        rerank={"diversity": rerank.diversity, "novelty": rerank.novelty, "depth": rerank.depth},
+        rerank={
+            "diversity": rerank.diversity,
+            "novelty": rerank.novelty,
+            "depth": rerank.depth,
+            "keep": rerank.keep,
+        },
         max_history=cfg.max_history,
         n_items=data.n_items,
         providers=session.providers,
