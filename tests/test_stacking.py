@@ -14,7 +14,7 @@ from fuserec.histories import Histories
 from fuserec.plugins.fusers.stacking import CONTEXT_FEATURES, NEVER, Stacking
 from fuserec.testing import FuserTests
 from fuserec.testing.fusers import default_case
-from fuserec.trees import booster_arrays, predict_trees
+from fuserec.trees import base_value, booster_arrays, predict_trees
 
 FAST = {"n_estimators": 60, "folds": 3, "min_child_samples": 10, "early_stopping": 10}
 
@@ -47,7 +47,7 @@ def test_tree_walk_equals_lightgbm_predictions() -> None:
     arrays = {k: torch.from_numpy(v) for k, v in booster_arrays(booster, 5).items()}
     out, attributions = predict_trees(arrays, torch.from_numpy(x), 5)
     np.testing.assert_allclose(out.numpy(), booster.predict(x), rtol=1e-9, atol=1e-9)
-    base = arrays["value"][:, 0].sum().item()
+    base = base_value(arrays).item()
     np.testing.assert_allclose(base + attributions.sum(1).numpy(), out.numpy(), rtol=1e-9, atol=1e-9)
 
 

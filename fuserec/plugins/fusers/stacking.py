@@ -32,7 +32,7 @@ from pydantic import Field
 from fuserec.api import FloatRange, IntRange, SearchDim
 from fuserec.fusion import Fuser, FuserConfig, ValidationScores, masked_ranks, masked_zscore
 from fuserec.histories import Histories
-from fuserec.trees import booster_arrays, predict_trees
+from fuserec.trees import base_value, booster_arrays, predict_trees
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -323,7 +323,7 @@ class Stacking(Fuser):
         # value are split evenly, so contributions add up to the fused score.
         owner = torch.full((x.shape[2], m), 1.0 / m, dtype=torch.float64, device=scores.device)
         owner[: 2 * m] = torch.eye(m, dtype=torch.float64, device=scores.device).repeat(2, 1)
-        base = trees["value"][:, 0].sum() / m
+        base = base_value(trees) / m
         slot_parts = (attributions @ owner + base).reshape(b, c, m).permute(2, 0, 1).to(torch.float32)
         ranked = out.reshape(b, c).to(torch.float32)
         # below every candidate, ordered by the best component rank (and on the candidates' scale, so a
