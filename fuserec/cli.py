@@ -125,6 +125,21 @@ def new_plugin(
 
 
 @app.command()
+def serve(
+    outputs: Annotated[Path, typer.Option(help="a finished run's outputs folder")] = Path("outputs"),
+    store: Annotated[Path | None, typer.Option(help="SQLite event store (OUTPUTS/events.sqlite)")] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+) -> None:
+    """Serve the exported model over HTTP: POST /recommend, POST /events, GET /health, GET /ready."""
+    import uvicorn
+
+    from fuserec.serving.app import create_app
+
+    uvicorn.run(create_app(outputs, store), host=host, port=port, log_level="info")
+
+
+@app.command()
 def show(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,

@@ -1,0 +1,102 @@
+"""The event store: every interaction the service receives, so a user's next request sees it at once.
+
+The model scores histories, so "real time" needs no retraining: only a durable, ordered log of events
+per user. SQLite in WAL mode is one file, survives restarts (each append is a committed transaction) and
+lets readers run while a writer appends. ``EventStore`` is the interface a server database would implement.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class Event:
+    user_id: str
+    item_id: str
+    timestamp: int
+    kind: str = "interaction"
+    rating: float | None = None
+
+
+class EventStore(Protocol):
+    def append(self, events: list[Event]) -> int: ...
+
+    def history(self, user_id: str, limit: int) -> list[tuple[str, int]]: ...
+
+    def count(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    rating REAL,
+    timestamp INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_user ON events (user_id, timestamp, seq);
+"""
+
+
+class SQLiteEventStore:
+    """Events in one SQLite file (WAL); safe to share between the server's worker threads."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a committed event survives a crash
+        self._db.executescript(SCHEMA)
+
+    def append(self, events: list[Event]) -> int:
+        rows = [(e.user_id, e.item_id, e.kind, e.rating, int(e.timestamp)) for e in events]
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT INTO events (user_id, item_id, kind, rating, timestamp) VALUES (?, ?, ?, ?, ?)",
+                    rows,
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return len(rows)
+
+    def history(self, user_id: str, limit: int) -> list[tuple[str, int]]:
+        """The user's latest ``limit`` (item id, timestamp) pairs, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT item_id, timestamp FROM events WHERE user_id = ? "
+                "ORDER BY timestamp DESC, seq DESC LIMIT ?",
+                (user_id, limit),
+            ).fetchall()
+        return [(str(item), int(ts)) for item, ts in reversed(rows)]
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+    def import_frame(self, frame: pd.DataFrame) -> int:
+        """Bulk-load (user_id, item_id, timestamp[, rating]) rows, e.g. the training interactions."""
+        events = [
+            Event(str(r.user_id), str(r.item_id), int(r.timestamp), "training", getattr(r, "rating", None))
+            for r in frame.itertuples(index=False)
+        ]
+        return self.append(events)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
