@@ -33,8 +33,8 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("serving")
     sections = {
         **SMALL,
-        "train": {"algorithms": ["popularity", "itemknn", "content"]},
-        "fuse": {"fusers": ["stacking"], "components": ["popularity", "itemknn", "content"]},
+        "train": {"algorithms": ["popularity", "itemknn", "content", "als"]},
+        "fuse": {"fusers": ["stacking"], "components": ["popularity", "itemknn", "content", "als"]},
         "fusers": {"stacking": {"n_estimators": 40, "folds": 3, "min_child_samples": 10}},
         "export": {"algorithm": "stacking"},
     }
@@ -85,6 +85,19 @@ def test_explicit_history_matches_the_exported_model(outputs: Path, tmp_path: Pa
     top = [int(i) for i in np.lexsort((np.arange(len(scores)), -scores)) if i not in (0, 2, 6)][:10]
     assert [x["item_id"] for x in got["items"]] == [items[i] for i in top]
     np.testing.assert_allclose([x["score"] for x in got["items"]], scores[top], rtol=1e-6)
+
+
+def test_a_first_event_and_an_empty_user_are_served(outputs: Path, tmp_path: Path) -> None:
+    """One-item histories once crashed ALS's fold-in inside the graph: a user's first event is common."""
+    items = _catalog(outputs)
+    with TestClient(create_app(outputs, tmp_path / "e.sqlite")) as client:
+        assert (
+            client.post("/events", json={"events": [{"user_id": "solo", "item_id": items[4]}]}).status_code
+            == 200
+        )
+        for body in ({"user_id": "solo"}, {"user_id": "nobody"}, {"history": [items[4]]}, {"history": []}):
+            response = client.post("/recommend", json=body)
+            assert response.status_code == 200 and len(response.json()["items"]) == 10, body
 
 
 @pytest.mark.parametrize(

@@ -201,7 +201,8 @@ class _ALSModule(torch.nn.Module):
         # where counting ids would need a [B, n_items] buffer per batch (the cost of scoring itself).
         ordered = torch.sort(history, dim=1).values
         repeat = ordered[:, 1:] == ordered[:, :-1]
-        first = torch.cat([torch.ones_like(repeat[:, :1]), ~repeat], dim=1)
+        # (the leading True comes from `ordered`, not `repeat`: for a one-item history `repeat` has no column)
+        first = torch.cat([torch.ones_like(ordered[:, :1], dtype=torch.bool), ~repeat], dim=1)
         valid = ordered >= 0
         weight = (valid & first).to(torch.float32).unsqueeze(1)  # [B, 1, L]
         factors = self.item_factors[torch.where(valid, ordered, torch.zeros_like(ordered))]  # [B, L, k]

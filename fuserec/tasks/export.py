@@ -127,9 +127,12 @@ def export(params: Params) -> str:
     onnx_path = export_onnx(algo, out / MODEL_FILE, cfg.k, cfg.opset, reranker)
     session = OnnxRecommender(onnx_path, cfg.providers)
     parity = parity_check(algo, session, parity_batch(data, test), cfg.k, reranker)
+    # a lone one-item history: the length-1 shape that once broke ALS's fold-in (a served user's first event)
+    single = parity_check(algo, session, Histories.from_lists([[0]], data.n_items), cfg.k, reranker)
+    parity["one_item_history_top_items_match"] = single["top_items_match_up_to_ties"]
     exact = getattr(algo, "exact_scores", True)  # rank-based fusers: only the ranking must agree
     scores_ok = parity["scores_match"] and parity["top_scores_match"] if exact else True
-    if not (scores_ok and parity["top_items_match_up_to_ties"]):
+    if not (scores_ok and parity["top_items_match_up_to_ties"] and single["top_items_match_up_to_ties"]):
         raise RuntimeError(f"exported ONNX model disagrees with {cfg.algorithm}.score: {parity}")
     data.items.to_parquet(out / CATALOG_FILE, index=False)
     data.users[["user", "user_id"]].to_parquet(out / USERS_FILE, index=False)

@@ -147,7 +147,16 @@ def check_onnx_parity(algo: Algorithm, hist: Histories, atol: float = 1e-4) -> d
                 "make to_torch() return a module with forward(int64 [B, L]) -> float32 [B, n_items] "
                 "using tensor ops only (no numpy, no data-dependent Python control flow)",
             )
-        report = parity_check(algo, OnnxRecommender(path), hist, 10)
+        session = OnnxRecommender(path)
+        report = parity_check(algo, session, hist, 10)
+        # a batch whose longest history has one item: the length-1 case the exporter may specialise
+        single = parity_check(algo, session, Histories.from_lists([[0], []], hist.n_items), 10)
+        if (
+            not single["top_items_match_up_to_ties"]
+            or not single["top_scores_match"]
+            or single["max_rel_diff"] > report["max_rel_diff"]
+        ):
+            report = single
     if not getattr(algo, "exact_scores", True):  # rank-based fusers: the ranking is what must agree
         if not report["top_items_match_up_to_ties"]:
             _fail(
