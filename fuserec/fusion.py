@@ -213,6 +213,14 @@ class FusedModule(torch.nn.Module):
 
 
 # -- score normalisation and ranks, shared by fusers (torch, so they export) -----------------------------
+def single_component(scores: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``combine``'s result when a learned fuser falls back to serving component ``index`` alone."""
+    keep = torch.zeros(scores.shape[0], 1, 1, dtype=scores.dtype, device=scores.device)
+    keep[index] = 1.0
+    parts = scores * keep
+    return parts.sum(dim=0), parts
+
+
 def masked_minmax(scores: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     """Per component and user, scores rescaled to [0, 1] over the unseen items (seen items -> 0)."""
     big = torch.finfo(scores.dtype).max

@@ -76,8 +76,7 @@ def plugins(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str
 def test_generated_code_is_lint_clean(plugins: tuple[dict[str, Path], Path]) -> None:
     folders, _ = plugins
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent))
-    if ruff is None:
-        pytest.skip("ruff is not installed next to this Python (pip install -e '.[dev]')")
+    assert ruff is not None, "ruff is not installed next to this Python: pip install -e '.[dev]'"
     for folder in folders.values():
         for args in (["check", "--no-cache"], ["format", "--check", "--no-cache"]):
             result = subprocess.run([ruff, *args, "src", "tests"], cwd=folder, capture_output=True, text=True)

@@ -36,7 +36,7 @@ import torch
 from pydantic import Field
 
 from fuserec.api import FloatRange, IntRange, SearchDim
-from fuserec.fusion import Fuser, FuserConfig, ValidationScores, masked_zscore
+from fuserec.fusion import Fuser, FuserConfig, ValidationScores, masked_zscore, single_component
 from fuserec.histories import Histories
 
 if TYPE_CHECKING:
@@ -155,10 +155,7 @@ class Gating(Fuser):
     # -- the combination ----------------------------------------------------------------------------
     def combine(self, scores: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if getattr(self, "fallback_", -1) >= 0:  # lost to a component on held-out users: serve it alone
-            keep = torch.zeros(scores.shape[0], 1, 1, dtype=scores.dtype, device=scores.device)
-            keep[self.fallback_] = 1.0
-            parts = scores * keep
-            return parts.sum(dim=0), parts
+            return single_component(scores, self.fallback_)
         z = masked_zscore(scores, seen)
         weights = self._weights(scores, seen, z)  # [B, M]
         parts = weights.t().unsqueeze(2) * z

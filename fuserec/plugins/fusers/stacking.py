@@ -30,7 +30,14 @@ import torch
 from pydantic import Field
 
 from fuserec.api import FloatRange, IntRange, SearchDim
-from fuserec.fusion import Fuser, FuserConfig, ValidationScores, masked_ranks, masked_zscore
+from fuserec.fusion import (
+    Fuser,
+    FuserConfig,
+    ValidationScores,
+    masked_ranks,
+    masked_zscore,
+    single_component,
+)
 from fuserec.histories import Histories
 from fuserec.trees import base_value, booster_arrays, predict_trees
 
@@ -311,10 +318,7 @@ class Stacking(Fuser):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         m, b, n = scores.shape
         if self.fallback_ >= 0:
-            keep = torch.zeros(m, 1, 1, dtype=scores.dtype, device=scores.device)
-            keep[self.fallback_] = 1.0
-            parts = scores * keep
-            return parts.sum(dim=0), parts
+            return single_component(scores, self.fallback_)
         x, idx, best_rank = self.candidate_features(scores, seen, last_time)
         c = idx.shape[1]
         trees = {k: torch.from_numpy(v).to(scores.device) for k, v in self.trees_.items()}
