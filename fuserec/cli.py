@@ -140,6 +140,40 @@ def serve(
 
 
 @app.command()
+def recommend(
+    outputs: Annotated[Path, typer.Option(help="a finished run's outputs folder")],
+    users: Annotated[Path, typer.Option(help="raw user ids: .txt (one a line), .csv or .parquet (user_id)")],
+    out: Annotated[Path, typer.Option(help="rows user_id, rank, item_id, title, score: .parquet or .csv")],
+    k: Annotated[int, typer.Option(min=1, help="items per user")] = 10,
+    batch_size: Annotated[int, typer.Option(min=1, help="users scored per model call")] = 256,
+    store: Annotated[
+        Path | None, typer.Option(help="the service's SQLite event store (default: the training split)")
+    ] = None,
+) -> None:
+    """Write every listed user's top-k from the exported model: the rows POST /recommend would return."""
+    from rich.markup import escape
+
+    from fuserec.serving.batch import recommend_batch
+
+    try:
+        summary = recommend_batch(outputs, users, out, k=k, batch_size=batch_size, store=store)
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    console.print(
+        f"[green]{summary.rows}[/green] rows for {summary.users} users -> {escape(str(summary.out))} "
+        f"(histories from {escape(summary.source)}; {summary.empty_histories} empty)"
+    )
+    if summary.duplicates:
+        console.print(f"{summary.duplicates} repeated user ids scored once")
+    if summary.unknown:
+        console.print(
+            f"[yellow]{summary.unknown} unknown user ids[/yellow] scored from an empty history, e.g. "
+            f"{escape(', '.join(summary.unknown_examples))}"
+        )
+
+
+@app.command()
 def show(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,

@@ -241,21 +241,24 @@ def masked_zscore(scores: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     return (scores - mean) / torch.sqrt(torch.clamp(var, min=1e-12)) * unseen
 
 
-def masked_ranks(scores: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+def masked_ranks(scores: torch.Tensor, seen: torch.Tensor, depth: int | None = None) -> torch.Tensor:
     """0-based rank of each item among the unseen ones (protocol ties: lower index first); seen -> n.
 
-    Ranks come from a stable descending sort, so equal scores keep index order as in evaluation.
+    Ranks come from a stable descending sort, so equal scores keep index order as in evaluation. With
+    ``depth``, only the top ``depth`` are ranked and every other unseen item gets ``depth``: a partial
+    TopK in the served graph instead of a full sort per component (the sort was its costliest kernel).
     """
     n = scores.shape[-1]
+    keep = n if depth is None else min(depth, n)
     low = torch.finfo(scores.dtype).min
     masked = torch.where(seen.unsqueeze(0), torch.full_like(scores, low), scores)
     if torch.onnx.is_in_onnx_export():
         # ONNX has no stable sort, but onnxruntime's TopK puts equal values in index order: the same order.
-        order = torch.topk(masked, n, dim=2, largest=True, sorted=True).indices
+        order = torch.topk(masked, keep, dim=2, largest=True, sorted=True).indices
     else:
-        order = torch.sort(masked, dim=2, descending=True, stable=True).indices
-    positions = torch.arange(n, dtype=torch.float32, device=scores.device).expand_as(masked).contiguous()
-    ranks = torch.zeros_like(masked).scatter(2, order, positions)
+        order = torch.sort(masked, dim=2, descending=True, stable=True).indices[:, :, :keep]
+    positions = torch.arange(keep, dtype=torch.float32, device=scores.device).expand_as(order).contiguous()
+    ranks = torch.full_like(masked, float(keep)).scatter(2, order, positions)
     return torch.where(seen.unsqueeze(0), torch.full_like(ranks, float(n)), ranks)
 
 

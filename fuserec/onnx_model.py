@@ -1,4 +1,5 @@
-"""The served graph: padded histories in; all scores, top-k item indices and their scores out.
+"""The served graph: padded histories in; all scores, top-k item indices, their scores and each model's
+contribution out.
 
 The same wrapper turns any ``Algorithm.to_torch()`` scorer into the exported model, so every plugin (and
 later every fuser) is served the same way, and new users or fresh events need no retraining.
@@ -14,10 +15,17 @@ import torch
 
 from fuserec.api import Algorithm, multi_hot
 from fuserec.rerank import Rerank, mmr_top_k, unit_vectors
+from fuserec.trees import TRANSLATIONS
 
 INPUT_NAME = "history"
 TIME_INPUT = "last_time"
 OUTPUT_NAMES = ("scores", "top_items", "top_scores")
+#: ``float32 [M, B, n_items]``: each component's share of ``scores`` (a fuser's components in manifest
+#: order; a single algorithm is its own one component). What ``/explain`` and ``/recommend`` report.
+CONTRIBUTIONS = "contributions"
+
+
+Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def uses_time(scorer: object) -> bool:
@@ -42,23 +50,26 @@ class TopKModel(torch.nn.Module):
         self.k = min(k, n_items)
         self.reranker = reranker
 
-    def forward(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, history: torch.Tensor) -> Outputs:
         return self.top_k(history, None)
 
-    def top_k(
-        self, history: torch.Tensor, last_time: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def top_k(self, history: torch.Tensor, last_time: torch.Tensor | None) -> Outputs:
         valid = (history >= 0) & (history < self.n_items)
         history = torch.where(valid, history, torch.full_like(history, -1))
-        scores = self.scorer(history) if last_time is None else self.scorer(history, last_time)
+        args = (history,) if last_time is None else (history, last_time)
+        if hasattr(self.scorer, "contributions"):  # a fuser: its components' shares come along
+            scores, parts = self.scorer.contributions(*args)
+        else:
+            scores = self.scorer(*args)
+            parts = scores.unsqueeze(0)
         seen = multi_hot(history, self.n_items) > 0
         if self.reranker is not None:
             top_items = self.reranker(scores, seen, self.k)
             top_scores = scores.gather(1, torch.clamp(top_items, min=0))
-            return scores, top_items, top_scores
+            return scores, top_items, top_scores, parts
         masked = scores.masked_fill(seen, float("-inf"))
         top_scores, top_items = torch.topk(masked, self.k, dim=1)
-        return scores, top_items, top_scores
+        return scores, top_items, top_scores, parts
 
 
 class Reranker(torch.nn.Module):
@@ -77,9 +88,7 @@ class Reranker(torch.nn.Module):
 class TimedTopKModel(TopKModel):
     """:class:`TopKModel` for scorers that read time: a second input, ``last_time int64 [B]``."""
 
-    def forward(  # type: ignore[override]
-        self, history: torch.Tensor, last_time: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, history: torch.Tensor, last_time: torch.Tensor) -> Outputs:  # type: ignore[override]
         return self.top_k(history, last_time)
 
 
@@ -112,11 +121,12 @@ def export_onnx(
             inputs,
             dynamo=True,
             input_names=names,
-            output_names=list(OUTPUT_NAMES),
+            output_names=[*OUTPUT_NAMES, CONTRIBUTIONS],
             dynamic_shapes=shapes,
             opset_version=opset,
             external_data=False,
             verbose=False,
+            custom_translation_table=TRANSLATIONS,
         )
     program.save(str(path), external_data=False)
     return path
@@ -141,14 +151,9 @@ class OnnxRecommender:
         self.providers = self.session.get_providers()
 
         self.uses_time = TIME_INPUT in {i.name for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
 
-    def run(
-        self, padded: np.ndarray, last_time: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(scores, top item indices, top scores) for ``int64 [B, L]`` padded histories.
-
-        Models with a ``last_time`` input (fusers that read time) need each user's latest event time.
-        """
+    def _feed(self, padded: np.ndarray, last_time: np.ndarray | None) -> dict[str, np.ndarray]:
         feed = {INPUT_NAME: padded.astype(np.int64)}
         if self.uses_time:
             if last_time is None:
@@ -157,5 +162,28 @@ class OnnxRecommender:
                     "event (the request time for a user with no history)"
                 )
             feed[TIME_INPUT] = np.asarray(last_time, dtype=np.int64).reshape(-1)
-        scores, items, top = self.session.run(list(OUTPUT_NAMES), feed)
+        return feed
+
+    def run(
+        self, padded: np.ndarray, last_time: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores, top item indices, top scores) for ``int64 [B, L]`` padded histories.
+
+        Models with a ``last_time`` input (fusers that read time) need each user's latest event time.
+        """
+        scores, items, top = self.session.run(list(OUTPUT_NAMES), self._feed(padded, last_time))
         return scores, items, top
+
+    def run_with_contributions(
+        self, padded: np.ndarray, last_time: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`run`'s outputs plus ``contributions [M, B, n_items]``, each component's share of scores."""
+        if CONTRIBUTIONS not in self.outputs:
+            raise RuntimeError(
+                f"this model has no {CONTRIBUTIONS!r} output (exported by an older fuserec): re-run the "
+                "export stage (`fuserec stage export`) to serve contributions and explanations"
+            )
+        scores, items, top, parts = self.session.run(
+            [*OUTPUT_NAMES, CONTRIBUTIONS], self._feed(padded, last_time)
+        )
+        return scores, items, top, parts

@@ -56,8 +56,9 @@ def test_itemknn_keeps_k_neighbours_and_shrinkage_damps() -> None:
 def test_itemknn_torch_module_matches_score_with_repeats(dense: bool) -> None:
     algo = ItemKNN({"k": 5}).fit(planted_dataset())
     module = TopKModel(algo.to_torch(dense=dense), 40, 5)
-    scores, _, _ = module(torch.from_numpy(HIST.to_padded()))
+    scores, _, _, parts = module(torch.from_numpy(HIST.to_padded()))
     np.testing.assert_allclose(scores.numpy(), algo.score(HIST), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(parts.numpy()[0], scores.numpy())  # a single algorithm is its own share
 
 
 def test_served_graph_treats_out_of_catalog_ids_as_padding(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from fuserec.histories import Histories
 from fuserec.plugins.fusers.stacking import CONTEXT_FEATURES, NEVER, Stacking
 from fuserec.testing import FuserTests
 from fuserec.testing.fusers import default_case
-from fuserec.trees import base_value, booster_arrays, predict_trees
+from fuserec.trees import base_value, booster_arrays, leaf_tables, predict_trees
 
 FAST = {"n_estimators": 60, "folds": 3, "min_child_samples": 10, "early_stopping": 10}
 
@@ -44,11 +44,19 @@ def test_tree_walk_equals_lightgbm_predictions() -> None:
         lgb.Dataset(x, y, group=[30] * 20),
         num_boost_round=25,
     )
-    arrays = {k: torch.from_numpy(v) for k, v in booster_arrays(booster, 5).items()}
-    out, attributions = predict_trees(arrays, torch.from_numpy(x), 5)
-    np.testing.assert_allclose(out.numpy(), booster.predict(x), rtol=1e-9, atol=1e-9)
-    base = base_value(arrays).item()
-    np.testing.assert_allclose(base + attributions.sum(1).numpy(), out.numpy(), rtol=1e-9, atol=1e-9)
+    arrays = booster_arrays(booster, 5)
+    tables = {k: torch.from_numpy(v) for k, v in leaf_tables(arrays, 5).items()}
+    out, attributions = predict_trees(tables, torch.from_numpy(x))
+    # leaves are chosen exactly (rows on a threshold included); the sums run in float32
+    np.testing.assert_allclose(out.numpy(), booster.predict(x), rtol=1e-5, atol=1e-5)
+    leaf = booster.predict(x, pred_leaf=True)
+    slots = tables["paths"].shape[2]
+    onehot = np.zeros((len(x), leaf.shape[1] * slots))
+    onehot[np.arange(len(x))[:, None], np.arange(leaf.shape[1]) * slots + leaf] = 1.0
+    chosen = (torch.from_numpy(onehot).float() @ tables["leaf"])[:, 0].numpy()
+    np.testing.assert_allclose(out.numpy(), chosen, rtol=1e-6, atol=1e-6)
+    base = base_value({k: torch.from_numpy(v) for k, v in arrays.items()}).item()
+    np.testing.assert_allclose(base + attributions.sum(1).numpy(), out.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_features_are_named_and_finite(fitted: Stacking) -> None:

@@ -28,7 +28,9 @@ class Event:
 class EventStore(Protocol):
     def append(self, events: list[Event]) -> int: ...
 
-    def history(self, user_id: str, limit: int) -> list[tuple[str, int]]: ...
+    def history(self, user_id: str, limit: int, min_rating: float | None = None) -> list[tuple[str, int]]: ...
+
+    def events(self, user_id: str, limit: int) -> list[Event]: ...
 
     def count(self) -> int: ...
 
@@ -75,15 +77,30 @@ class SQLiteEventStore:
                 raise
         return len(rows)
 
-    def history(self, user_id: str, limit: int) -> list[tuple[str, int]]:
-        """The user's latest ``limit`` (item id, timestamp) pairs, oldest first."""
+    def history(self, user_id: str, limit: int, min_rating: float | None = None) -> list[tuple[str, int]]:
+        """The user's latest ``limit`` positive (item id, timestamp) pairs, oldest first.
+
+        With ``min_rating`` (the training's implicit threshold), a rated event below it is not a positive,
+        exactly as cleaning treated the training data; events without a rating always are.
+        """
+        floor = -1e308 if min_rating is None else float(min_rating)
         with self._lock:
             rows = self._db.execute(
-                "SELECT item_id, timestamp FROM events WHERE user_id = ? "
+                "SELECT item_id, timestamp FROM events WHERE user_id = ? AND (rating IS NULL OR rating >= ?) "
+                "ORDER BY timestamp DESC, seq DESC LIMIT ?",
+                (user_id, floor, limit),
+            ).fetchall()
+        return [(str(item), int(ts)) for item, ts in reversed(rows)]
+
+    def events(self, user_id: str, limit: int) -> list[Event]:
+        """The user's latest ``limit`` events of any kind, oldest first: what was stored, read back."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT item_id, timestamp, kind, rating FROM events WHERE user_id = ? "
                 "ORDER BY timestamp DESC, seq DESC LIMIT ?",
                 (user_id, limit),
             ).fetchall()
-        return [(str(item), int(ts)) for item, ts in reversed(rows)]
+        return [Event(user_id, str(i), int(ts), str(kind), rating) for i, ts, kind, rating in reversed(rows)]
 
     def count(self) -> int:
         with self._lock:

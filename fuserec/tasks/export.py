@@ -20,6 +20,7 @@ from fuserec.layout import Layout
 from fuserec.manifest import file_sha256, read_json, write_manifest
 from fuserec.metrics import top_k
 from fuserec.onnx_model import (
+    CONTRIBUTIONS,
     INPUT_NAME,
     OUTPUT_NAMES,
     TIME_INPUT,
@@ -38,6 +39,7 @@ CATALOG_FILE = "catalog.parquet"
 USERS_FILE = "users.parquet"
 PARITY_ATOL = 1e-5
 PARITY_RTOL = 1e-5
+CONTRIBUTION_ATOL = 1e-4  # shares are float32 sums of per-leaf attributions: looser than the scores
 
 
 def parity_check(
@@ -48,9 +50,13 @@ def parity_check(
     With a ``reranker`` the reference lists are the re-ranked ones, computed in Python.
     """
     padded = histories.to_padded()
-    expected = algo.score(histories)
+    if isinstance(algo, Fuser):
+        expected, expected_parts = algo.score_with_contributions(histories)
+    else:
+        expected = algo.score(histories)
+        expected_parts = expected[None]
     last_time = algo.history_time(histories) if uses_time(algo) else None  # type: ignore[attr-defined]
-    scores, items, top = session.run(padded, last_time)
+    scores, items, top, parts = session.run_with_contributions(padded, last_time)
     diff = np.abs(scores - expected)
     tol = PARITY_ATOL + PARITY_RTOL * np.abs(expected)
     if reranker is None:
@@ -69,8 +75,13 @@ def parity_check(
     untied = np.ones_like(valid)
     untied[:, 1:] &= ~np.isclose(ref_top[:, 1:], ref_top[:, :-1], atol=PARITY_ATOL, rtol=PARITY_RTOL)
     untied[:, :-1] &= ~np.isclose(ref_top[:, :-1], ref_top[:, 1:], atol=PARITY_ATOL, rtol=PARITY_RTOL)
+    # each component's share of the served top-k, as /recommend and /explain report it
+    at = np.maximum(items, 0)[None].repeat(parts.shape[0], axis=0)
+    served, reference = np.take_along_axis(parts, at, 2), np.take_along_axis(expected_parts, at, 2)
+    shares_close = np.isclose(served, reference, atol=CONTRIBUTION_ATOL, rtol=CONTRIBUTION_ATOL)
     return {
         "users": len(histories),
+        "contributions_match_at_top": bool((shares_close | ~valid[None]).all()),
         "empty_histories": int((histories.lengths == 0).sum()),
         "max_abs_diff": float(diff.max()) if diff.size else 0.0,
         "max_rel_diff": float((diff / np.maximum(1.0, np.abs(expected))).max()) if diff.size else 0.0,
@@ -132,7 +143,8 @@ def export(params: Params) -> str:
     parity["one_item_history_top_items_match"] = single["top_items_match_up_to_ties"]
     exact = getattr(algo, "exact_scores", True)  # rank-based fusers: only the ranking must agree
     scores_ok = parity["scores_match"] and parity["top_scores_match"] if exact else True
-    if not (scores_ok and parity["top_items_match_up_to_ties"] and single["top_items_match_up_to_ties"]):
+    ranking_ok = parity["top_items_match_up_to_ties"] and single["top_items_match_up_to_ties"]
+    if not (scores_ok and ranking_ok and parity["contributions_match_at_top"]):
         raise RuntimeError(f"exported ONNX model disagrees with {cfg.algorithm}.score: {parity}")
     data.items.to_parquet(out / CATALOG_FILE, index=False)
     data.users[["user", "user_id"]].to_parquet(out / USERS_FILE, index=False)
@@ -160,7 +172,8 @@ def export(params: Params) -> str:
             if uses_time(algo)
             else None
         ),
-        outputs=list(OUTPUT_NAMES),
+        outputs=[*OUTPUT_NAMES, CONTRIBUTIONS],
+        components=algo._check_fitted_names() if isinstance(algo, Fuser) else [cfg.algorithm],
         k=cfg.k,
         rerank={
             "diversity": rerank.diversity,
@@ -169,6 +182,7 @@ def export(params: Params) -> str:
             "keep": rerank.keep,
         },
         max_history=cfg.max_history,
+        implicit_threshold=params.clean.implicit_threshold,  # what the service counts as a positive event
         n_items=data.n_items,
         providers=session.providers,
         opset=cfg.opset,

@@ -165,13 +165,19 @@ def check_onnx_parity(algo: Algorithm, hist: Histories, atol: float = 1e-4) -> d
                 f"onnxruntime's top-k differs from score()'s: {report}",
                 "make to_torch() compute what score() computes, ranks with the same tie rule",
             )
-        return report
-    if report["max_rel_diff"] > atol or not report["top_scores_match"]:
+    elif report["max_rel_diff"] > atol or not report["top_scores_match"]:
         _fail(
             cls,
             "ONNX parity",
             f"onnxruntime differs from score(): {report}",
             "make to_torch() compute exactly what score() computes (same normalisation, -1 padding ignored)",
+        )
+    if not report["contributions_match_at_top"]:
+        _fail(
+            cls,
+            "ONNX contributions",
+            f"onnxruntime's per-component contributions at the top-k differ from Python's: {report}",
+            "make combine()'s contributions come from the same tensors as its fused scores",
         )
     return report
 

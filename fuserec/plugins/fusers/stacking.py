@@ -39,7 +39,7 @@ from fuserec.fusion import (
     single_component,
 )
 from fuserec.histories import Histories
-from fuserec.trees import base_value, booster_arrays, predict_trees
+from fuserec.trees import TreeEnsemble, booster_arrays
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -79,7 +79,10 @@ class StackingConfig(FuserConfig):
     n_estimators: int = Field(600, ge=1, description="most boosting rounds; early stopping picks fewer")
     learning_rate: float = Field(0.02, gt=0.0, le=1.0)
     num_leaves: int = Field(15, ge=2)
-    max_depth: int = Field(8, ge=1, description="bounds the tree walk in the exported graph")
+    max_depth: int = Field(8, ge=1, description="deepest tree (LightGBM's max_depth)")
+    rank_depth: int = Field(
+        100, ge=1, description="ranks past this depth read as this depth (a partial sort when served)"
+    )
     min_child_samples: int = Field(50, ge=1)
     feature_fraction: float = Field(0.8, gt=0.0, le=1.0)
     bagging_fraction: float = Field(0.8, gt=0.0, le=1.0)
@@ -157,7 +160,7 @@ class Stacking(Fuser):
         top_n = min(self.config.candidates, n)
         tables = self._tensors(scores.device)
         z = masked_zscore(scores, seen)
-        ranks = masked_ranks(scores, seen)
+        ranks = masked_ranks(scores, seen, max(self.config.rank_depth, top_n))
         idx = torch.topk(-ranks, top_n, dim=2).indices.permute(1, 0, 2).reshape(b, m * top_n)
         gather_idx = idx.unsqueeze(0).expand(m, b, m * top_n)
         zc = torch.gather(z, 2, gather_idx).permute(1, 2, 0)  # [B, C, M]
@@ -173,7 +176,7 @@ class Stacking(Fuser):
         cumulative = tables["cumulative"]  # [n, E]
         pop_then = torch.gather(cumulative.index_select(1, then).t(), 1, idx)  # [B, C]
         pop_recent = pop_then - torch.gather(cumulative.index_select(1, recent).t(), 1, idx)
-        first = tables["first_seen"][idx]
+        first = _take(tables["first_seen"], idx)
         age = torch.where(first <= t, (t - torch.clamp(first, max=t)).to(torch.float32) / DAY, -1.0)
 
         hot = seen.to(torch.float32)
@@ -191,11 +194,11 @@ class Stacking(Fuser):
             log_rank.amin(dim=2, keepdim=True),
             zc.mean(dim=2, keepdim=True),
             zc.std(dim=2, keepdim=True, correction=0),
-            log_pop[idx].unsqueeze(2),
+            _take(log_pop, idx).unsqueeze(2),
             torch.log1p(pop_then).unsqueeze(2),
             torch.log1p(pop_recent).unsqueeze(2),
             age.unsqueeze(2),
-            tables["year"][idx].unsqueeze(2),
+            _take(tables["year"], idx).unsqueeze(2),
             cosine.unsqueeze(2),
             torch.log1p(length).expand(b, c).unsqueeze(2),
             history_pop.expand(b, c).unsqueeze(2),
@@ -292,6 +295,7 @@ class Stacking(Fuser):
     def _set_trees(self, booster: Any, rounds: int) -> None:
         n_features = len(self.feature_names)
         self.trees_ = booster_arrays(_truncate(booster, rounds), n_features)
+        self._trees = None
         gain = booster.feature_importance(importance_type="gain", iteration=rounds)
         self.importance_ = np.asarray(gain, dtype=np.float64)
 
@@ -321,14 +325,11 @@ class Stacking(Fuser):
             return single_component(scores, self.fallback_)
         x, idx, best_rank = self.candidate_features(scores, seen, last_time)
         c = idx.shape[1]
-        trees = {k: torch.from_numpy(v).to(scores.device) for k, v in self.trees_.items()}
-        out, attributions = predict_trees(trees, x.reshape(b * c, -1), x.shape[2])
-        # Every component owns its own z and log-rank features; shared features and the trees' base
-        # value are split evenly, so contributions add up to the fused score.
-        owner = torch.full((x.shape[2], m), 1.0 / m, dtype=torch.float64, device=scores.device)
-        owner[: 2 * m] = torch.eye(m, dtype=torch.float64, device=scores.device).repeat(2, 1)
-        base = base_value(trees) / m
-        slot_parts = (attributions @ owner + base).reshape(b, c, m).permute(2, 0, 1).to(torch.float32)
+        rows = torch.nan_to_num(x.reshape(b * c, -1), nan=0.0)  # inf is clamped: the selector needs finite x
+        summed = self._ensemble()(rows)  # [B*C, 1 + M]: the ranker's output, then each component's share
+        out = summed[:, 0]
+        base = float(self.trees_["value"][:, 0].sum()) / m  # the trees' roots: the output before any split
+        slot_parts = (summed[:, 1:] + base).reshape(b, c, m).permute(2, 0, 1)
         ranked = out.reshape(b, c).to(torch.float32)
         # below every candidate, ordered by the best component rank (and on the candidates' scale, so a
         # re-ranker that min-max scales a pool is not squashed by a far-away floor)
@@ -338,6 +339,21 @@ class Stacking(Fuser):
         parts = (fallback / m).unsqueeze(0).expand(m, b, n).contiguous()
         parts = parts.scatter(2, idx.unsqueeze(0).expand(m, b, c), slot_parts)
         return fused, parts
+
+    def _ensemble(self) -> TreeEnsemble:
+        """The trees, each leaf emitting its value and its Saabas attribution per component.
+
+        Every component owns its own z and log-rank features; shared features and the trees' base value
+        are split evenly, so contributions add up to the fused score. Derived from ``trees_``, rebuilt
+        after every (re)load.
+        """
+        if getattr(self, "_trees", None) is None:
+            names = self._check_fitted_names()
+            m, n_features = len(names), len(self.feature_names)
+            owner = np.full((n_features, m), 1.0 / m)
+            owner[: 2 * m] = np.tile(np.eye(m), (2, 1))
+            self._trees = TreeEnsemble(self.trees_, n_features, owner)
+        return self._trees
 
     def _tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v).to(device) for k, v in self.tables_.items()}
@@ -363,6 +379,7 @@ class Stacking(Fuser):
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         self.trees_ = {k: state[f"tree_{k}"] for k in TREE_KEYS}
+        self._trees = None
         self.tables_ = {k: state[f"table_{k}"] for k in TABLE_KEYS}
         self.importance_ = state["importance"]
         self.reference_time_ = int(state["reference_time"])
@@ -370,6 +387,11 @@ class Stacking(Fuser):
         self.fallback_ = int(state["fallback"]) if "fallback" in state else -1
         self.cv_ndcg_ = float(state["cv_ndcg"])
         self.cv_best_single_ = float(state["cv_best_single"])
+
+
+def _take(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``table[idx]`` for a 1-D table, as a plain Gather (indexing exports to onnxruntime's slow GatherND)."""
+    return table.index_select(0, idx.reshape(-1)).reshape(idx.shape)
 
 
 def _chunks(total: int, step: int) -> list[slice]:

@@ -40,7 +40,7 @@ class Borda(Fuser):
 
     def combine(self, scores: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         depth = float(self.config.depth)
-        parts = torch.clamp(depth - masked_ranks(scores, seen), min=0.0) / depth
+        parts = torch.clamp(depth - masked_ranks(scores, seen, self.config.depth), min=0.0) / depth
         return parts.sum(dim=0), parts
 
 

@@ -1,0 +1,315 @@
+"""Offline top-k for many users at once: the same model, histories and ranking as ``POST /recommend``.
+
+Batch jobs (e-mails, caches, offline evaluation) must not disagree with the live service, so this module
+reuses the service's rules rather than the training code: histories from the same event store (or from
+the training split, which is what the service imports on first start), the latest ``max_history`` items,
+the one exported ONNX graph under :class:`OnnxRecommender`, seen items excluded, ties to the lower index.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fuserec.histories import PAD
+from fuserec.layout import Layout
+from fuserec.manifest import read_json
+from fuserec.onnx_model import OnnxRecommender
+from fuserec.serving.coldstart import ColdStart, genre_sets
+from fuserec.serving.store import SQLiteEventStore
+from fuserec.tasks.export import CATALOG_FILE, MODEL_FILE
+from fuserec.tasks.split import SPLIT_FILES
+
+OUTPUT_COLUMNS = ["user_id", "rank", "item_id", "title", "score"]
+OUTPUT_SUFFIXES = (".parquet", ".csv")
+EXAMPLES = 5  # unknown user ids quoted in the summary
+
+
+@dataclass(frozen=True)
+class UserHistories:
+    """Each requested user's served history (item indices, oldest first) and latest event time."""
+
+    user_ids: list[str]
+    items: list[list[int]]
+    last_time: np.ndarray  # int64 [n_users]
+    unknown: list[str]  # ids the history source has never seen (scored from an empty history)
+    source: str
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    """What a batch run did: enough for the CLI to report, and for callers to check."""
+
+    out: Path
+    users: int
+    rows: int
+    empty_histories: int
+    unknown: int
+    unknown_examples: list[str] = field(default_factory=list)
+    duplicates: int = 0
+    source: str = ""
+
+
+def read_user_ids(path: str | Path) -> tuple[list[str], int]:
+    """Raw user ids from a .txt (one per line), .csv or .parquet (column ``user_id``) file.
+
+    Ids are kept as strings (a CSV id ``007`` stays ``007``), blanks are dropped and repeats are kept once,
+    in first-seen order; returns the ids and how many repeats were dropped.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.exists():
+        raise FileNotFoundError(f"users file {path} does not exist")
+    if suffix == ".parquet":
+        frame = pd.read_parquet(path)
+    elif suffix == ".csv":
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    elif suffix in (".txt", ""):
+        frame = pd.DataFrame({"user_id": path.read_text().splitlines()})
+    else:
+        raise ValueError(f"users file {path}: use .txt (one id per line), .csv or .parquet (column user_id)")
+    if "user_id" not in frame.columns:
+        raise ValueError(f"users file {path} has no user_id column (columns: {list(frame.columns)})")
+    raw = [str(x).strip() for x in frame["user_id"].tolist() if x is not None and not pd.isna(x)]
+    ids = [x for x in raw if x]
+    unique = list(dict.fromkeys(ids))
+    return unique, len(ids) - len(unique)
+
+
+def store_histories(
+    store: SQLiteEventStore,
+    user_ids: Sequence[str],
+    index: dict[str, int],
+    max_history: int,
+    now: int,
+    min_rating: float | None = None,
+) -> UserHistories:
+    """Histories exactly as :meth:`Service.recommend` reads them: latest events, unknown items dropped."""
+    items: list[list[int]] = []
+    last = np.full(len(user_ids), now, dtype=np.int64)
+    unknown: list[str] = []
+    for row, user in enumerate(user_ids):
+        events = store.history(user, max_history, min_rating)
+        if not events:
+            unknown.append(user)
+        items.append([index[i] for i, _ in events if i in index])
+        last[row] = max((ts for _, ts in events), default=now)
+    return UserHistories(list(user_ids), items, last, unknown, f"event store {store.path}")
+
+
+def training_histories(layout: Layout, user_ids: Sequence[str], max_history: int, now: int) -> UserHistories:
+    """Histories from the training split, in the order the service's first-start import stores them.
+
+    The store orders a user's events by (timestamp, insertion order) and the import inserts the split's
+    rows in file order, so a stable sort on (user, timestamp) reproduces the service's history.
+    """
+    train_file = layout.split / SPLIT_FILES["train"]
+    users_file = layout.clean / "users.parquet"
+    for needed in (train_file, users_file):
+        if not needed.exists():
+            raise FileNotFoundError(
+                f"{needed} is missing: pass --store with the service's event store, or run the pipeline"
+            )
+    train = pd.read_parquet(train_file, columns=["user", "item", "timestamp"])
+    users = pd.read_parquet(users_file, columns=["user", "user_id"])
+    row_of = dict(zip(users["user_id"].astype(str), users["user"].astype(np.int64), strict=True))
+    user_col = train["user"].to_numpy(np.int64)
+    ts_col = train["timestamp"].to_numpy(np.int64)
+    order = np.lexsort((np.arange(len(train)), ts_col, user_col))
+    sorted_users, sorted_items, sorted_ts = (
+        user_col[order],
+        train["item"].to_numpy(np.int64)[order],
+        ts_col[order],
+    )
+    starts = np.searchsorted(sorted_users, np.arange(len(users)), side="left")
+    ends = np.searchsorted(sorted_users, np.arange(len(users)), side="right")
+    items: list[list[int]] = []
+    last = np.full(len(user_ids), now, dtype=np.int64)
+    unknown: list[str] = []
+    for row, user_id in enumerate(user_ids):
+        user = row_of.get(user_id)
+        if user is None or not 0 <= user < len(users):
+            unknown.append(user_id)
+            items.append([])
+            continue
+        lo, hi = int(starts[user]), int(ends[user])
+        items.append(sorted_items[max(lo, hi - max_history) : hi].tolist())
+        if hi > lo:
+            last[row] = int(sorted_ts[hi - 1])
+    return UserHistories(list(user_ids), items, last, unknown, f"training split {train_file}")
+
+
+def pad(histories: Sequence[Sequence[int]]) -> np.ndarray:
+    """``int64 [B, L]`` right-padded with -1, L >= 1 (an empty history is ``[-1]``, as the service sends)."""
+    width = max(1, max((len(h) for h in histories), default=0))
+    out = np.full((len(histories), width), PAD, dtype=np.int64)
+    for row, items in enumerate(histories):
+        out[row, : len(items)] = items
+    return out
+
+
+def rank_unseen(scores: np.ndarray, seen: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` unseen item indices per row, ties to the lower index (the service's ``lexsort`` rule).
+
+    Returns ``[B, k]`` indices and a ``[B, k]`` validity mask (a row with fewer than k unseen items).
+    """
+    n = scores.shape[1]
+    k = min(k, n)
+    index = np.broadcast_to(np.arange(n), scores.shape)
+    order = np.lexsort((index, -scores, seen), axis=-1)[:, :k]  # last key first: unseen, score, index
+    valid = ~np.take_along_axis(seen, order, axis=1)
+    return order, valid
+
+
+def score_batches(
+    model: OnnxRecommender,
+    histories: UserHistories,
+    n_items: int,
+    k: int,
+    batch_size: int,
+    cold: ColdStart | None = None,
+) -> Iterator[tuple[int, pd.DataFrame]]:
+    """Score ``batch_size`` users at a time; yields (users done, their rows) so callers can show progress.
+
+    With ``cold``, users with an empty history get its cold-start scores, as ``POST /recommend`` does.
+    """
+    for start in range(0, len(histories.user_ids), batch_size):
+        stop = min(start + batch_size, len(histories.user_ids))
+        batch = histories.items[start:stop]
+        padded = pad(batch)
+        scores = model.run(padded, histories.last_time[start:stop])[0].astype(np.float64)
+        if scores.shape[1] != n_items:
+            raise RuntimeError(
+                f"model returned {scores.shape[1]} scores per user; the manifest says {n_items}"
+            )
+        if cold is not None:
+            for row, items in enumerate(batch):
+                if not items:
+                    scores[row] = cold.scores(histories.user_ids[start + row]).scores
+        seen = np.zeros(scores.shape, dtype=bool)
+        rows = np.repeat(np.arange(len(batch)), [len(h) for h in batch])
+        seen[rows, np.concatenate([np.asarray(h, dtype=np.int64) for h in batch])] = True
+        top, valid = rank_unseen(scores, seen, k)
+        user_rows, ranks = np.nonzero(valid)
+        items = top[user_rows, ranks]
+        frame = pd.DataFrame(
+            {
+                "user": user_rows + start,
+                "rank": ranks.astype(np.int64) + 1,
+                "item": items,
+                "score": scores[user_rows, items],
+            }
+        )
+        yield stop - start, frame
+
+
+def _empty_rows() -> pd.DataFrame:
+    """Typed zero rows, so an empty users file still writes a file with the right columns."""
+    return pd.DataFrame(
+        {
+            "user": np.zeros(0, np.int64),
+            "rank": np.zeros(0, np.int64),
+            "item": np.zeros(0, np.int64),
+            "score": np.zeros(0, np.float64),
+        }
+    )
+
+
+@contextmanager
+def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over users scored (``advance(n)``), or a no-op when ``enabled`` is false."""
+    if not enabled:
+        yield lambda _n: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("scoring users"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns) as bar:
+        task = bar.add_task("score", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def recommend_batch(
+    outputs: str | Path,
+    users: str | Path,
+    out: str | Path,
+    k: int = 10,
+    batch_size: int = 256,
+    store: str | Path | None = None,
+    providers: list[str] | None = None,
+    now: int | None = None,
+    progress: bool = True,
+) -> BatchSummary:
+    """Write top-``k`` rows (user_id, rank, item_id, title, score) for every user id in ``users`` to ``out``.
+
+    Users without history get the service's cold-start scores (attributes from the users table, else
+    popularity); unknown users are counted, never an error.
+    """
+    if k < 1 or batch_size < 1:
+        raise ValueError(f"k and batch size must be at least 1 (got k={k}, batch size={batch_size})")
+    out = Path(out)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"output {out}: use a .parquet or .csv file name")
+    layout = Layout(Path(outputs))
+    manifest = read_json(layout.export / "manifest.json")
+    model = OnnxRecommender(layout.export / MODEL_FILE, providers or manifest["providers"])
+    catalog = pd.read_parquet(layout.export / CATALOG_FILE)
+    item_ids = catalog["item_id"].astype(str).to_numpy()
+    titles = (
+        catalog["title"].astype(str).to_numpy() if "title" in catalog else np.full(len(catalog), "", object)
+    )
+    max_history = int(manifest["max_history"])
+    user_ids, duplicates = read_user_ids(users)
+    now = int(time.time()) if now is None else int(now)
+    if store is not None:
+        if not Path(store).exists():
+            raise FileNotFoundError(f"event store {store} does not exist (the service creates it on start)")
+        db = SQLiteEventStore(store)
+        try:
+            index = {item: i for i, item in enumerate(item_ids)}
+            threshold = manifest.get("implicit_threshold")
+            histories = store_histories(db, user_ids, index, max_history, now, threshold)
+        finally:
+            db.close()
+    else:
+        histories = training_histories(layout, user_ids, max_history, now)
+
+    frames = [_empty_rows()]
+    with _progress(len(user_ids), progress) as advance:
+        cold = ColdStart(layout, len(item_ids), genre_sets(catalog))
+        for done, frame in score_batches(model, histories, len(item_ids), k, batch_size, cold):
+            frames.append(frame)
+            advance(done)
+    rows = pd.concat(frames, ignore_index=True)
+    at_user, at_item = rows["user"].to_numpy(np.int64), rows["item"].to_numpy(np.int64)
+    result = pd.DataFrame(
+        {
+            "user_id": np.asarray(user_ids, dtype=object)[at_user] if user_ids else np.zeros(0, object),
+            "rank": rows["rank"].to_numpy(np.int64),
+            "item_id": item_ids[at_item],
+            "title": titles[at_item],
+            "score": rows["score"].to_numpy(np.float64),
+        },
+        columns=OUTPUT_COLUMNS,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".csv":
+        result.to_csv(out, index=False)
+    else:
+        result.to_parquet(out, index=False)
+    return BatchSummary(
+        out=out,
+        users=len(user_ids),
+        rows=len(result),
+        empty_histories=sum(1 for h in histories.items if not h),
+        unknown=len(histories.unknown),
+        unknown_examples=histories.unknown[:EXAMPLES],
+        duplicates=duplicates,
+        source=histories.source,
+    )

@@ -1,0 +1,313 @@
+"""What every request reads and the rules that turn a request into a ranked, explained list.
+
+The exported ONNX model, its catalogue and the event store are loaded once. A request never touches
+training code: raw ids map to catalogue indices (unknown ids are refused before anything reaches the
+graph's Gather), the history is the user's stored positive events (or the request's own), and the one
+exported graph scores it, through :class:`~fuserec.serving.batcher.Batcher` so concurrent requests share a
+run. Users with no usable history are served by explicit cold-start rules (onboarding genres, user
+attributes, popularity), each named in the response. The HTTP layer (``app.py``) only validates and routes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from fastapi import HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+
+from fuserec.features import item_content_vectors
+from fuserec.layout import Layout
+from fuserec.manifest import read_json
+from fuserec.onnx_model import OnnxRecommender
+from fuserec.rerank import Rerank, mmr_top_k, unit_vectors
+from fuserec.serving.batcher import Batcher
+from fuserec.serving.coldstart import ColdStart, attribute_values, genre_sets
+from fuserec.serving.store import Event, SQLiteEventStore
+from fuserec.tasks.export import CATALOG_FILE, MODEL_FILE
+from fuserec.tasks.split import SPLIT_FILES
+
+log = logging.getLogger("fuserec.serving")
+
+MAX_K = 100
+MAX_HISTORY_REQUEST = 10_000  # ids in one explicit history (longer is a client error, not a model limit)
+MAX_EVENTS_REQUEST = 1_000
+MAX_GENRES = 50
+EXPLAIN_DRIVERS = 50  # latest history items tried one by one when explaining a score
+DRIVERS_SHOWN = 3
+DIVERSITY_POOL = 100  # a diversified list is re-ranked from the top 100 unseen items
+
+Id = Annotated[str, Field(min_length=1, max_length=128)]
+Genre = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class EventIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: Id
+    item_id: Id
+    kind: Annotated[str, Field(min_length=1, max_length=32)] = "interaction"
+    rating: float | None = Field(None, ge=-1e6, le=1e6, allow_inf_nan=False)
+    timestamp: int | None = Field(None, ge=0, le=2**40, description="unix seconds; default: now")
+
+
+class EventsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    events: list[EventIn] = Field(min_length=1, max_length=MAX_EVENTS_REQUEST)
+
+
+class Onboarding(BaseModel):
+    """What a new user told us before any event: liked genres and/or liked items."""
+
+    model_config = ConfigDict(extra="forbid")
+    genres: list[Genre] = Field(default_factory=list, max_length=MAX_GENRES)
+    items: list[Id] = Field(default_factory=list, max_length=MAX_HISTORY_REQUEST)
+
+
+class Attributes(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    age: int | None = Field(None, ge=0, le=130)
+    gender: Annotated[str, Field(min_length=1, max_length=16)] | None = None
+    occupation: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+
+
+class ItemFilter(BaseModel):
+    """Only items with at least one of ``genres`` (case-insensitive)."""
+
+    model_config = ConfigDict(extra="forbid")
+    genres: list[Genre] = Field(min_length=1, max_length=MAX_GENRES)
+
+
+class RecommendIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: Id | None = None
+    history: list[Id] | None = Field(None, max_length=MAX_HISTORY_REQUEST)
+    k: int = Field(10, ge=1, le=MAX_K)
+    exclude: list[Id] = Field(default_factory=list, max_length=MAX_HISTORY_REQUEST)
+    time: int | None = Field(None, ge=0, le=2**40, description="unix seconds of the request; default now")
+    filter: ItemFilter | None = None
+    diversity: float | None = Field(None, ge=0.0, lt=1.0, description="MMR weight of dissimilarity")
+    onboarding: Onboarding | None = None
+    attributes: Attributes | None = None
+
+
+def _client_error(detail: str) -> HTTPException:
+    return HTTPException(status_code=422, detail=detail)
+
+
+class Service:
+    """Model, catalogue, store and cold-start priors, loaded once; what every request reads."""
+
+    def __init__(
+        self,
+        outputs: Path,
+        store: Path | None = None,
+        providers: list[str] | None = None,
+        max_batch: int = 32,
+    ) -> None:
+        layout = Layout(Path(outputs))
+        self.manifest = read_json(layout.export / "manifest.json")
+        requested = list(providers or self.manifest["providers"])
+        self.model = OnnxRecommender(layout.export / MODEL_FILE, requested)
+        if self.model.providers[0] != requested[0]:  # no silent fallback (e.g. CUDA asked, CPU given)
+            raise RuntimeError(
+                f"asked onnxruntime for {requested[0]} but the session runs on {self.model.providers[0]}; "
+                "check the CUDA/cuDNN install or serve with --providers CPUExecutionProvider"
+            )
+        log.info("serving %s on %s", self.manifest["algorithm"]["name"], self.model.providers[0])
+        self.catalog = pd.read_parquet(layout.export / CATALOG_FILE)
+        self.item_ids = self.catalog["item_id"].astype(str).to_numpy()
+        self.titles = self.catalog.get("title", pd.Series([""] * len(self.catalog))).fillna("").astype(str)
+        self.index = {item: i for i, item in enumerate(self.item_ids)}
+        self.n_items = len(self.item_ids)
+        self.max_history = int(self.manifest["max_history"])
+        self.threshold = self.manifest.get("implicit_threshold")
+        self.components: list[str] = self.manifest.get("components") or [self.manifest["algorithm"]["name"]]
+        self.genres = genre_sets(self.catalog)
+        self.vectors = torch.from_numpy(unit_vectors(item_content_vectors(self.catalog)))
+        self.store = SQLiteEventStore(store or layout.root / "events.sqlite")
+        self.cold = ColdStart(layout, self.n_items, self.genres)
+        if self.store.count() == 0:  # first start: the training interactions are everybody's history
+            self._import_training(layout)
+        self.batcher = Batcher(self.model, max_batch)
+
+    # -- loading ------------------------------------------------------------------------------------
+    def _import_training(self, layout: Layout) -> None:
+        train_file, users_file = layout.split / SPLIT_FILES["train"], layout.clean / "users.parquet"
+        if not (train_file.exists() and users_file.exists()):
+            return
+        train, users = pd.read_parquet(train_file), pd.read_parquet(users_file)
+        frame = train.merge(users[["user", "user_id"]], on="user")
+        frame["item_id"] = self.item_ids[frame["item"].to_numpy()]
+        frame["user_id"] = frame["user_id"].astype(str)
+        columns = ["user_id", "item_id", "timestamp"] + (["rating"] if "rating" in frame else [])
+        self.store.import_frame(frame[columns])
+
+    # -- requests -----------------------------------------------------------------------------------
+    def indices(self, ids: list[str], what: str) -> list[int]:
+        unknown = [i for i in ids if i not in self.index]
+        if unknown:
+            raise _client_error(
+                f"unknown {what} item ids {unknown[:5]}: they are not in the exported catalogue "
+                "(outputs/model/catalog.parquet); add the items and re-export, or leave them out"
+            )
+        return [self.index[i] for i in ids]
+
+    def history(self, user_id: str, now: int) -> tuple[list[int], int]:
+        """The user's latest positive events as catalogue indices, and the time of the latest one."""
+        events = self.store.history(user_id, self.max_history, self.threshold)
+        items = [self.index[i] for i, _ in events if i in self.index]
+        return items, max((ts for _, ts in events), default=now)
+
+    def recommend(self, req: RecommendIn) -> dict[str, Any]:
+        if (req.user_id is None) == (req.history is None):
+            raise _client_error("give exactly one of user_id or history")
+        now = req.time if req.time is not None else int(time.time())
+        if req.user_id is not None:
+            items, last = self.history(req.user_id, now)
+        else:
+            items, last = self.indices(list(req.history or [])[-self.max_history :], "history"), now
+        excluded = self.indices(req.exclude, "excluded")
+        source = "history"
+        if not items and req.onboarding and req.onboarding.items:
+            items, last, source = (
+                self.indices(req.onboarding.items[-self.max_history :], "onboarding"),
+                now,
+                "onboarding",
+            )
+        blocked = np.zeros(self.n_items, dtype=bool)
+        blocked[items + excluded] = True
+        if req.filter is not None:
+            blocked |= ~self.cold.genre_mask(req.filter.genres)
+        if items:
+            scored = self.batcher.score(items, last)
+            scores, parts, names, strategy = scored.scores, scored.contributions, self.components, source
+        else:
+            scores, parts, names, strategy = self.cold_scores(req)
+        top = self.rank(scores, blocked, req.k, req.diversity)
+        return {
+            "user_id": req.user_id,
+            "history_length": len(items),
+            "model": self.manifest["algorithm"]["name"],
+            "strategy": strategy,
+            "items": [self._item(i, scores, parts, names) for i in top],
+        }
+
+    def cold_scores(self, req: RecommendIn) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+        """A user with no usable history: onboarding genres, else attributes, else popularity."""
+        a = req.attributes
+        cold = self.cold.scores(
+            req.user_id,
+            attribute_values(a.age, a.gender, a.occupation) if a else None,
+            req.onboarding.genres if req.onboarding else None,
+        )
+        return cold.scores, cold.parts, cold.names, cold.strategy
+
+    def rank(self, scores: np.ndarray, blocked: np.ndarray, k: int, diversity: float | None) -> list[int]:
+        """Top ``k`` unblocked items: by score (ties to the lower index), or diversified by MMR."""
+        if diversity:
+            rerank = Rerank(diversity=diversity, depth=DIVERSITY_POOL)
+            with torch.no_grad():
+                picked = mmr_top_k(
+                    torch.from_numpy(scores.astype(np.float32))[None],
+                    torch.from_numpy(blocked)[None],
+                    self.vectors,
+                    torch.zeros(self.n_items),
+                    k,
+                    rerank,
+                )[0].numpy()
+            return [int(i) for i in picked if i >= 0]
+        order = np.lexsort((np.arange(self.n_items), -scores))
+        return [int(i) for i in order if not blocked[i]][:k]
+
+    def _item(self, i: int, scores: np.ndarray, parts: np.ndarray, names: list[str]) -> dict[str, Any]:
+        return {
+            "item_id": str(self.item_ids[i]),
+            "title": self.titles.iat[i],
+            "genres": sorted(self.genres[i]),
+            "score": float(scores[i]),
+            "contributions": {n: float(parts[m, i]) for m, n in enumerate(names)},
+        }
+
+    def explain(self, user_id: str, item_id: str, now: int | None = None) -> dict[str, Any]:
+        """Why ``item_id`` scores what it does for ``user_id``: each model's share, the history items
+        whose removal lowers the score most ("because you liked"), what they share with it, and the
+        knowledge-graph path when the kg plugin is fused."""
+        (target,) = self.indices([item_id], "explained")
+        now = now if now is not None else int(time.time())
+        items, last = self.history(user_id, now)
+        if not items:
+            cold = self.cold.scores(user_id)
+            scores, parts, names, strategy = cold.scores, cold.parts, cold.names, cold.strategy
+            drivers: list[dict[str, Any]] = []
+        else:
+            scored = self.batcher.score(items, last)
+            scores, parts, names, strategy = scored.scores, scored.contributions, self.components, "history"
+            drivers = self._drivers(items, last, target, float(scores[target]))
+        contributions = {n: float(parts[m, target]) for m, n in enumerate(names)}
+        score = float(scores[target])
+        unblocked = np.ones(self.n_items, dtype=bool)
+        unblocked[items] = False
+        rank = int(((scores > score) & unblocked).sum()) + 1 if unblocked[target] else None
+        out = {
+            "user_id": user_id,
+            "item_id": item_id,
+            "title": self.titles.iat[target],
+            "model": self.manifest["algorithm"]["name"],
+            "strategy": strategy,
+            "score": score,
+            "rank": rank,
+            "in_history": bool(not unblocked[target]),
+            "contributions": contributions,
+            "unexplained": score - float(sum(contributions.values())),
+            "because_you_liked": drivers,
+        }
+        if "kg" in self.components:
+            out["kg_paths"] = [
+                [f"user {user_id}", "liked", d["title"], "has genre", g, "genre of", out["title"]]
+                for d in drivers
+                for g in d["shared_genres"]
+            ]
+        return out
+
+    def _drivers(self, items: list[int], last: int, target: int, score: float) -> list[dict[str, Any]]:
+        """Leave-one-out over the latest history items: the served model itself says what drove it."""
+        positions = range(max(0, len(items) - EXPLAIN_DRIVERS), len(items))
+        without = [items[:p] + items[p + 1 :] for p in positions]
+        scored = self.batcher.score_many(without, [last] * len(without))
+        drops = [(score - float(s.scores[target]), items[p]) for s, p in zip(scored, positions, strict=True)]
+        drops.sort(key=lambda d: -d[0])
+        return [
+            {
+                "item_id": str(self.item_ids[i]),
+                "title": self.titles.iat[i],
+                "score_drop_without_it": drop,
+                "shared_genres": sorted(self.genres[i] & self.genres[target]),
+            }
+            for drop, i in drops[:DRIVERS_SHOWN]
+            if drop > 0
+        ]
+
+    def add_events(self, req: EventsIn) -> dict[str, Any]:
+        self.indices([e.item_id for e in req.events], "event")
+        now = int(time.time())
+        events = [Event(e.user_id, e.item_id, e.timestamp or now, e.kind, e.rating) for e in req.events]
+        return {"stored": self.store.append(events)}
+
+    def events(self, user_id: str, limit: int) -> dict[str, Any]:
+        stored = self.store.events(user_id, limit)
+        return {
+            "user_id": user_id,
+            "events": [
+                {"item_id": e.item_id, "timestamp": e.timestamp, "kind": e.kind, "rating": e.rating}
+                for e in stored
+            ],
+        }
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.store.close()
