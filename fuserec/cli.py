@@ -126,17 +126,32 @@ def new_plugin(
 
 @app.command()
 def serve(
-    outputs: Annotated[Path, typer.Option(help="a finished run's outputs folder")] = Path("outputs"),
+    model: Annotated[
+        Path | None,
+        typer.Option(help="an exported model folder (OUTPUTS/model); its run folder is its parent"),
+    ] = None,
+    outputs: Annotated[
+        Path, typer.Option(help="a finished run's outputs folder (when --model is not given)")
+    ] = Path("outputs"),
     store: Annotated[Path | None, typer.Option(help="SQLite event store (OUTPUTS/events.sqlite)")] = None,
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
+    providers: Annotated[
+        list[str] | None,
+        typer.Option("--provider", help="onnxruntime provider, repeatable (default: the manifest's)"),
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="most concurrent requests scored in one run")] = 32,
 ) -> None:
-    """Serve the exported model over HTTP: POST /recommend, POST /events, GET /health, GET /ready."""
+    """Serve the exported model over HTTP: /recommend, /events, /explain, /health, /ready, /metrics."""
+    import logging
+
     import uvicorn
 
     from fuserec.serving.app import create_app
 
-    uvicorn.run(create_app(outputs, store), host=host, port=port, log_level="info")
+    logging.basicConfig(level=logging.INFO)
+    root = model.parent if model is not None else outputs
+    uvicorn.run(create_app(root, store, providers or None, max_batch), host=host, port=port, log_level="info")
 
 
 @app.command()

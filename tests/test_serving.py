@@ -135,6 +135,114 @@ def test_bad_events_are_refused_and_nothing_is_stored(outputs: Path, tmp_path: P
         assert client.get("/ready").json()["events"] == count
 
 
+def _post_events(client: TestClient, user: str, items: list[str], start: int = 0, **extra: object) -> None:
+    at = 10**9 + start
+    events = [{"user_id": user, "item_id": i, "timestamp": at + n, **extra} for n, i in enumerate(items)]
+    assert client.post("/events", json={"events": events}).status_code == 200
+
+
+def test_explanations_add_up_to_the_score_and_name_the_history_that_drove_it(
+    outputs: Path, tmp_path: Path
+) -> None:
+    items = _catalog(outputs)
+    with TestClient(create_app(outputs, tmp_path / "e.sqlite")) as client:
+        liked = [items[3], items[11], items[19], items[27]]
+        _post_events(client, "reader", liked)
+        got = client.post("/recommend", json={"user_id": "reader", "k": 5}).json()
+        assert got["strategy"] == "history"
+        components = client.get("/ready").json()["components"]
+        for item in got["items"]:  # every listed item carries its share per fused model
+            assert set(item["contributions"]) == set(components)
+            assert sum(item["contributions"].values()) == pytest.approx(item["score"], abs=1e-4)
+        top = got["items"][0]
+        why = client.get("/explain", params={"user_id": "reader", "item_id": top["item_id"]}).json()
+    assert why["score"] == pytest.approx(top["score"], rel=1e-5) and why["rank"] == 1
+    assert why["contributions"] == pytest.approx(top["contributions"], abs=1e-5)
+    assert sum(why["contributions"].values()) + why["unexplained"] == pytest.approx(why["score"], abs=1e-6)
+    assert abs(why["unexplained"]) < 1e-4  # stacking splits its trees' base evenly: nothing is left over
+    drivers = why["because_you_liked"]
+    assert drivers and {d["item_id"] for d in drivers} <= set(liked)
+    assert all(d["score_drop_without_it"] > 0 for d in drivers)
+    drops = [d["score_drop_without_it"] for d in drivers]
+    assert drops == sorted(drops, reverse=True)
+
+
+def test_cold_start_follows_onboarding_then_attributes_then_popularity(outputs: Path, tmp_path: Path) -> None:
+    layout = Layout(outputs)
+    catalog = pd.read_parquet(layout.export / "catalog.parquet")
+    counts = catalog["genres"].str.split("|").explode().value_counts()
+    genre = counts[counts >= 5].index[-1]  # the rarest genre that can fill a list
+    with TestClient(create_app(outputs, tmp_path / "e.sqlite")) as client:
+        onboard = {"user_id": "new", "k": 5, "onboarding": {"genres": [genre.upper()]}}
+        got = client.post("/recommend", json=onboard).json()
+        assert got["strategy"] == "onboarding" and got["history_length"] == 0
+        assert all(genre.lower() in x["genres"] for x in got["items"])
+        old = client.post("/recommend", json={"user_id": "new", "k": 5, "attributes": {"age": 67}}).json()
+        young = {"user_id": "new", "k": 5, "attributes": {"age": 17, "gender": "F"}}
+        assert client.post("/recommend", json=young).json()["strategy"] == "attributes"
+        assert old["strategy"] == "attributes"
+        plain = client.post("/recommend", json={"user_id": "new", "k": 5}).json()
+        assert plain["strategy"] == "popularity"
+        seeded = {"user_id": "new", "k": 5, "onboarding": {"items": [str(catalog["item_id"].iat[0])]}}
+        assert client.post("/recommend", json=seeded).json()["strategy"] == "onboarding"
+    train = pd.read_parquet(layout.split / "train.parquet")
+    counts = np.bincount(train["item"], minlength=len(catalog))
+    expected = np.lexsort((np.arange(len(counts)), -counts))[:5]
+    assert [x["item_id"] for x in plain["items"]] == catalog["item_id"].astype(str).to_numpy()[
+        expected
+    ].tolist()
+
+
+def test_filters_diversity_and_low_ratings(outputs: Path, tmp_path: Path) -> None:
+    from fuserec.features import item_content_vectors
+    from fuserec.rerank import intra_list_diversity
+
+    items = _catalog(outputs)
+    catalog = pd.read_parquet(Layout(outputs).export / "catalog.parquet")
+    with TestClient(create_app(outputs, tmp_path / "e.sqlite")) as client:
+        _post_events(client, "critic", items[:6])
+        genre = catalog["genres"].str.split("|").explode().value_counts().index[0]
+        only = client.post("/recommend", json={"user_id": "critic", "filter": {"genres": [genre]}}).json()
+        assert only["items"] and all(genre.lower() in x["genres"] for x in only["items"])
+        plain = client.post("/recommend", json={"user_id": "critic", "k": 10}).json()
+        varied = client.post("/recommend", json={"user_id": "critic", "k": 10, "diversity": 0.9}).json()
+        # a low rating is not a positive (the training's implicit threshold), a high one is
+        _post_events(client, "critic", [items[40]], start=10, rating=1.0)
+        assert client.post("/recommend", json={"user_id": "critic"}).json()["history_length"] == 6
+        _post_events(client, "critic", [items[41]], start=11, rating=5.0)
+        assert client.post("/recommend", json={"user_id": "critic"}).json()["history_length"] == 7
+        back = client.get("/events", params={"user_id": "critic"}).json()["events"]
+        assert [e["item_id"] for e in back] == [*items[:6], items[40], items[41]]
+    vectors = item_content_vectors(catalog)
+    index = {v: i for i, v in enumerate(items)}
+
+    def ild(response: dict) -> float:
+        return intra_list_diversity(np.asarray([[index[x["item_id"]] for x in response["items"]]]), vectors)
+
+    assert ild(varied) > ild(plain)
+
+
+def test_concurrent_requests_share_onnxruntime_runs(outputs: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fuserec.onnx_model import OnnxRecommender
+    from fuserec.serving.batcher import Batcher
+
+    model = OnnxRecommender(Layout(outputs).export / "model.onnx")
+    batcher = Batcher(model, max_batch=8)
+    histories = [[i, i + 3, i + 7][: 1 + i % 3] for i in range(24)]
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda h: batcher.score(h, 10**9), histories))
+        alone = [batcher.score_many([h], [10**9])[0] for h in histories[:4]]
+    finally:
+        batcher.close()
+    assert batcher.runs < len(histories) + 4  # some requests were scored together
+    for got, ref in zip(results[:4], alone, strict=True):  # batching and padding change nothing
+        np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.contributions, ref.contributions, rtol=1e-5, atol=1e-5)
+
+
 JSON = st.recursive(
     st.none()
     | st.booleans()
@@ -153,6 +261,10 @@ FIELDS = st.fixed_dictionaries(
         "k": JSON,
         "exclude": JSON,
         "time": JSON,
+        "filter": JSON | st.fixed_dictionaries({"genres": JSON}),
+        "diversity": JSON,
+        "onboarding": JSON | st.fixed_dictionaries({}, optional={"genres": JSON, "items": JSON}),
+        "attributes": JSON | st.dictionaries(st.sampled_from(["age", "gender", "occupation"]), JSON),
         "events": st.lists(st.dictionaries(st.sampled_from(EVENT_KEYS), JSON)),
     },
 )
@@ -169,3 +281,81 @@ def client(outputs: Path, tmp_path_factory: pytest.TempPathFactory):
 def test_hostile_payloads_get_4xx_never_5xx(client: TestClient, path: str, body: object) -> None:
     response = client.post(path, json=body)
     assert response.status_code < 500, (path, body, response.text)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    path=st.sampled_from(["/explain", "/events", "/recommend", "/metrics", "/nowhere/../etc"]),
+    params=st.dictionaries(st.sampled_from(["user_id", "item_id", "limit", "x"]), st.text(max_size=300)),
+)
+def test_hostile_queries_get_4xx_never_5xx(client: TestClient, path: str, params: dict) -> None:
+    response = client.get(path, params=params)
+    assert response.status_code < 500, (path, params, response.text)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_server(outputs: Path, store: Path, port: int, log: Path):
+    """``fuserec serve`` in its own process, on a free loopback port; returns once /health answers."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    command = [sys.executable, "-c", "from fuserec.cli import app; app()", "serve"]
+    command += ["--model", str(Layout(outputs).export), "--store", str(store), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"fuserec serve exited with {process.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    process.kill()
+    raise AssertionError(f"fuserec serve did not answer /health in 120 s: {log.read_text()[-2000:]}")
+
+
+def test_a_real_server_serves_events_at_once_and_loses_nothing_when_killed(
+    outputs: Path, tmp_path: Path
+) -> None:
+    import httpx
+
+    items = _catalog(outputs)
+    store, log = tmp_path / "events.sqlite", tmp_path / "serve.log"
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    process = _start_server(outputs, store, port, log)
+    try:
+        before = httpx.post(f"{base}/recommend", json={"user_id": "walk-in", "k": 5}).json()
+        liked = [items[5], items[8], items[13]]
+        events = [{"user_id": "walk-in", "item_id": i, "timestamp": 10**9 + n} for n, i in enumerate(liked)]
+        assert httpx.post(f"{base}/events", json={"events": events}).json() == {"stored": 3}
+        after = httpx.post(f"{base}/recommend", json={"user_id": "walk-in", "k": 5}).json()
+        assert before["strategy"] == "popularity" and after["strategy"] == "history"
+        assert [x["item_id"] for x in after["items"]] != [x["item_id"] for x in before["items"]]
+        top = after["items"][0]
+        why = httpx.get(f"{base}/explain", params={"user_id": "walk-in", "item_id": top["item_id"]}).json()
+        assert sum(why["contributions"].values()) == pytest.approx(top["score"], abs=1e-4)
+        assert "fuserec_requests_total" in httpx.get(f"{base}/metrics").text
+    finally:
+        process.kill()  # SIGKILL: no shutdown hook runs; only committed transactions may survive
+        process.wait(timeout=30)
+    process = _start_server(outputs, store, port, log)
+    try:
+        back = httpx.get(f"{base}/events", params={"user_id": "walk-in"}).json()["events"]
+        assert [e["item_id"] for e in back] == liked
+        again = httpx.post(f"{base}/recommend", json={"user_id": "walk-in", "k": 5}).json()
+        assert again["items"] == after["items"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
