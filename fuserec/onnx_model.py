@@ -135,7 +135,11 @@ def export_onnx(
 class OnnxRecommender:
     """An onnxruntime session over an exported model, with its providers named explicitly."""
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None) -> None:
+    def __init__(
+        self, path: str | Path, providers: list[str] | None = None, threads: int = 0, spinning: bool = True
+    ) -> None:
+        """``threads`` intra-op threads (0 = onnxruntime's default, one per core); ``spinning=False`` makes
+        idle pool threads sleep instead of busy-waiting, which a server sharing its cores needs."""
         import onnxruntime as ort
 
         providers = providers or ["CPUExecutionProvider"]
@@ -147,6 +151,9 @@ class OnnxRecommender:
             )
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.providers = self.session.get_providers()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,9 @@ def top_items_for_user(outputs: Path, user_id: str | None) -> Table:
         user = int(matches[0])
     history = data.histories().select([user])
     session = OnnxRecommender(layout.export / MODEL_FILE, manifest["providers"])
-    _, items, scores = session.run(history.to_padded(manifest["max_history"]))
+    times = data.interactions.loc[data.interactions["user"] == user, "timestamp"]
+    last = np.asarray([int(times.max()) if len(times) else int(time.time())], dtype=np.int64)
+    _, items, scores = session.run(history.to_padded(manifest["max_history"]), last)
     catalog = pd.read_parquet(layout.export / CATALOG_FILE)
     raw_user = data.users["user_id"].iloc[user]
     algo = manifest["algorithm"]["name"]

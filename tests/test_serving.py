@@ -359,3 +359,36 @@ def test_a_real_server_serves_events_at_once_and_loses_nothing_when_killed(
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_a_new_item_with_content_only_is_recommended_by_content_aware_models(outputs: Path) -> None:
+    """How a new item enters the catalogue (docs/serving.md): a row in the items table, no interactions;
+    after the next export the content-aware plugins score it from its attributes alone."""
+    from fuserec.data.dataset import Dataset
+    from fuserec.histories import Histories
+    from fuserec.plugins.content import Content
+
+    layout = Layout(outputs)
+    data = Dataset.load(layout.clean, interactions=layout.split / "train.parquet")
+    twin = int(np.argmax(data.item_popularity()))  # the new item copies a popular item's attributes
+    new = data.items.iloc[[twin]].assign(item=data.n_items, item_id="brand-new")
+    grown = Dataset(data.interactions, pd.concat([data.items, new], ignore_index=True), data.users)
+    assert grown.item_popularity()[-1] == 0  # nobody has interacted with it
+    model = Content().fit(grown)
+    fans = data.interactions.loc[data.interactions["item"] != twin].groupby("user")["item"].apply(list)
+    scores = model.score(Histories.from_lists(fans.head(20).tolist(), grown.n_items))
+    np.testing.assert_allclose(scores[:, -1], scores[:, twin], rtol=1e-5, atol=1e-6)
+    ranks = (scores > scores[:, [-1]]).sum(axis=1)
+    assert (scores[:, -1] > 0).all() and ranks.min() < 10  # it makes some top-10s with zero interactions
+
+
+def test_fuserec_show_prints_a_top_k_from_a_time_reading_model(outputs: Path) -> None:
+    """``fuserec run`` ends with ``show``; with stacking (which reads last_time) it once crashed there."""
+    from typer.testing import CliRunner
+
+    from fuserec.cli import app
+
+    users = pd.read_parquet(Layout(outputs).clean / "users.parquet")["user_id"].astype(str)
+    result = CliRunner().invoke(app, ["show", "--set", f"outputs={outputs}", "--user", users.iat[0]])
+    assert result.exit_code == 0, result.output
+    assert "from stacking" in result.output

@@ -71,8 +71,9 @@ def create_app(
         }
 
     @app.post("/recommend")
-    def recommend(req: RecommendIn) -> dict[str, Any]:
-        return service.recommend(req)
+    async def recommend(req: RecommendIn) -> JSONResponse:
+        # async: a request waits on the batcher without holding a thread; plain JSON, no re-encoding pass
+        return JSONResponse(await service.recommend_async(req))
 
     @app.get("/explain")
     def explain(user_id: QueryId, item_id: QueryId) -> dict[str, Any]:

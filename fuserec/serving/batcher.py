@@ -42,11 +42,15 @@ class Batcher:
         self._worker = threading.Thread(target=self._loop, name="fuserec-batcher", daemon=True)
         self._worker.start()
 
-    def score(self, items: list[int], last_time: int, timeout: float = 30.0) -> Scored:
-        """Block until this history is scored (in whatever batch the worker forms)."""
+    def submit(self, items: list[int], last_time: int) -> Future[Scored]:
+        """Queue a history; the future resolves when the batch it joined has been scored."""
         done: Future[Scored] = Future()
         self._queue.put((items, last_time, done))
-        return done.result(timeout=timeout)
+        return done
+
+    def score(self, items: list[int], last_time: int, timeout: float = 30.0) -> Scored:
+        """Block until this history is scored (in whatever batch the worker forms)."""
+        return self.submit(items, last_time).result(timeout=timeout)
 
     def score_many(self, histories: list[list[int]], last_time: list[int]) -> list[Scored]:
         """Score a caller's own batch in one run (e.g. an explanation's leave-one-out histories)."""

@@ -10,8 +10,10 @@ attributes, popularity), each named in the response. The HTTP layer (``app.py``)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,7 +28,7 @@ from fuserec.layout import Layout
 from fuserec.manifest import read_json
 from fuserec.onnx_model import OnnxRecommender
 from fuserec.rerank import Rerank, mmr_top_k, unit_vectors
-from fuserec.serving.batcher import Batcher
+from fuserec.serving.batcher import Batcher, Scored
 from fuserec.serving.coldstart import ColdStart, attribute_values, genre_sets
 from fuserec.serving.store import Event, SQLiteEventStore
 from fuserec.tasks.export import CATALOG_FILE, MODEL_FILE
@@ -95,6 +97,15 @@ class RecommendIn(BaseModel):
     attributes: Attributes | None = None
 
 
+@dataclass(frozen=True)
+class Plan:
+    request: RecommendIn
+    items: list[int]
+    last: int
+    blocked: np.ndarray
+    source: str
+
+
 def _client_error(detail: str) -> HTTPException:
     return HTTPException(status_code=422, detail=detail)
 
@@ -112,7 +123,7 @@ class Service:
         layout = Layout(Path(outputs))
         self.manifest = read_json(layout.export / "manifest.json")
         requested = list(providers or self.manifest["providers"])
-        self.model = OnnxRecommender(layout.export / MODEL_FILE, requested)
+        self.model = OnnxRecommender(layout.export / MODEL_FILE, requested, spinning=False)
         if self.model.providers[0] != requested[0]:  # no silent fallback (e.g. CUDA asked, CPU given)
             raise RuntimeError(
                 f"asked onnxruntime for {requested[0]} but the session runs on {self.model.providers[0]}; "
@@ -163,7 +174,8 @@ class Service:
         items = [self.index[i] for i, _ in events if i in self.index]
         return items, max((ts for _, ts in events), default=now)
 
-    def recommend(self, req: RecommendIn) -> dict[str, Any]:
+    def plan(self, req: RecommendIn) -> Plan:
+        """Everything about a request but the model run: validated ids, history, what may not be listed."""
         if (req.user_id is None) == (req.history is None):
             raise _client_error("give exactly one of user_id or history")
         now = req.time if req.time is not None else int(time.time())
@@ -174,28 +186,39 @@ class Service:
         excluded = self.indices(req.exclude, "excluded")
         source = "history"
         if not items and req.onboarding and req.onboarding.items:
-            items, last, source = (
-                self.indices(req.onboarding.items[-self.max_history :], "onboarding"),
-                now,
-                "onboarding",
-            )
+            items = self.indices(req.onboarding.items[-self.max_history :], "onboarding")
+            last, source = now, "onboarding"
         blocked = np.zeros(self.n_items, dtype=bool)
         blocked[items + excluded] = True
         if req.filter is not None:
             blocked |= ~self.cold.genre_mask(req.filter.genres)
-        if items:
-            scored = self.batcher.score(items, last)
-            scores, parts, names, strategy = scored.scores, scored.contributions, self.components, source
+        return Plan(req, items, last, blocked, source)
+
+    def finish(self, plan: Plan, scored: Scored | None) -> dict[str, Any]:
+        """The ranked response from the model's scores (or the cold-start rules when there are none)."""
+        req = plan.request
+        if scored is not None:
+            scores, parts, names, strategy = scored.scores, scored.contributions, self.components, plan.source
         else:
             scores, parts, names, strategy = self.cold_scores(req)
-        top = self.rank(scores, blocked, req.k, req.diversity)
+        top = self.rank(scores, plan.blocked, req.k, req.diversity)
         return {
             "user_id": req.user_id,
-            "history_length": len(items),
+            "history_length": len(plan.items),
             "model": self.manifest["algorithm"]["name"],
             "strategy": strategy,
             "items": [self._item(i, scores, parts, names) for i in top],
         }
+
+    def recommend(self, req: RecommendIn) -> dict[str, Any]:
+        plan = self.plan(req)
+        return self.finish(plan, self.batcher.score(plan.items, plan.last) if plan.items else None)
+
+    async def recommend_async(self, req: RecommendIn) -> dict[str, Any]:
+        """:meth:`recommend` without holding a worker thread while the batcher scores."""
+        plan = self.plan(req)
+        scored = await asyncio.wrap_future(self.batcher.submit(plan.items, plan.last)) if plan.items else None
+        return self.finish(plan, scored)
 
     def cold_scores(self, req: RecommendIn) -> tuple[np.ndarray, np.ndarray, list[str], str]:
         """A user with no usable history: onboarding genres, else attributes, else popularity."""

@@ -93,6 +93,7 @@ def fuse(params: Params) -> str:
             api_version=info.api_version,
             config=config.model_dump(mode="json"),
             components=fuser.names_,
+            dropped_components=[n for n in components if n not in fuser.names_],  # e.g. pruned by stacking
             data_sha256=file_sha256(inner_file),
             components_fit_seconds=round(components_s, 3),
             fit_seconds=round(seconds, 3),

@@ -97,6 +97,12 @@ class StackingConfig(FuserConfig):
     fallback: bool = Field(
         True, description="serve the best component alone when the ranker does not beat it out of fold"
     )
+    prune_share: float = Field(
+        0.015, ge=0.0, lt=1.0, description="drop components under this share of split gain (0 = keep all)"
+    )
+    prune_tolerance: float = Field(
+        0.002, ge=0.0, description="largest out-of-fold NDCG@10 loss accepted for pruning"
+    )
 
 
 class Stacking(Fuser):
@@ -208,13 +214,46 @@ class Stacking(Fuser):
 
     # -- learning -----------------------------------------------------------------------------------
     def fit_combination(self, data: Dataset, truth: pd.DataFrame) -> None:
+        cfg = self.config
+        self.observe(data)
+        val = ValidationScores(self, data, truth, cfg.max_users, cfg.seed)
+        last = torch.from_numpy(self.history_time(val.histories))
+        self.pruned_: list[str] = []
+        self._learn(val, last)
+        if cfg.prune_share <= 0.0 or self.fallback_ >= 0:
+            return
+        # Components the trees barely read still cost their full scoring in every served request: drop
+        # those under prune_share of the split gain and relearn, unless out-of-fold NDCG falls by more than
+        # prune_tolerance (then keep everything).
+        shares = self.component_shares()
+        keep = [i for i, name in enumerate(self.names_) if shares[name] >= cfg.prune_share]
+        keep = keep or [int(np.argmax([shares[n] for n in self.names_]))]
+        if len(keep) == len(self.names_):
+            return
+        before = (list(self.names_), self.get_state())
+        full = self.cv_ndcg_
+        self.names_ = [self.names_[i] for i in keep]
+        val.scores = val.scores[keep]
+        self._learn(val, last)
+        if self.fallback_ >= 0 or self.cv_ndcg_ < full - cfg.prune_tolerance:
+            self.names_, state = before
+            self.set_state(state)
+            return
+        self.pruned_ = [n for n in before[0] if n not in self.names_]
+        self.cv_unpruned_ = full
+
+    def component_shares(self) -> dict[str, float]:
+        """Each component's share of the trees' split gain (its z-score and log-rank features)."""
+        names = self._check_fitted_names()
+        gain, m = self.importance_, len(names)
+        total = max(float(gain.sum()), 1e-12)
+        return {n: float(gain[i] + gain[m + i]) / total for i, n in enumerate(names)}
+
+    def _learn(self, val: ValidationScores, last: torch.Tensor) -> None:
         import lightgbm as lgb
 
         cfg = self.config
         self.fallback_ = -1
-        self.observe(data)
-        val = ValidationScores(self, data, truth, cfg.max_users, cfg.seed)
-        last = torch.from_numpy(self.history_time(val.histories))
         rows, labels, groups = [], [], []
         with torch.no_grad():
             for chunk in _chunks(len(val.users), cfg.batch_users):
@@ -374,6 +413,7 @@ class Stacking(Fuser):
             "fallback": np.asarray(self.fallback_, dtype=np.int64),
             "cv_ndcg": np.asarray(getattr(self, "cv_ndcg_", np.nan)),
             "cv_best_single": np.asarray(getattr(self, "cv_best_single_", np.nan)),
+            "cv_unpruned": np.asarray(getattr(self, "cv_unpruned_", np.nan)),
         }
         return state | extra
 
@@ -387,6 +427,7 @@ class Stacking(Fuser):
         self.fallback_ = int(state["fallback"]) if "fallback" in state else -1
         self.cv_ndcg_ = float(state["cv_ndcg"])
         self.cv_best_single_ = float(state["cv_best_single"])
+        self.cv_unpruned_ = float(state.get("cv_unpruned", np.nan))
 
 
 def _take(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
