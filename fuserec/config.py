@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DATASET_SETTINGS_DIR = Path(__file__).resolve().parent.parent / "configs" / "datasets"
 
@@ -91,8 +91,30 @@ class SplitConfig(_Section):
 
 
 class TrainConfig(_Section):
+    """The train stage. Only ``seed`` (with each plugin's own config) changes what a plugin learns; the
+    rest says how the fits are scheduled, so changing it never invalidates the cache."""
+
     algorithms: list[str] | Literal["all"] = "all"
     seed: int = 42
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads", description="how `fuserec run` fits plugins concurrently (`fuserec stage train`: one by one)"
+    )
+    workers: int = Field(2, ge=1, description="plugins fitted at once (threads, or LocalCluster processes)")
+    dask_address: str | None = Field(
+        None, description="scheduler of a running Dask cluster, e.g. tcp://10.0.0.5:8786; null = LocalCluster"
+    )
+    threads_per_worker: int | None = Field(
+        None, ge=1, description="torch/BLAS threads of each concurrent fit; null = cores // workers (>= 1)"
+    )
+
+    @model_validator(mode="after")
+    def _dask_address_needs_dask(self) -> TrainConfig:
+        if self.dask_address and self.task_runner != "dask":
+            raise ValueError(
+                f"train.dask_address is {self.dask_address!r} but train.task_runner is "
+                f"{self.task_runner!r}; set train.task_runner: dask to use that scheduler"
+            )
+        return self
 
 
 class EvaluateConfig(_Section):
@@ -149,6 +171,52 @@ class TuneConfig(_Section):
     metric: str = "ndcg@10"
 
 
+class PromoteConfig(_Section):
+    """Promotion of a retrained candidate (``outputs``) over the served model (``served_dir/current``)."""
+
+    served_dir: str = Field("served", description="served model, decision log and rejected candidates")
+    metric: str = Field("ndcg@10", description="a key of metrics.json (higher is better)")
+    algorithm: str | None = Field(None, description="whose metric decides; default: export.algorithm")
+    tolerance: float = Field(
+        0.005, ge=0.0, description="promote unless the candidate is worse than served by more than this"
+    )
+    dvc_push: bool = Field(True, description="dvc commit + push after a promotion when a remote is set")
+
+
+class DriftConfig(_Section):
+    """Drift check of the incoming interactions against the last training set, before retraining."""
+
+    enabled: bool = True
+    reference: str | None = Field(
+        None, description="reference interactions; default: the served run's, else the last run's"
+    )
+    bins: int = Field(10, ge=2, description="quantile bins of the population stability index")
+    psi_warn: float = Field(0.2, gt=0.0, description="PSI of user activity / item popularity counts")
+    ks_warn: float = Field(0.2, gt=0.0, le=1.0, description="two-sample KS statistic of the same")
+    popularity_tv_warn: float = Field(0.3, gt=0.0, le=1.0, description="TV distance of item shares")
+    rating_tv_warn: float = Field(0.1, gt=0.0, le=1.0, description="TV distance of the rating mix")
+    unknown_users_warn: float = Field(0.5, ge=0.0, le=1.0, description="share of rows with new user ids")
+    unknown_items_warn: float = Field(0.1, ge=0.0, le=1.0, description="share of rows with new item ids")
+    unknown_users_fail: float = Field(0.95, ge=0.0, le=1.0)
+    unknown_items_fail: float = Field(0.5, ge=0.0, le=1.0)
+    min_volume_ratio: float = Field(0.2, ge=0.0, description="fail when rows < this x the reference's")
+    max_bad_rating_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="fail when more ratings than this are missing or out of range"
+    )
+
+
+class CacheConfig(_Section):
+    """Prefect task caching of ``fuserec run`` (``docs/scaling.md``); ``fuserec stage`` / DVC never read it.
+
+    A stage's key is the SHA-256 of the files it reads, the params sections it reads and its plugins'
+    distribution versions; a hit also needs the stage's recorded output files unchanged on disk.
+    """
+
+    enabled: bool = True
+    dir: str | None = Field(None, description="results and output records; null = <outputs>/.cache")
+    refresh: bool = Field(False, description="recompute every stage and overwrite its cache entry")
+
+
 class Params(_Section):
     """All of ``params.yaml``."""
 
@@ -162,6 +230,9 @@ class Params(_Section):
     fuse: FuseConfig = Field(default_factory=FuseConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
     algorithms: dict[str, dict[str, Any]] = Field(default_factory=dict)
     fusers: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -170,6 +241,10 @@ class Params(_Section):
     @property
     def outputs_dir(self) -> Path:
         return Path(self.outputs)
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.cache.dir).expanduser() if self.cache.dir else self.outputs_dir / ".cache"
 
     def algorithm_config(self, name: str) -> dict[str, Any]:
         return dict(self.algorithms.get(name) or {})

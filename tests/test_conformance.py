@@ -69,3 +69,23 @@ def test_kit_catches_onnx_mismatch() -> None:
     data = planted_dataset()
     with pytest.raises(ConformanceError, match="ONNX parity"):
         checks.check_onnx_parity(_WrongExport({"k": 10}).fit(data), checks.probe_histories(data))
+
+
+def test_kit_catches_contributions_that_the_served_graph_misattributes() -> None:
+    import torch
+
+    from fuserec.plugins.fusers.weighted import Weighted
+    from fuserec.testing.fusers import default_case
+
+    class _SwappedShares(Weighted):
+        def combine(self, scores: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            fused, parts = super().combine(scores, seen)
+            if torch.onnx.is_in_onnx_export():  # same fused scores, shares credited to the wrong models
+                parts = parts.flip(0)
+            return fused, parts
+
+    case = default_case()
+    fuser = _SwappedShares({"normalization": "zscore", "n_trials": 5})
+    fitted = fuser.fit(case.inner_models, case.inner.fit, case.inner.truth).bind(case.models, case.train)
+    with pytest.raises(ConformanceError, match="ONNX contributions"):
+        checks.check_onnx_parity(fitted, case.probe)

@@ -235,12 +235,14 @@ class Stacking(Fuser):
         self.names_ = [self.names_[i] for i in keep]
         val.scores = val.scores[keep]
         self._learn(val, last)
-        if self.fallback_ >= 0 or self.cv_ndcg_ < full - cfg.prune_tolerance:
+        pruned = self.cv_ndcg_
+        if self.fallback_ >= 0 or pruned < full - cfg.prune_tolerance:
             self.names_, state = before
             self.set_state(state)
+            self.cv_pruned_ = pruned  # kept for the record: why pruning was refused
             return
         self.pruned_ = [n for n in before[0] if n not in self.names_]
-        self.cv_unpruned_ = full
+        self.cv_unpruned_, self.cv_pruned_ = full, pruned
 
     def component_shares(self) -> dict[str, float]:
         """Each component's share of the trees' split gain (its z-score and log-rank features)."""
@@ -414,6 +416,7 @@ class Stacking(Fuser):
             "cv_ndcg": np.asarray(getattr(self, "cv_ndcg_", np.nan)),
             "cv_best_single": np.asarray(getattr(self, "cv_best_single_", np.nan)),
             "cv_unpruned": np.asarray(getattr(self, "cv_unpruned_", np.nan)),
+            "cv_pruned": np.asarray(getattr(self, "cv_pruned_", np.nan)),
         }
         return state | extra
 
@@ -428,6 +431,7 @@ class Stacking(Fuser):
         self.cv_ndcg_ = float(state["cv_ndcg"])
         self.cv_best_single_ = float(state["cv_best_single"])
         self.cv_unpruned_ = float(state.get("cv_unpruned", np.nan))
+        self.cv_pruned_ = float(state.get("cv_pruned", np.nan))
 
 
 def _take(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
