@@ -402,15 +402,16 @@ class _SASRecModule(torch.nn.Module):
     def context(self, history: torch.Tensor, trim: bool = False) -> torch.Tensor:
         """The final hidden state at the last window position, ``[B, hidden]``.
 
-        ``trim`` (eager scoring only) drops the window's leading columns beyond the input's width L, which
-        hold only pads when the history is right-padded; the exported graph always runs ``max_len``.
+        ``trim`` drops the window's leading columns beyond the input's width L: a history of L entries has
+        at most L real items, so those columns hold only pads whatever the padding layout. The exported
+        graph trims too (a dynamic slice), so a short history does not pay ``max_len`` attention.
         """
         seq = self.window(history)
         if trim:
-            seq = seq[:, self.max_len - min(self.max_len, history.shape[1]) :]
+            seq = seq[:, self.max_len - torch.sym_min(self.max_len, history.shape[1]) :]
         return self.encode(seq)[:, -1]
 
-    def forward(self, history: torch.Tensor, trim: bool = False) -> torch.Tensor:
+    def forward(self, history: torch.Tensor, trim: bool = True) -> torch.Tensor:
         return self.context(history, trim) @ self.items[: self.n_items].T + self.bias
 
     def loss(
