@@ -131,3 +131,22 @@ def test_falls_back_to_the_best_component_when_the_ranker_does_not_win() -> None
     fuser.bind(case.models, case.train)
     fuser.fallback_ = fuser.names_.index("itemknn")  # the branch a losing ranker takes
     np.testing.assert_allclose(fuser.score(case.probe), case.models["itemknn"].score(case.probe), rtol=1e-6)
+
+
+def test_components_the_trees_barely_read_are_pruned_and_the_graph_still_matches() -> None:
+    from fuserec.testing import checks
+
+    case = default_case()
+    full = case.fit(Stacking, {**FAST, "fallback": False, "prune_share": 0.0})
+    shares = full.component_shares()
+    assert set(shares) == set(full.names_) and sum(shares.values()) <= 1.0 + 1e-9
+    top = max(shares, key=shares.__getitem__)
+    # a bar only the most-read component clears, and any out-of-fold loss accepted: only it remains
+    pruned = case.fit(Stacking, {**FAST, "fallback": False, "prune_share": 0.99, "prune_tolerance": 1.0})
+    assert pruned.names_ == [top] and sorted(pruned.pruned_) == sorted(n for n in full.names_ if n != top)
+    assert pruned.cv_unpruned_ == pytest.approx(full.cv_ndcg_)
+    report = checks.check_onnx_parity(pruned, case.probe)  # the served graph reads only what is kept
+    assert report["contributions_match_at_top"]
+    # no loss accepted and a bar everyone but the top misses: pruning happens only if it costs nothing
+    strict = case.fit(Stacking, {**FAST, "fallback": False, "prune_share": 0.99, "prune_tolerance": 0.0})
+    assert strict.names_ == full.names_ or strict.cv_ndcg_ >= full.cv_ndcg_
