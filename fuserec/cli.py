@@ -189,6 +189,30 @@ def recommend(
 
 
 @app.command()
+def deploy(
+    names: Annotated[
+        list[str] | None, typer.Option("--name", help="deployment of prefect.yaml, repeatable (default: all)")
+    ] = None,
+    host: Annotated[str, typer.Option(help="the Prefect server's address (loopback: no auth)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="the Prefect server's port")] = 4200,
+    worker: Annotated[
+        bool, typer.Option(help="then run a process worker here until Ctrl-C (it executes the runs)")
+    ] = True,
+) -> None:
+    """Deploy prefect.yaml locally: start a Prefect server if none answers, create the process work pool,
+    `prefect deploy`, then run a worker. Offline, no cloud account (docs/orchestration.md)."""
+    from rich.markup import escape
+
+    from fuserec.deploy import run as run_deploy
+
+    try:
+        run_deploy(host, port, names, worker, echo=lambda text: console.print(escape(text)))
+    except (RuntimeError, TimeoutError) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+
+
+@app.command()
 def show(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,

@@ -79,7 +79,7 @@ def _now() -> str:
 
 
 def metric_value(metrics: dict[str, Any], algorithm: str, metric: str, where: Path) -> tuple[float, dict]:
-    """``metric`` of ``algorithm`` in a metrics.json (a model or a fuser), with that algorithm's metric set."""
+    """``metric`` of ``algorithm`` (a model or a fuser) in a metrics.json, and its whole metric set."""
     for kind in ("models", "fusers"):
         scores = (metrics.get(kind) or {}).get(algorithm)
         if scores is not None:
