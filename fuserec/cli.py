@@ -141,6 +141,7 @@ def serve(
         typer.Option("--provider", help="onnxruntime provider, repeatable (default: the manifest's)"),
     ] = None,
     max_batch: Annotated[int, typer.Option(help="most concurrent requests scored in one run")] = 32,
+    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (0 = one per core)")] = 0,
 ) -> None:
     """Serve the exported model over HTTP: /recommend, /events, /explain, /health, /ready, /metrics."""
     import logging
@@ -151,7 +152,9 @@ def serve(
 
     logging.basicConfig(level=logging.INFO)
     root = model.parent if model is not None else outputs
-    uvicorn.run(create_app(root, store, providers or None, max_batch), host=host, port=port, log_level="info")
+    uvicorn.run(
+        create_app(root, store, providers or None, max_batch, threads), host=host, port=port, log_level="info"
+    )
 
 
 @app.command()

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,9 +30,14 @@ def create_app(
     store: str | Path | None = None,
     providers: list[str] | None = None,
     max_batch: int = 32,
+    threads: int = 0,
 ) -> FastAPI:
-    """The FastAPI app over ``outputs`` (a finished pipeline run: ``outputs/model`` and the splits)."""
-    service = Service(Path(outputs), Path(store) if store else None, providers, max_batch)
+    """The FastAPI app over ``outputs`` (a finished pipeline run: ``outputs/model`` and the splits).
+
+    ``threads``: onnxruntime intra-op threads (0 = one per core).
+    """
+    service = Service(Path(outputs), Path(store) if store else None, providers, max_batch, threads)
+    gc.freeze()  # the catalogue, store and tables live for the process: keep them out of every GC pass
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

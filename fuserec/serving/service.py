@@ -119,11 +119,12 @@ class Service:
         store: Path | None = None,
         providers: list[str] | None = None,
         max_batch: int = 32,
+        threads: int = 0,
     ) -> None:
         layout = Layout(Path(outputs))
         self.manifest = read_json(layout.export / "manifest.json")
         requested = list(providers or self.manifest["providers"])
-        self.model = OnnxRecommender(layout.export / MODEL_FILE, requested, spinning=False)
+        self.model = OnnxRecommender(layout.export / MODEL_FILE, requested, threads, spinning=False)
         if self.model.providers[0] != requested[0]:  # no silent fallback (e.g. CUDA asked, CPU given)
             raise RuntimeError(
                 f"asked onnxruntime for {requested[0]} but the session runs on {self.model.providers[0]}; "
@@ -132,7 +133,8 @@ class Service:
         log.info("serving %s on %s", self.manifest["algorithm"]["name"], self.model.providers[0])
         self.catalog = pd.read_parquet(layout.export / CATALOG_FILE)
         self.item_ids = self.catalog["item_id"].astype(str).to_numpy()
-        self.titles = self.catalog.get("title", pd.Series([""] * len(self.catalog))).fillna("").astype(str)
+        titles = self.catalog.get("title", pd.Series([""] * len(self.catalog)))
+        self.titles = titles.fillna("").astype(str).tolist()
         self.index = {item: i for i, item in enumerate(self.item_ids)}
         self.n_items = len(self.item_ids)
         self.max_history = int(self.manifest["max_history"])
@@ -245,12 +247,12 @@ class Service:
                 )[0].numpy()
             return [int(i) for i in picked if i >= 0]
         order = np.lexsort((np.arange(self.n_items), -scores))
-        return [int(i) for i in order if not blocked[i]][:k]
+        return order[~blocked[order]][:k].tolist()
 
     def _item(self, i: int, scores: np.ndarray, parts: np.ndarray, names: list[str]) -> dict[str, Any]:
         return {
             "item_id": str(self.item_ids[i]),
-            "title": self.titles.iat[i],
+            "title": self.titles[i],
             "genres": sorted(self.genres[i]),
             "score": float(scores[i]),
             "contributions": {n: float(parts[m, i]) for m, n in enumerate(names)},
@@ -279,7 +281,7 @@ class Service:
         out = {
             "user_id": user_id,
             "item_id": item_id,
-            "title": self.titles.iat[target],
+            "title": self.titles[target],
             "model": self.manifest["algorithm"]["name"],
             "strategy": strategy,
             "score": score,
@@ -307,7 +309,7 @@ class Service:
         return [
             {
                 "item_id": str(self.item_ids[i]),
-                "title": self.titles.iat[i],
+                "title": self.titles[i],
                 "score_drop_without_it": drop,
                 "shared_genres": sorted(self.genres[i] & self.genres[target]),
             }
