@@ -97,7 +97,8 @@ class TrainConfig(_Section):
     algorithms: list[str] | Literal["all"] = "all"
     seed: int = 42
     task_runner: Literal["threads", "dask"] = Field(
-        "threads", description="how `fuserec run` fits plugins concurrently (`fuserec stage train`: one by one)"
+        "threads",
+        description="how `fuserec run` fits plugins concurrently (`fuserec stage train`: one by one)",
     )
     workers: int = Field(2, ge=1, description="plugins fitted at once (threads, or LocalCluster processes)")
     dask_address: str | None = Field(

@@ -1,4 +1,8 @@
-"""The training pipeline: validate -> clean -> split -> train -> fuse -> evaluate -> export -> report."""
+"""The training pipeline: validate -> clean -> split -> train -> fuse -> evaluate -> export -> report.
+
+Every stage is cached across runs (``cache`` in params.yaml, ``docs/scaling.md``) and the train stage fits
+its plugins concurrently (``train.task_runner``); see :mod:`fuserec.flows.stages`.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +10,13 @@ from prefect import flow
 
 import fuserec._env  # noqa: F401
 from fuserec.config import Params, load_params
-from fuserec.tasks.clean import clean
-from fuserec.tasks.evaluate import evaluate
-from fuserec.tasks.export import export
-from fuserec.tasks.fuse import fuse
-from fuserec.tasks.report import report
-from fuserec.tasks.split import split
-from fuserec.tasks.train import train
-from fuserec.tasks.validate import validate
+from fuserec.flows.stages import run_stage
+
+PIPELINE = ("validate", "clean", "split", "train", "fuse", "evaluate", "export", "report")
 
 
 @flow(name="train-pipeline", log_prints=True)
 def train_pipeline(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, str]:
     """Run every stage in order on the params (with ``--set``-style overrides); returns their outputs."""
     params: Params = load_params(params_file, overrides)
-    return {
-        "validate": validate(params),
-        "clean": clean(params),
-        "split": split(params),
-        "train": train(params),
-        "fuse": fuse(params),
-        "evaluate": evaluate(params),
-        "export": export(params),
-        "report": report(params),
-    }
+    return {stage: run_stage(stage, params) for stage in PIPELINE}

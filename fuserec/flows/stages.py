@@ -1,0 +1,302 @@
+"""The stages as the Prefect flow runs them: cached across runs, and the train stage fanned out.
+
+Each stage declares here what it reads (files, params sections, plugins) and writes; the key is built by
+:mod:`fuserec.caching` (``docs/scaling.md``). Results go to ``cache.dir`` (default ``<outputs>/.cache``),
+never to the Prefect home, so a cache lives and travels with the outputs it vouches for. Only
+``fuserec run`` uses this module: ``fuserec stage`` (and so DVC) calls the plain ``task.fn``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from prefect import Task, flow
+from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
+from prefect.context import TaskRunContext
+from prefect.exceptions import MissingContextError
+from prefect.filesystems import LocalFileSystem
+from prefect.futures import wait
+from prefect.logging import get_run_logger
+from prefect.results import ResultStore
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from fuserec.caching import StageSpec, cache_key, outputs_intact, write_record
+from fuserec.config import Params, TrainConfig
+from fuserec.data.dataset import ITEMS_FILE, USERS_FILE
+from fuserec.layout import Layout
+from fuserec.manifest import read_json
+from fuserec.registry import FUSERS_GROUP, plugin_info, resolve_names
+from fuserec.tasks.split import SPLIT_FILES
+from fuserec.tasks.train import limited_threads, prepare_training, threads_per_fit, train_plugin
+
+logger = logging.getLogger(__name__)
+JOURNAL_FILE = "journal.jsonl"
+
+# --------------------------------------------------------------------------------------------------
+# What each stage reads and writes (mirrors dvc.yaml, but per plugin and by content)
+
+
+def _dump(section: Any) -> Any:
+    return section.model_dump(mode="json", by_alias=True)
+
+
+def _code(algorithms: Sequence[str] = (), fusers: Sequence[str] = ()) -> dict[str, str]:
+    """``distribution==version`` of fuserec (the stage's own code) and of every plugin the stage runs."""
+    try:
+        own = f"fuserec=={version('fuserec')}"
+    except PackageNotFoundError:  # a source tree that was never installed
+        own = "fuserec==unknown"
+    code = {"fuserec": own}
+    for group, names in (("algorithms", algorithms), ("fusers", fusers)):
+        for name in names:
+            info = plugin_info(name, FUSERS_GROUP if group == "fusers" else "fuserec.algorithms")
+            code[f"{group}.{name}"] = f"{info.distribution}=={info.version}"
+    return code
+
+
+def _manifest_names(folder: Path) -> list[str]:
+    """Names in the manifests of a models/ or fusers/ folder (what evaluate and export will load)."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        read_json(p / "manifest.json")["name"] for p in folder.iterdir() if (p / "manifest.json").exists()
+    )
+
+
+def _data_inputs(layout: Layout, *, test: bool = True) -> dict[str, Path]:
+    inputs = {
+        f"clean/{ITEMS_FILE}": layout.clean / ITEMS_FILE,
+        f"clean/{USERS_FILE}": layout.clean / USERS_FILE,
+        "split/train": layout.split / SPLIT_FILES["train"],
+    }
+    if test:
+        inputs["split/test"] = layout.split / SPLIT_FILES["test"]
+    return inputs
+
+
+def stage_spec(stage: str, params: Params, plugin: str | None = None) -> StageSpec:
+    """What ``stage`` (``train-plugin`` with ``plugin``) reads and writes under ``params``."""
+    layout = Layout(params.outputs_dir)
+    root = layout.root
+    if stage == "validate":
+        inputs: dict[str, Path] = {}
+        if params.data.source != "synthetic":
+            from fuserec.data.sources import source_path
+
+            inputs["data"] = source_path(params.data)
+        return StageSpec(
+            stage, inputs, {"data": _dump(params.data), "validate": _dump(params.validate_)}, _code(),
+            ("validated", "rejects", "validation_report.json"), root,
+        )  # fmt: skip
+    if stage == "clean":
+        return StageSpec(
+            stage, {"validated": layout.validated}, {"clean": _dump(params.clean)}, _code(), ("clean",), root
+        )
+    if stage == "split":
+        inputs = {"clean/interactions.parquet": layout.clean / "interactions.parquet"}
+        return StageSpec(stage, inputs, {"split": _dump(params.split)}, _code(), ("split",), root)
+    if stage == "train-plugin":
+        if plugin is None:
+            raise ValueError("stage_spec('train-plugin') needs the plugin's name")
+        return StageSpec(
+            f"train[{plugin}]",
+            _data_inputs(layout, test=False),
+            {"train.seed": params.train.seed, f"algorithms.{plugin}": params.algorithm_config(plugin)},
+            _code([plugin]),
+            (f"models/{plugin}", f"curves/{plugin}.csv"),
+            root,
+        )
+    models = _manifest_names(layout.models)
+    if stage == "fuse":
+        fusers = resolve_names(params.fuse.fusers, FUSERS_GROUP)
+        inputs = {
+            **_data_inputs(layout, test=False),
+            "models": layout.models,
+            "split/train_inner": layout.split / SPLIT_FILES["train_inner"],
+            "split/valid": layout.split / SPLIT_FILES["valid"],
+        }
+        read = {
+            "fuse": _dump(params.fuse),
+            "train.seed": params.train.seed,
+            **{f"fusers.{n}": params.fuser_config(n) for n in fusers},
+            **{f"algorithms.{n}": params.algorithm_config(n) for n in models},
+        }
+        return StageSpec(stage, inputs, read, _code(models, fusers), ("fusers",), root)
+    fitted = _manifest_names(layout.fusers)
+    scored = {**_data_inputs(layout), "models": layout.models, "fusers": layout.fusers}
+    if stage == "evaluate":
+        read = {
+            "evaluate": _dump(params.evaluate),
+            "export.algorithm": params.export.algorithm,
+            "split": _dump(params.split),  # written into metrics.json's protocol
+            "clean.implicit_threshold": params.clean.implicit_threshold,
+        }
+        outputs = ("metrics.json", "plots", "rerank_curve.csv")
+        return StageSpec(stage, scored, read, _code(models, fitted), outputs, root)
+    if stage == "export":
+        read = {"export": _dump(params.export), "clean.implicit_threshold": params.clean.implicit_threshold}
+        return StageSpec(stage, scored, read, _code(models, fitted), ("model",), root)
+    if stage == "report":
+        inputs = {**scored, "metrics.json": layout.metrics}
+        return StageSpec(
+            stage, inputs, {}, _code(models, fitted), ("report.html", "gating_weights.csv"), root
+        )
+    raise ValueError(f"no cache spec for stage {stage!r}; add one to fuserec/flows/stages.py:stage_spec")
+
+
+# --------------------------------------------------------------------------------------------------
+# Prefect glue: key function, result storage, record + journal hook
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The task run's Prefect logger (shown with the run), or this module's outside a run."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logger
+
+
+_pending: dict[Any, tuple[str, StageSpec, Path]] = {}  # task run id -> (key, spec, cache dir)
+_journal_lock = threading.Lock()
+
+
+def result_storage(cache_dir: Path) -> Path:
+    """Where Prefect keeps stage results: a path (Prefect makes it a LocalFileSystem), no saved block."""
+    return (cache_dir / "results").resolve()
+
+
+def stage_cache_key(ctx: TaskRunContext, inputs: dict[str, Any], *, stage: str) -> str | None:
+    """The stage's key when its recorded outputs are intact; ``None`` (run, do not reuse) when a result
+    is stored under the key but the files it stands for were changed or deleted since."""
+    params: Params = inputs["params"]
+    spec = stage_spec(stage, params, inputs.get("name"))
+    key = cache_key(spec)
+    cache_dir = params.cache_dir
+    _pending[ctx.task_run.id] = (key, spec, cache_dir)
+    if outputs_intact(cache_dir, key, spec.root):
+        return key
+    store = ResultStore(result_storage=LocalFileSystem(basepath=str(result_storage(cache_dir))))
+    if store.exists(key):
+        _run_logger().warning(
+            "%s: outputs changed or deleted since they were cached; recomputing", spec.stage
+        )
+        return None
+    return key
+
+
+def _after_run(task: Task[..., Any], task_run: Any, state: Any) -> None:
+    """On completion: note a fresh run's outputs under its key, and journal hit or miss."""
+    key, spec, cache_dir = _pending.pop(task_run.id, (None, None, None))
+    if key is None or spec is None or cache_dir is None:
+        return
+    if state.name != "Cached":
+        write_record(cache_dir, key, spec)
+    entry = {
+        "time": round(time.time(), 3),
+        "flow_run": str(task_run.flow_run_id),
+        "task": spec.stage,
+        "state": state.name,
+        "key": key,
+        "pid": os.getpid(),  # which process ran it: a Dask worker's differs from the flow's
+    }
+    with _journal_lock, open(cache_dir / JOURNAL_FILE, "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+
+
+def _forget(task: Task[..., Any], task_run: Any, state: Any) -> None:
+    """On failure: nothing to record (the next run recomputes); drop the pending key."""
+    _pending.pop(task_run.id, None)
+
+
+def read_journal(cache_dir: Path, flow_run: str | None = None) -> list[dict[str, Any]]:
+    """Journal rows (``task``; ``state`` is ``Cached`` for a hit, else ``Completed``), of one run if given."""
+    path = cache_dir / JOURNAL_FILE
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if flow_run is None or r["flow_run"] == flow_run]
+
+
+def stage_task(stage: str, params: Params) -> Task[..., str]:
+    """The stage's task for this run: cached under ``cache.dir`` unless ``cache.enabled`` is false."""
+    base: Task[..., str] = (
+        train_plugin
+        if stage == "train-plugin"
+        else getattr(importlib.import_module(f"fuserec.tasks.{stage}"), stage)
+    )
+    if not params.cache.enabled:
+        return base.with_options(cache_policy=NO_CACHE, persist_result=False)
+    cache_dir = params.cache_dir
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return base.with_options(
+        cache_policy=CacheKeyFnPolicy(cache_key_fn=partial(stage_cache_key, stage=stage)),
+        persist_result=True,
+        result_storage=result_storage(cache_dir),
+        result_serializer="json",
+        refresh_cache=params.cache.refresh,
+        on_completion=[_after_run],
+        on_failure=[_forget],
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The train stage, one task per plugin through a task runner
+
+
+def make_task_runner(cfg: TrainConfig) -> TaskRunner[Any]:
+    """Threads by default; Dask (a LocalCluster of ``workers`` processes, or ``dask_address``) on request."""
+    if cfg.task_runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=cfg.workers)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as exc:
+        raise RuntimeError(
+            "train.task_runner is dask but prefect-dask is not installed; run "
+            "`pip install 'fuserec[dask]'` or set train.task_runner: threads"
+        ) from exc
+    if cfg.dask_address:
+        return DaskTaskRunner(address=cfg.dask_address)
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": cfg.workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,  # no web server (and no bokeh needed)
+        }
+    )
+
+
+@flow(name="train")
+def train_plugins(params: Params) -> str:
+    """Fit every requested plugin as its own task, ``train.workers`` at a time; fails if any fit fails."""
+    names = prepare_training(params)
+    threads = threads_per_fit(params.train)
+    task = stage_task("train-plugin", params)
+    # Threads share this process: cap its torch/BLAS threads here. Dask workers cap their own.
+    local = params.train.task_runner == "threads"
+    with limited_threads(threads if local else None):
+        futures = [task.submit(name, params, None if local else threads) for name in names]
+        wait(futures)
+        for future in futures:
+            future.result()  # raises the first failure, naming its plugin in the task run name
+    return str(Layout(params.outputs_dir).models)
+
+
+def run_train(params: Params) -> str:
+    """The train stage of the flow: :func:`train_plugins` as a subflow on the configured task runner."""
+    return train_plugins.with_options(task_runner=make_task_runner(params.train))(params)
+
+
+def run_stage(stage: str, params: Params) -> str:
+    runner: Callable[[Params], str] = run_train if stage == "train" else stage_task(stage, params)
+    return runner(params)
