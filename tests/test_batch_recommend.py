@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from fuserec.cli import app as cli
 from fuserec.config import load_params
 from fuserec.layout import Layout
-from fuserec.serving.service import RecommendIn, Service
 from fuserec.serving.batch import OUTPUT_COLUMNS, rank_unseen, read_user_ids, recommend_batch
+from fuserec.serving.service import RecommendIn, Service
 from fuserec.serving.store import Event
 
 from .conftest import SMALL, write_params

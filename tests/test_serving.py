@@ -392,3 +392,12 @@ def test_fuserec_show_prints_a_top_k_from_a_time_reading_model(outputs: Path) ->
     result = CliRunner().invoke(app, ["show", "--set", f"outputs={outputs}", "--user", users.iat[0]])
     assert result.exit_code == 0, result.output
     assert "from stacking" in result.output
+
+
+def test_an_unavailable_provider_is_refused_not_silently_replaced(outputs: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA: the refusal path needs a provider that is absent")
+    with pytest.raises(RuntimeError, match=r"CUDAExecutionProvider.*not available"):
+        create_app(outputs, tmp_path / "e.sqlite", providers=["CUDAExecutionProvider"])
