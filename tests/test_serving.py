@@ -401,3 +401,19 @@ def test_an_unavailable_provider_is_refused_not_silently_replaced(outputs: Path,
         pytest.skip("this machine has CUDA: the refusal path needs a provider that is absent")
     with pytest.raises(RuntimeError, match=r"CUDAExecutionProvider.*not available"):
         create_app(outputs, tmp_path / "e.sqlite", providers=["CUDAExecutionProvider"])
+
+
+def test_oversized_bodies_are_refused_before_parsing(client: TestClient) -> None:
+    huge = b'{"history": [' + b'"1",' * 700_000 + b'"1"]}'
+    response = client.post("/recommend", content=huge, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "bytes" in response.json()["detail"]
+
+    def stream():  # no content-length: counted as it arrives
+        yield b'{"events": ['
+        for _ in range(100):
+            yield b'{"user_id": "x", "item_id": "1"},' * 1000
+        yield b"]}"
+
+    response = client.post("/events", content=stream(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert client.get("/health").status_code == 200  # and the service is fine

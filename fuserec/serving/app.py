@@ -13,9 +13,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fuserec.serving.metrics import install_metrics
 from fuserec.serving.service import MAX_HISTORY_REQUEST, EventsIn, RecommendIn, Service
@@ -23,6 +24,47 @@ from fuserec.serving.service import MAX_HISTORY_REQUEST, EventsIn, RecommendIn, 
 __all__ = ["create_app"]
 
 QueryId = Annotated[str, Query(min_length=1, max_length=128)]
+MAX_BODY_BYTES = 2_000_000  # a 10,000-id history is ~200 kB; anything far larger is not a request
+
+
+class BodyLimit:
+    """413 for a request body over ``max_bytes``, declared or streamed, before anything parses it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:  # the app's exception handling turns this into the 413 response
+                raise HTTPException(status_code=413, detail=self.detail)
+            return message
+
+        await self.app(scope, limited, send)
+
+    @property
+    def detail(self) -> str:
+        return f"request body over {self.max_bytes} bytes: send fewer ids per request"
+
+    async def _refuse(self, send: Send) -> None:
+        response = JSONResponse(status_code=413, content={"detail": self.detail})
+        await response({"type": "http"}, _empty_receive, send)
+
+
+async def _empty_receive() -> Message:
+    return {"type": "http.disconnect"}
 
 
 def create_app(
@@ -47,6 +89,7 @@ def create_app(
     version = str(service.manifest.get("sha256", ""))[:12]
     app = FastAPI(title="fuserec", version=version, lifespan=lifespan)
     app.state.service = service
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     install_metrics(app, model_version=version, model_name=service.manifest["algorithm"]["name"])
 
     @app.exception_handler(RequestValidationError)
