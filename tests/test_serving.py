@@ -394,11 +394,14 @@ def test_fuserec_show_prints_a_top_k_from_a_time_reading_model(outputs: Path) ->
     assert "from stacking" in result.output
 
 
-def test_an_unavailable_provider_is_refused_not_silently_replaced(outputs: Path, tmp_path: Path) -> None:
+def _has_cuda() -> bool:
     import onnxruntime as ort
 
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        pytest.skip("this machine has CUDA: the refusal path needs a provider that is absent")
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(_has_cuda(), reason="this machine has CUDA: the refusal needs a provider that is absent")
+def test_an_unavailable_provider_is_refused_not_silently_replaced(outputs: Path, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=r"CUDAExecutionProvider.*not available"):
         create_app(outputs, tmp_path / "e.sqlite", providers=["CUDAExecutionProvider"])
 
