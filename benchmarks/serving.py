@@ -131,7 +131,7 @@ def http_speed(outputs: Path, seconds: float, store: Path, max_batch: int, threa
 
         async def worker(seed: int) -> None:
             # a bare keep-alive HTTP/1.1 client: the load generator shares the 2 cores with the server, so
-            # it must cost far less per request than the server does (httpx cost ~1 ms of CPU per request)
+            # it must cost far less per request than the server does (httpx's per-request Python was not)
             nonlocal errors
             rng = np.random.default_rng(seed)
             reader, writer = await asyncio.open_connection("127.0.0.1", port)

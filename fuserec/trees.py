@@ -157,7 +157,8 @@ class TreeEnsemble:
     component); without it the row holds all ``F`` attributions. In Python (and torch eager) the leaves
     are found by :func:`leaf_indicator`'s matrix products. In an ONNX export the call becomes one
     ``ai.onnx.ml`` ``TreeEnsembleRegressor`` with ``1 + K`` targets (see :data:`TRANSLATIONS`):
-    onnxruntime's native trees were ~7x faster than the same products at serving batch sizes.
+    onnxruntime's native trees ran the ML-100k ranker (83 trees) over 360 rows in 0.27 ms against 3.9 ms
+    for the same products exported, and over 92,160 rows in 77 ms against 1.34 s.
     """
 
     def __init__(
