@@ -140,7 +140,7 @@ def predict_trees(tables: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[tor
     return summed[:, 0], summed[:, 1:]
 
 
-def base_value(arrays: dict[str, torch.Tensor]) -> torch.Tensor:
+def base_value(arrays: dict[str, Any]) -> Any:
     """Sum of the trees' root values: the output before any split is read."""
     return arrays["value"][:, 0].sum()
 

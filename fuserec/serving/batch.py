@@ -82,6 +82,21 @@ def read_user_ids(path: str | Path) -> tuple[list[str], int]:
     return unique, len(ids) - len(unique)
 
 
+def indexed_history(
+    store: SQLiteEventStore,
+    user_id: str,
+    index: dict[str, int],
+    max_history: int,
+    min_rating: float | None,
+    now: int,
+) -> tuple[list[int], int, bool]:
+    """One user's latest positive events as catalogue indices (items not in it dropped), the time of the
+    latest (``now`` if none), and whether the store had any; the one reading the service and batch share."""
+    events = store.history(user_id, max_history, min_rating)
+    items = [index[i] for i, _ in events if i in index]
+    return items, max((ts for _, ts in events), default=now), bool(events)
+
+
 def store_histories(
     store: SQLiteEventStore,
     user_ids: Sequence[str],
@@ -95,11 +110,10 @@ def store_histories(
     last = np.full(len(user_ids), now, dtype=np.int64)
     unknown: list[str] = []
     for row, user in enumerate(user_ids):
-        events = store.history(user, max_history, min_rating)
-        if not events:
+        history, last[row], found = indexed_history(store, user, index, max_history, min_rating, now)
+        if not found:
             unknown.append(user)
-        items.append([index[i] for i, _ in events if i in index])
-        last[row] = max((ts for _, ts in events), default=now)
+        items.append(history)
     return UserHistories(list(user_ids), items, last, unknown, f"event store {store.path}")
 
 

@@ -28,6 +28,7 @@ from fuserec.layout import Layout
 from fuserec.manifest import read_json
 from fuserec.onnx_model import OnnxRecommender
 from fuserec.rerank import Rerank, mmr_top_k, unit_vectors
+from fuserec.serving.batch import indexed_history
 from fuserec.serving.batcher import Batcher, Scored
 from fuserec.serving.coldstart import ColdStart, attribute_values, genre_sets
 from fuserec.serving.store import Event, SQLiteEventStore
@@ -128,7 +129,7 @@ class Service:
         if self.model.providers[0] != requested[0]:  # no silent fallback (e.g. CUDA asked, CPU given)
             raise RuntimeError(
                 f"asked onnxruntime for {requested[0]} but the session runs on {self.model.providers[0]}; "
-                "check the CUDA/cuDNN install or serve with --providers CPUExecutionProvider"
+                "check the CUDA/cuDNN install or serve with --provider CPUExecutionProvider"
             )
         log.info("serving %s on %s", self.manifest["algorithm"]["name"], self.model.providers[0])
         self.catalog = pd.read_parquet(layout.export / CATALOG_FILE)
@@ -172,9 +173,10 @@ class Service:
 
     def history(self, user_id: str, now: int) -> tuple[list[int], int]:
         """The user's latest positive events as catalogue indices, and the time of the latest one."""
-        events = self.store.history(user_id, self.max_history, self.threshold)
-        items = [self.index[i] for i, _ in events if i in self.index]
-        return items, max((ts for _, ts in events), default=now)
+        items, last, _ = indexed_history(
+            self.store, user_id, self.index, self.max_history, self.threshold, now
+        )
+        return items, last
 
     def plan(self, req: RecommendIn) -> Plan:
         """Everything about a request but the model run: validated ids, history, what may not be listed."""

@@ -46,7 +46,7 @@ from fuserec.fusion import (
     single_component,
 )
 from fuserec.histories import Histories
-from fuserec.trees import TreeEnsemble, booster_arrays
+from fuserec.trees import TreeEnsemble, base_value, booster_arrays
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -376,7 +376,7 @@ class Stacking(Fuser):
         rows = torch.nan_to_num(x.reshape(b * c, -1), nan=0.0)  # inf is clamped: the selector needs finite x
         summed = self._ensemble()(rows)  # [B*C, 1 + M]: the ranker's output, then each component's share
         out = summed[:, 0]
-        base = float(self.trees_["value"][:, 0].sum()) / m  # the trees' roots: the output before any split
+        base = float(base_value(self.trees_)) / m
         slot_parts = (summed[:, 1:] + base).reshape(b, c, m).permute(2, 0, 1)
         ranked = out.reshape(b, c).to(torch.float32)
         # below every candidate, ordered by the best component rank (and on the candidates' scale, so a
