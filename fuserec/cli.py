@@ -59,18 +59,20 @@ def tune(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
-    """Search hyper-parameters on the validation carve; write the best into configs/datasets/<source>.yaml."""
-    from fuserec.config import load_params
+    """Search hyper-parameters on the validation carve; write the best into configs/datasets/<source>.yaml.
+
+    Trials run as Prefect tasks on train.task_runner, train.workers at a time (threads, or Dask)."""
+    from fuserec.config import DATASET_SETTINGS_DIR, load_params
+    from fuserec.flows.tuning import run_tune
     from fuserec.tasks.clean import clean
     from fuserec.tasks.split import split
     from fuserec.tasks.validate import validate
-    from fuserec.tuning import tune as run_tune
 
     loaded = load_params(params, list(set_ or []))
     for stage_task in (validate, clean, split):
         stage_task.fn(loaded)
     table = Table("plugin", "metric", "validation", "best setting", "trials")
-    for name, record in run_tune(loaded).items():
+    for name, record in run_tune(loaded, DATASET_SETTINGS_DIR).items():
         best = {k: v for k, v in record["best"].items() if k != "seed"}
         table.add_row(
             name, record["metric"], f"{record['best_value']:.4f}", str(best), str(len(record["trials"]))

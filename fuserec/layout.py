@@ -38,6 +38,14 @@ class Layout:
         return self.models / name
 
     @property
+    def inner_models(self) -> Path:
+        """The fused components refitted on train' (what fusers learn from on validation)."""
+        return self.root / "inner_models"
+
+    def inner_model(self, name: str) -> Path:
+        return self.inner_models / name
+
+    @property
     def fusers(self) -> Path:
         """Fitted fusers (combination parameters only: the components are the trained models)."""
         return self.root / "fusers"

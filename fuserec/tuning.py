@@ -3,11 +3,18 @@
 Every trial fits on train' and scores the validation carve; test is never read. The best setting is
 written into ``configs/datasets/<data.source>.yaml`` so that ``fuserec run`` refits it on full train and
 scores test once; every trial is recorded in ``outputs/tuning/<plugin>.json``.
+
+Trials run in batches: optuna asks for ``batch`` settings at once (TPE with a constant liar, so a batch
+spreads out), a :data:`TrialRunner` scores them, and the results are told back in order. The plain runner
+scores one after another; the ``fuserec tune`` flow (:mod:`fuserec.flows.tuning`) submits each trial as a
+Prefect task on the train stage's task runner (threads, or Dask), ``train.workers`` at a time. With the
+same batch size, the same trials are asked and told in the same order, so the search is reproducible.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,32 +43,57 @@ def suggest(trial: Any, name: str, dim: SearchDim) -> Any:
     raise TypeError(f"search_space entry {name!r} is {dim!r}; use IntRange, FloatRange or Choice")
 
 
+# settings of one plugin -> (metric value, seconds) of each, in order
+TrialRunner = Callable[[list[dict[str, Any]]], list[tuple[float, float]]]
+
+
+def run_trial(
+    cls: type[Algorithm], config: dict[str, Any], carve: CarveData, metric: str
+) -> tuple[float, float]:
+    """Fit ``config`` on train' and return its ``metric`` on the validation carve, and the seconds taken."""
+    start = time.perf_counter()
+    metrics, _ = score_config(cls, config, carve, [int(metric.split("@")[1])])
+    return metrics[metric], time.perf_counter() - start
+
+
 def tune_algorithm(
-    cls: type[Algorithm], base: dict[str, Any], carve: CarveData, params: Params
+    cls: type[Algorithm],
+    base: dict[str, Any],
+    carve: CarveData | None,
+    params: Params,
+    run_trials: TrialRunner | None = None,
+    batch: int = 1,
 ) -> dict[str, Any]:
-    """Search ``cls.Config.search_space`` (starting from ``base``); returns the record of the search."""
+    """Search ``cls.Config.search_space`` (starting from ``base``); returns the record of the search.
+
+    ``run_trials`` scores a batch of settings (default: one after another on ``carve``); ``batch`` is how
+    many settings optuna proposes before it hears back.
+    """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = cls.Config.search_space
     metric = params.tune.metric
-    k = int(metric.split("@")[1])
+    if run_trials is None:
+        if carve is None:
+            raise ValueError("tune_algorithm needs the carve, or a run_trials that loads it")
+        run_trials = lambda configs: [run_trial(cls, c, carve, metric) for c in configs]  # noqa: E731
     trials: list[dict[str, Any]] = []
-
-    def objective(trial: optuna.Trial) -> float:
-        config = {**base, **{name: suggest(trial, name, dim) for name, dim in space.items()}}
-        start = time.perf_counter()
-        metrics, _ = score_config(cls, config, carve, [k])
-        trials.append({"config": config, metric: metrics[metric], "seconds": time.perf_counter() - start})
-        return metrics[metric]
-
     study = optuna.create_study(
-        direction="maximize", sampler=optuna.samplers.TPESampler(seed=params.train.seed)
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=params.train.seed, constant_liar=batch > 1),
     )
     current = cls.Config.model_validate(base).model_dump()
     study.enqueue_trial({name: current[name] for name in space})  # the current setting is trial 0
     n_trials = params.tune.n_trials if space else 1
-    study.optimize(objective, n_trials=n_trials, timeout=params.tune.timeout_s)
+    timeout = params.tune.timeout_s
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while len(trials) < n_trials and (deadline is None or time.monotonic() < deadline):
+        asked = [study.ask() for _ in range(min(batch, n_trials - len(trials)))]
+        configs = [{**base, **{name: suggest(t, name, dim) for name, dim in space.items()}} for t in asked]
+        for trial, config, (value, seconds) in zip(asked, configs, run_trials(configs), strict=True):
+            study.tell(trial, value)
+            trials.append({"config": config, metric: value, "seconds": seconds})
     best = {**base, **study.best_params}
     return {
         "metric": metric,
@@ -81,16 +113,25 @@ def write_settings(settings_file: Path, name: str, best: dict[str, Any]) -> None
     settings_file.write_text(SETTINGS_HEADER + yaml.safe_dump(settings, sort_keys=False))
 
 
-def tune(params: Params, settings_dir: Path = DATASET_SETTINGS_DIR) -> dict[str, dict[str, Any]]:
-    """Tune every plugin ``tune.algorithms`` names; needs the validate, clean and split outputs."""
+def tune(
+    params: Params,
+    settings_dir: Path = DATASET_SETTINGS_DIR,
+    runner_for: Callable[[str], TrialRunner] | None = None,
+    batch: int = 1,
+) -> dict[str, dict[str, Any]]:
+    """Tune every plugin ``tune.algorithms`` names; needs the validate, clean and split outputs.
+
+    ``runner_for(name)`` gives the :data:`TrialRunner` of a plugin (default: in this process, in turn).
+    """
     layout = Layout(params.outputs_dir)
-    carve = load_carve(layout.root, "validation")
+    carve = None if runner_for else load_carve(layout.root, "validation")
     settings_file = settings_dir / f"{params.data.source}.yaml"
     records = {}
     for name in resolve_names(params.tune.algorithms):
         cls = get_algorithm(name)
         base = {"seed": params.train.seed, **params.algorithm_config(name)}
-        record = tune_algorithm(cls, base, carve, params)
+        runner = runner_for(name) if runner_for else None
+        record = tune_algorithm(cls, base, carve, params, runner, batch)
         write_json(layout.root / "tuning" / f"{name}.json", record)
         write_settings(settings_file, name, record["best"])
         records[name] = record

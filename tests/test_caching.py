@@ -134,6 +134,8 @@ def test_a_plugins_key_reads_only_its_own_config(tmp_path: Path) -> None:
     assert key(_with(params, algorithms={"itemknn": {"k": 7}})) != base
     assert key(_with(params, train={"seed": 1})) != base
     assert key(params, "ease") != base
+    inner = cache_key(stage_spec("train-plugin", params, "itemknn", "train_inner"))
+    assert inner != base  # the fit on train' is its own task, keyed on train_inner.parquet
     # so does the training data
     (Layout(params.outputs_dir).split / "train.parquet").write_bytes(b"changed")
     assert key(params) != base

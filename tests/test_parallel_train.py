@@ -28,7 +28,7 @@ TINY: dict[str, Any] = {
 }
 UPSTREAM = ["validate", "clean", "split"]
 DOWNSTREAM = ["fuse", "evaluate", "export", "report"]
-TRAIN = [f"train[{name}]" for name in ALGORITHMS]
+TRAIN = [f"{carve}[{name}]" for carve in ("train", "train_inner") for name in ALGORITHMS]
 
 
 def _run(params_file: Path, overrides: list[str] | None = None) -> dict[str, str]:
@@ -62,12 +62,15 @@ def test_unchanged_reruns_hit_and_one_plugins_config_retrains_only_it(
 
     changed = ["algorithms.ease.l2=50"]
     third = _run(params_file, changed)
+    others = [t for t in TRAIN if "[ease]" not in t]
     assert third == {
-        **dict.fromkeys([*UPSTREAM, "train[popularity]", "train[itemknn]"], "Cached"),
+        **dict.fromkeys([*UPSTREAM, *others], "Cached"),
         "train[ease]": "Completed",
+        "train_inner[ease]": "Completed",  # fuse learns from the refitted ease; the others are loaded
         **dict.fromkeys(DOWNSTREAM, "Completed"),
     }
-    assert read_json(outputs / "models" / "ease" / "manifest.json")["config"]["l2"] == 50
+    for folder in ("models", "inner_models"):
+        assert read_json(outputs / folder / "ease" / "manifest.json")["config"]["l2"] == 50
     assert read_json(outputs / "metrics.json")["models"]["itemknn"] == metrics["models"]["itemknn"]
 
     # A cached result stands for files: delete one and that plugin (only) is fitted again, then cached.

@@ -110,9 +110,15 @@ def test_a_fuser_exports_as_one_onnx_graph_with_parity(small_params) -> None:
         "itemknn",
     ]
     assert manifest["parity"]["scores_match"] and manifest["parity"]["max_rel_diff"] < 1e-4
+    layout = Layout(params.outputs_dir)
+    # only the fused components are refitted on train', and fuse loads them rather than fitting
+    assert sorted(p.name for p in layout.inner_models.iterdir()) == ["content", "itemknn"]
     bad = Params.model_validate({**params.model_dump(by_alias=True), "fuse": {"components": ["ease"]}})
     with pytest.raises(ValueError, match=r"train\.algorithms"):
         fuse.fn(bad)
+    (layout.inner_model("content") / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="fuserec stage train"):
+        fuse.fn(params)
 
 
 def test_export_names_the_missing_model(small_params) -> None:

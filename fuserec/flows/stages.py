@@ -37,7 +37,7 @@ from fuserec.layout import Layout
 from fuserec.manifest import read_json
 from fuserec.registry import FUSERS_GROUP, plugin_info, resolve_names
 from fuserec.tasks.split import SPLIT_FILES
-from fuserec.tasks.train import limited_threads, prepare_training, threads_per_fit, train_plugin
+from fuserec.tasks.train import limited_threads, threads_per_fit, train_plugin, training_jobs
 
 logger = logging.getLogger(__name__)
 JOURNAL_FILE = "journal.jsonl"
@@ -73,19 +73,19 @@ def _manifest_names(folder: Path) -> list[str]:
     )
 
 
-def _data_inputs(layout: Layout, *, test: bool = True) -> dict[str, Path]:
+def _data_inputs(layout: Layout, *, test: bool = True, carve: str = "train") -> dict[str, Path]:
     inputs = {
         f"clean/{ITEMS_FILE}": layout.clean / ITEMS_FILE,
         f"clean/{USERS_FILE}": layout.clean / USERS_FILE,
-        "split/train": layout.split / SPLIT_FILES["train"],
+        f"split/{carve}": layout.split / SPLIT_FILES[carve],
     }
     if test:
         inputs["split/test"] = layout.split / SPLIT_FILES["test"]
     return inputs
 
 
-def stage_spec(stage: str, params: Params, plugin: str | None = None) -> StageSpec:
-    """What ``stage`` (``train-plugin`` with ``plugin``) reads and writes under ``params``."""
+def stage_spec(stage: str, params: Params, plugin: str | None = None, carve: str = "train") -> StageSpec:
+    """What ``stage`` (``train-plugin`` with ``plugin`` and ``carve``) reads and writes under ``params``."""
     layout = Layout(params.outputs_dir)
     root = layout.root
     if stage == "validate":
@@ -108,20 +108,27 @@ def stage_spec(stage: str, params: Params, plugin: str | None = None) -> StageSp
     if stage == "train-plugin":
         if plugin is None:
             raise ValueError("stage_spec('train-plugin') needs the plugin's name")
+        outputs = (f"inner_models/{plugin}",)
+        if carve == "train":
+            outputs = (f"models/{plugin}", f"curves/{plugin}.csv")
         return StageSpec(
-            f"train[{plugin}]",
-            _data_inputs(layout, test=False),
+            f"{carve}[{plugin}]",
+            _data_inputs(layout, test=False, carve=carve),
             {"train.seed": params.train.seed, f"algorithms.{plugin}": params.algorithm_config(plugin)},
             _code([plugin]),
-            (f"models/{plugin}", f"curves/{plugin}.csv"),
+            outputs,
             root,
         )
     models = _manifest_names(layout.models)
     if stage == "fuse":
+        # The components come fitted (inner_models/, keyed by content): no algorithm config is read here,
+        # so a change to one plugin refits that plugin only, and fuse just learns again.
         fusers = resolve_names(params.fuse.fusers, FUSERS_GROUP)
+        inner = _manifest_names(layout.inner_models)
         inputs = {
             **_data_inputs(layout, test=False),
-            "models": layout.models,
+            "models": layout.models,  # which models exist decides fuse.components: all
+            "inner_models": layout.inner_models,
             "split/train_inner": layout.split / SPLIT_FILES["train_inner"],
             "split/valid": layout.split / SPLIT_FILES["valid"],
         }
@@ -129,9 +136,8 @@ def stage_spec(stage: str, params: Params, plugin: str | None = None) -> StageSp
             "fuse": _dump(params.fuse),
             "train.seed": params.train.seed,
             **{f"fusers.{n}": params.fuser_config(n) for n in fusers},
-            **{f"algorithms.{n}": params.algorithm_config(n) for n in models},
         }
-        return StageSpec(stage, inputs, read, _code(models, fusers), ("fusers",), root)
+        return StageSpec(stage, inputs, read, _code(inner, fusers), ("fusers",), root)
     fitted = _manifest_names(layout.fusers)
     scored = {**_data_inputs(layout), "models": layout.models, "fusers": layout.fusers}
     if stage == "evaluate":
@@ -179,7 +185,7 @@ def stage_cache_key(ctx: TaskRunContext, inputs: dict[str, Any], *, stage: str) 
     """The stage's key when its recorded outputs are intact; ``None`` (run, do not reuse) when a result
     is stored under the key but the files it stands for were changed or deleted since."""
     params: Params = inputs["params"]
-    spec = stage_spec(stage, params, inputs.get("name"))
+    spec = stage_spec(stage, params, inputs.get("name"), inputs.get("carve", "train"))
     key = cache_key(spec)
     cache_dir = params.cache_dir
     _pending[ctx.task_run.id] = (key, spec, cache_dir)
@@ -278,14 +284,15 @@ def make_task_runner(cfg: TrainConfig) -> TaskRunner[Any]:
 
 @flow(name="train")
 def train_plugins(params: Params) -> str:
-    """Fit every requested plugin as its own task, ``train.workers`` at a time; fails if any fit fails."""
-    names = prepare_training(params)
+    """Fit every requested plugin on train (and the fused ones on train') as its own task,
+    ``train.workers`` at a time; fails if any fit fails."""
+    jobs = training_jobs(params)
     threads = threads_per_fit(params.train)
     task = stage_task("train-plugin", params)
     # Threads share this process: cap its torch/BLAS threads here. Dask workers cap their own.
     local = params.train.task_runner == "threads"
     with limited_threads(threads if local else None):
-        futures = [task.submit(name, params, None if local else threads) for name in names]
+        futures = [task.submit(name, params, None if local else threads, carve) for carve, name in jobs]
         wait(futures)
         for future in futures:
             future.result()  # raises the first failure, naming its plugin in the task run name

@@ -1,7 +1,7 @@
 """Fuse: learn every fuser on the validation carve, never on test.
 
-The components are refitted on train' (the same plugins and settings as the train stage), each fuser
-learns from their scores of validation users, and only the combination is saved. At evaluation and
+The train stage also fits every fused component on train' (``inner_models/``, same plugins and settings);
+each fuser learns from their scores of validation users, and only the combination is saved. At evaluation and
 export a fuser is bound to the models the train stage fitted on full train, so test is scored once
 through the same arithmetic that was learned.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from prefect import task
@@ -23,21 +24,32 @@ from fuserec.layout import Layout
 from fuserec.manifest import file_sha256, read_json, write_manifest
 from fuserec.registry import FUSERS_GROUP, get_fuser, plugin_info, resolve_names
 from fuserec.tasks.split import SPLIT_FILES
-from fuserec.tasks.train import load_algorithm, make_algorithm, trained_models
+from fuserec.tasks.train import fused_components, load_algorithm, trained_models
 
 
 def component_names(params: Params, layout: Layout) -> list[str]:
     """The algorithms to fuse: ``fuse.components``, each of which the train stage must have fitted."""
-    trained = [p.name for p in trained_models(layout)]
-    if params.fuse.components == "all":
-        return trained
-    missing = [n for n in params.fuse.components if n not in trained]
-    if missing:
-        raise ValueError(
-            f"fuse.components names {missing}, which the train stage did not fit (trained: {trained}). "
-            "To fix: add them to train.algorithms, or remove them from fuse.components in params.yaml"
-        )
-    return list(params.fuse.components)
+    return fused_components(params, [p.name for p in trained_models(layout)])
+
+
+def load_inner_models(names: list[str], layout: Layout, data_sha256: str) -> dict[str, Algorithm]:
+    """The train stage's fits on train' of ``names``; refuses missing ones and fits of other data."""
+    fitted: dict[str, Algorithm] = {}
+    for name in names:
+        folder = layout.inner_model(name)
+        if not (folder / "manifest.json").exists():
+            raise FileNotFoundError(
+                f"{folder}: no fit of {name!r} on train', which the fuse stage learns from. To fix: run "
+                "the train stage first (`fuserec stage train`, `dvc repro train` or `fuserec run`)"
+            )
+        manifest: dict[str, Any] = read_json(folder / "manifest.json")
+        if manifest["data_sha256"] != data_sha256:
+            raise ValueError(
+                f"{folder} was fitted on another train' than outputs/split has now (data_sha256 differs). "
+                "To fix: run the train stage again after the split stage"
+            )
+        fitted[name] = load_algorithm(folder)
+    return fitted
 
 
 def fitted_fusers(layout: Layout) -> list[Path]:
@@ -71,9 +83,8 @@ def fuse(params: Params) -> str:
     inner = Dataset.load(layout.clean, interactions=inner_file)
     valid = pd.read_parquet(layout.split / SPLIT_FILES["valid"])
     train = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES["train"])
-    start = time.perf_counter()
-    fitted: dict[str, Algorithm] = {name: make_algorithm(name, params).fit(inner) for name in components}
-    components_s = time.perf_counter() - start
+    fitted = load_inner_models(components, layout, file_sha256(inner_file))
+    components_s = sum(read_json(layout.inner_model(n) / "manifest.json")["fit_seconds"] for n in components)
     for name in names:
         cls = get_fuser(name)
         config = cls.Config.model_validate({"seed": params.train.seed, **params.fuser_config(name)})

@@ -1,9 +1,12 @@
-"""Train: fit every algorithm that ``train.algorithms`` names (found through the registry) on train.
+"""Train: fit every algorithm that ``train.algorithms`` names (found through the registry).
 
-``train`` fits them one after another (``fuserec stage train``, so ``dvc repro``); the Prefect flow runs
-one :func:`train_plugin` task per plugin instead, concurrently and each with its own cache key
-(:mod:`fuserec.flows.stages`). Both write the same files: each plugin is seeded from its own config, so the
-order and concurrency of the fits do not change what is learned.
+Each plugin is fitted on train (``models/``, what evaluate and export serve) and, when fusion uses it
+(``fuse.components``), once more on train' (``inner_models/``, what fusers learn from on validation: the
+fuse stage only loads them). ``train`` runs the fits one after another (``fuserec stage train``, so
+``dvc repro``); the Prefect flow runs one :func:`train_plugin` task per plugin and carve instead,
+concurrently and each with its own cache key (:mod:`fuserec.flows.stages`). Both write the same files: each
+plugin is seeded from its own config, so the order and concurrency of the fits do not change what is
+learned.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from fuserec.manifest import file_sha256, read_json, write_manifest
 from fuserec.registry import get_algorithm, plugin_info, resolve_names
 from fuserec.tasks.split import SPLIT_FILES
 
+CARVES = ("train", "train_inner")  # what a plugin is fitted on: the full train split, or train'
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -46,15 +51,18 @@ def make_algorithm(name: str, params: Params) -> Algorithm:
     return cls(config)
 
 
-def fit_algorithm(name: str, params: Params, data: Dataset, out_dir: Path, data_hash: str) -> Path:
-    """Fit one plugin with its params.yaml config and save it with a manifest."""
+def fit_algorithm(
+    name: str, params: Params, data: Dataset, out_dir: Path, data_hash: str, curve: Path | None = None
+) -> Path:
+    """Fit one plugin with its params.yaml config and save it with a manifest (and its curve, if given)."""
     algo = make_algorithm(name, params)
     config = algo.config
     start = time.perf_counter()
     algo.fit(data)
     seconds = time.perf_counter() - start
     algo.save(out_dir)
-    write_training_log(algo, Layout(params.outputs_dir).curves / f"{name}.csv")
+    if curve is not None:
+        write_training_log(algo, curve)
     info = plugin_info(name)
     write_manifest(
         out_dir,
@@ -88,11 +96,35 @@ def load_algorithm(folder: Path) -> Algorithm:
     return get_algorithm(manifest["name"]).load(folder)
 
 
-def trained_models(layout: Layout) -> list[Path]:
-    """Model folders the train stage wrote (those with a manifest), sorted by name."""
-    if not layout.models.exists():
+def trained_models(layout: Layout, carve: str = "train") -> list[Path]:
+    """Model folders the train stage wrote for ``carve`` (those with a manifest), sorted by name."""
+    folder = layout.models if carve == "train" else layout.inner_models
+    if not folder.exists():
         return []
-    return sorted(p for p in layout.models.iterdir() if (p / "manifest.json").exists())
+    return sorted(p for p in folder.iterdir() if (p / "manifest.json").exists())
+
+
+def model_folder(layout: Layout, name: str, carve: str) -> Path:
+    return layout.model(name) if carve == "train" else layout.inner_model(name)
+
+
+def fused_components(params: Params, trained: list[str]) -> list[str]:
+    """The algorithms to fuse: ``fuse.components``, each of which the train stage must fit."""
+    if params.fuse.components == "all":
+        return list(trained)
+    missing = [n for n in params.fuse.components if n not in trained]
+    if missing:
+        raise ValueError(
+            f"fuse.components names {missing}, which the train stage does not fit (trained: {trained}). "
+            "To fix: add them to train.algorithms, or remove them from fuse.components in params.yaml"
+        )
+    return list(params.fuse.components)
+
+
+def training_jobs(params: Params) -> list[tuple[str, str]]:
+    """``(carve, plugin)`` fits of the train stage: every plugin on train, the fused ones on train' too."""
+    names = prepare_training(params)
+    return [("train", n) for n in names] + [("train_inner", n) for n in fused_components(params, names)]
 
 
 def prepare_training(params: Params) -> list[str]:
@@ -103,10 +135,12 @@ def prepare_training(params: Params) -> list[str]:
         raise RuntimeError(
             "no algorithm plugin is installed; run `fuserec plugins` to see what failed to load"
         )
-    # Models of plugins no longer requested must not linger into evaluation.
-    for stale in trained_models(layout):
-        if stale.name not in names:
-            shutil.rmtree(stale)
+    inner = fused_components(params, names)
+    # Models of plugins no longer requested must not linger into evaluation or fusion.
+    for carve, wanted in (("train", names), ("train_inner", inner)):
+        for stale in trained_models(layout, carve):
+            if stale.name not in wanted:
+                shutil.rmtree(stale)
     layout.curves.mkdir(parents=True, exist_ok=True)  # a DVC plots output: present even when empty
     for curve in layout.curves.glob("*.csv"):
         if curve.stem not in names:
@@ -114,31 +148,40 @@ def prepare_training(params: Params) -> list[str]:
     return names
 
 
+def fit_plugin(name: str, params: Params, carve: str, data: Dataset | None = None) -> Path:
+    """Fit ``name`` on ``carve`` (loaded unless given) into its models/ or inner_models/ folder."""
+    if carve not in CARVES:
+        raise ValueError(f"carve must be one of {CARVES}, not {carve!r}")
+    layout = Layout(params.outputs_dir)
+    split_file = layout.split / SPLIT_FILES[carve]
+    if data is None:
+        data = Dataset.load(layout.clean, interactions=split_file)
+    curve = layout.curves / f"{name}.csv" if carve == "train" else None  # DVC plots: the served fit's
+    folder = model_folder(layout, name, carve)
+    return fit_algorithm(name, params, data, folder, file_sha256(split_file), curve)
+
+
 @task(name="train")
 def train(params: Params) -> str:
     layout = Layout(params.outputs_dir)
-    train_file = layout.split / SPLIT_FILES["train"]
-    names = prepare_training(params)
-    data = Dataset.load(layout.clean, interactions=train_file)
-    data_hash = file_sha256(train_file)
-    for name in names:
-        fit_algorithm(name, params, data, layout.model(name), data_hash)
+    jobs = training_jobs(params)
+    for carve in CARVES:
+        names = [name for c, name in jobs if c == carve]
+        data = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES[carve]) if names else None
+        for name in names:
+            fit_plugin(name, params, carve, data)
     return str(layout.models)
 
 
-@task(name="train-plugin", task_run_name="train[{name}]")
-def train_plugin(name: str, params: Params, threads: int | None = None) -> str:
-    """Fit one plugin (one task per plugin, so each has its own cache key and they can run concurrently).
+@task(name="train-plugin", task_run_name="{carve}[{name}]")
+def train_plugin(name: str, params: Params, threads: int | None = None, carve: str = "train") -> str:
+    """Fit one plugin on one carve (a task each, so each has its own cache key and they run concurrently).
 
     Takes a name and the params, not a dataset, so that a Dask worker process can run it: it reads the
     split from ``params.outputs``, which must therefore be visible to every worker.
     """
-    layout = Layout(params.outputs_dir)
-    train_file = layout.split / SPLIT_FILES["train"]
     with limited_threads(threads):
-        data = Dataset.load(layout.clean, interactions=train_file)
-        fit_algorithm(name, params, data, layout.model(name), file_sha256(train_file))
-    return str(layout.model(name))
+        return str(fit_plugin(name, params, carve))
 
 
 def threads_per_fit(cfg: TrainConfig) -> int:
