@@ -84,6 +84,15 @@ def stage_windows(journal: list[dict[str, Any]], start: float) -> dict[str, tupl
     return windows
 
 
+def fit_seconds(outputs: Path) -> dict[str, float]:
+    """Each plugin's fit time from its manifest, on train and on train' (whichever invocation fitted it)."""
+    found = {}
+    for carve, folder in (("train", "models"), ("train_inner", "inner_models")):
+        for manifest in sorted((outputs / folder).glob("*/manifest.json")):
+            found[f"{carve}[{manifest.parent.name}]"] = json.loads(manifest.read_text())["fit_seconds"]
+    return found
+
+
 def run_size(n: int, shape: tuple[int, int], work: Path, resume: bool, extra: list[str]) -> dict[str, Any]:
     outputs = work / f"synthetic-{n}"
     if outputs.exists() and not resume:
@@ -112,8 +121,11 @@ def run_size(n: int, shape: tuple[int, int], work: Path, resume: bool, extra: li
     sampler.join()
     journal_file = outputs / ".cache" / "journal.jsonl"
     lines = journal_file.read_text().splitlines() if journal_file.exists() else []
-    journal = [r for r in map(json.loads, lines) if r["time"] >= start]
+    everything = [json.loads(line) for line in lines]
+    journal = [r for r in everything if r["time"] >= start]
     windows = stage_windows(journal, start)
+    # Seconds of each task's latest completed run, whichever invocation ran it (a resumed run reuses some).
+    task_seconds = {r["task"]: r.get("seconds") for r in everything if r["state"] == "Completed"}
     row: dict[str, Any] = {
         "interactions": n,
         "users": users,
@@ -129,6 +141,8 @@ def run_size(n: int, shape: tuple[int, int], work: Path, resume: bool, extra: li
             }
             for stage, (a, b) in windows.items()
         },
+        "task_seconds": task_seconds,
+        "fit_seconds": fit_seconds(outputs),
         "overrides": extra,
     }
     metrics_file = outputs / "metrics.json"
@@ -166,6 +180,13 @@ def main() -> None:
             parser.error(f"no MovieLens shape for {n}; choose from {sorted(SHAPES)}")
         row = run_size(n, SHAPES[n], args.work, args.resume, args.extra)
         row["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        before = [r for r in result["rows"] if r["interactions"] == n]
+        if args.resume and before:  # the earlier invocations of a resumed run, newest last
+            earlier = before[0].pop("earlier_invocations", [])
+            row["earlier_invocations"] = [*earlier, before[0]]
+            row["peak_rss_gib_all_invocations"] = max(
+                r["peak_rss_gib"] for r in [row, *row["earlier_invocations"]]
+            )
         result["rows"] = [r for r in result["rows"] if r["interactions"] != n] + [row]
         result["rows"].sort(key=lambda r: r["interactions"])
         args.out.write_text(json.dumps(result, indent=1) + "\n")

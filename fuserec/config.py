@@ -218,6 +218,18 @@ class CacheConfig(_Section):
     refresh: bool = Field(False, description="recompute every stage and overwrite its cache entry")
 
 
+class RetriesConfig(_Section):
+    """Retries of the tasks that read or write storage or a remote (validate, drift, promote, dvc-push).
+
+    Only transient I/O errors retry (:func:`fuserec.retries.is_transient`): a missing file, a permission
+    error or bad data fails at once, since waiting would not change them.
+    """
+
+    attempts: int = Field(3, ge=0, description="retries after the first failure; 0 = none")
+    delay_s: float = Field(2.0, ge=0.0, description="first wait; doubled at every retry (exponential)")
+    jitter: float = Field(0.5, ge=0.0, description="each wait varies by up to this share of it")
+
+
 class Params(_Section):
     """All of ``params.yaml``."""
 
@@ -232,6 +244,7 @@ class Params(_Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    retries: RetriesConfig = Field(default_factory=RetriesConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     algorithms: dict[str, dict[str, Any]] = Field(default_factory=dict)

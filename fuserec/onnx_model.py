@@ -95,9 +95,12 @@ class TimedTopKModel(TopKModel):
 def export_onnx(
     algo: Algorithm, path: str | Path, k: int, opset: int = 18, reranker: Reranker | None = None
 ) -> Path:
-    """Export ``algo``'s scoring as one self-contained ONNX file with dynamic batch and history length.
+    """Export ``algo``'s scoring as one ONNX graph with dynamic batch and history length.
 
     With a ``reranker``, ``top_items`` are the re-ranked (diversified) list and ``top_scores`` their scores.
+    The file is self-contained unless the weights pass :data:`EXTERNAL_DATA_BYTES` (protobuf cannot hold
+    2 GiB, e.g. userknn's dense user matrix at ML-10M size): then they go to ``<file>.data`` beside it,
+    which onnxruntime reads from the same folder.
     """
     from torch.export import Dim
 
@@ -128,8 +131,17 @@ def export_onnx(
             verbose=False,
             custom_translation_table=TRANSLATIONS,
         )
-    program.save(str(path), external_data=False)
+    program.save(str(path), external_data=weight_bytes(model) > EXTERNAL_DATA_BYTES)
     return path
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers: what the exported graph stores as initializers."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+EXTERNAL_DATA_BYTES = 1 << 30  # above 1 GiB of weights, store them beside the graph (protobuf: 2 GiB)
 
 
 class OnnxRecommender:

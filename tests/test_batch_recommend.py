@@ -95,6 +95,21 @@ def test_rows_have_the_documented_shape_and_unknown_users_are_served(
     catalog = pd.read_parquet(Layout(outputs).export / "catalog.parquet")
     titles = dict(zip(catalog["item_id"].astype(str), catalog["title"].astype(str), strict=True))
     assert frame["title"].tolist() == [titles[i] for i in frame["item_id"]]
+    # streamed: one Parquet row group per scored batch of 3 users, never the whole result in memory
+    import pyarrow.parquet as pq
+
+    assert pq.ParquetFile(tmp_path / "recs.parquet").num_row_groups == 2
+
+
+def test_a_failed_batch_leaves_no_partial_file(tmp_path: Path) -> None:
+    from fuserec.serving.batch import RowWriter
+
+    out = tmp_path / "recs.parquet"
+    row = pd.DataFrame({"user_id": ["u"], "rank": [1], "item_id": ["i"], "title": ["t"], "score": [1.0]})
+    with pytest.raises(RuntimeError, match="scoring died"), RowWriter(out) as writer:
+        writer.write(row)
+        raise RuntimeError("scoring died")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_seen_items_are_excluded(outputs: Path, train_frame: pd.DataFrame, tmp_path: Path) -> None:

@@ -40,6 +40,8 @@ def _run(params_file: Path, overrides: list[str] | None = None) -> dict[str, str
     seen = len(read_journal(cache_dir))
     train_pipeline(str(params_file), overrides)
     rows = read_journal(cache_dir)[seen:]
+    for row in rows:  # a task that ran says how long it took (benchmarks/scale.py reads it)
+        assert (row["seconds"] is not None and row["seconds"] >= 0) == (row["state"] == "Completed"), row
     states = {row["task"]: row["state"] for row in rows}
     assert len(states) == len(rows), f"a task ran twice in one run: {rows}"
     return states

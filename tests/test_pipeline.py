@@ -18,7 +18,7 @@ from .plugin_fixtures import install_broken_plugins, on_path
 
 pytestmark = pytest.mark.integration
 
-REPO_FILES = ("dvc.yaml", "params.yaml", "configs", "fuserec", ".dvc/config", ".dvcignore")
+REPO_FILES = ("dvc.yaml", "params.yaml", "configs", "fuserec", ".dvc/config", ".dvc/plots", ".dvcignore")
 
 
 def _copy_project(dest: Path) -> Path:
@@ -85,3 +85,38 @@ def test_dvc_repro_in_a_fresh_copy_matches_the_flow(flow_run: Path, tmp_path: Pa
     assert dvc_metrics["protocol"] == flow_metrics["protocol"]
     status = subprocess.run(["dvc", "status"], cwd=project, env=env, capture_output=True, text=True)
     assert "up to date" in status.stdout.lower(), status.stdout
+
+    # Every declared plot renders through the project's template: Vega inlined, no CDN, no network.
+    shown = subprocess.run(
+        ["dvc", "plots", "show", "-o", str(tmp_path / "plots")],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert shown.returncode == 0 and "failed" not in shown.stdout + shown.stderr, shown.stdout + shown.stderr
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert "cdn.jsdelivr" not in page and 'src="http' not in page
+    assert "vegaEmbed" in page and "rerank_curve.csv" in page and "gating_weights.csv" in page
+
+    # The default local remote (../fuserec-dvc-remote beside the project) takes a real push.
+    from fuserec.flows.deployments import dvc_push
+
+    params = load_params(project / "params.yaml", [f"outputs={project / 'outputs'}"])
+    assert dvc_push.fn(params, cwd=project) == {"pushed": True, "remote": "local"}
+    pushed = [p for p in (tmp_path / "fuserec-dvc-remote").rglob("*") if p.is_file()]
+    assert len(pushed) > 10
+
+    # A parameter sweep is a DVC experiment: only the stages reading the changed key rerun.
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "add", "-A"], cwd=project, check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=project, check=True, capture_output=True)
+    exp = subprocess.run(
+        ["dvc", "exp", "run", "-S", "fusers.rrf.k=5"], cwd=project, env=env, capture_output=True, text=True
+    )
+    assert exp.returncode == 0, exp.stdout + exp.stderr
+    ran = exp.stdout + exp.stderr
+    assert "Running stage 'fuse'" in ran and "Running stage 'train'" not in ran, ran
+    swept = read_json(project / "outputs" / "metrics.json")
+    assert swept["models"] == dvc_metrics["models"]
+    assert swept["fusers"]["rrf"] != dvc_metrics["fusers"]["rrf"]

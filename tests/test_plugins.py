@@ -72,3 +72,19 @@ def test_served_graph_treats_out_of_catalog_ids_as_padding(tmp_path: Path) -> No
     scores, _, _ = session.run(hostile)
     clean = algo.score(Histories.from_lists([[0, 1, 2]], 40))[0]
     np.testing.assert_allclose(scores[0], clean, rtol=1e-5)
+
+
+def test_weights_over_the_limit_go_beside_the_graph(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Protobuf cannot hold 2 GiB: big models keep their weights in ``model.onnx.data``, same answers."""
+    import fuserec.onnx_model as onnx_model
+
+    algo = ItemKNN({"k": 10}).fit(planted_dataset())
+    whole = export_onnx(algo, tmp_path / "whole" / "model.onnx", k=5)
+    assert not (tmp_path / "whole" / "model.onnx.data").exists()
+    monkeypatch.setattr(onnx_model, "EXTERNAL_DATA_BYTES", 0)
+    split = export_onnx(algo, tmp_path / "split" / "model.onnx", k=5)
+    weights = tmp_path / "split" / "model.onnx.data"
+    assert weights.exists() and split.stat().st_size < whole.stat().st_size
+    padded = HIST.to_padded()
+    for a, b in zip(OnnxRecommender(whole).run(padded), OnnxRecommender(split).run(padded), strict=True):
+        np.testing.assert_array_equal(a, b)

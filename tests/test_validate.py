@@ -385,6 +385,7 @@ def test_parquet_source_with_typed_columns(tmp_path: Path) -> None:
             "i": np.array([10.0, 11.0, np.nan, 10.0]),  # a float id column with a null
             "stars": [4.0, 5.5, 3.0, 2.0],
             "when": np.array([100, 200, 300, 400], dtype=np.int64),
+            "device": ["web", "app", "web", "tv"],  # a column the table does not use: never read
         }
     )
     inter.to_parquet(tmp_path / "inter.parquet", index=False)
@@ -411,6 +412,28 @@ def test_parquet_source_with_typed_columns(tmp_path: Path) -> None:
     items = pd.read_parquet(out / "validated" / "items.parquet")
     assert items["title"].tolist() == ["Ten", "Eleven"] and items["year"].tolist() == [2001, 2002]
     assert report["tables"]["users"]["derived_from"] == "interactions"
+
+
+def test_parquet_reads_only_the_columns_a_table_uses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.parquet as pq
+
+    pd.DataFrame({"u": [1, 2], "i": [3, 4], "device": ["web", "tv"], "blob": ["x" * 100] * 2}).to_parquet(
+        tmp_path / "inter.parquet", index=False
+    )
+    asked: list[list[str] | None] = []
+    real = pq.read_table
+
+    def recording(path: object, columns: list[str] | None = None, **kw: object) -> object:
+        asked.append(columns)
+        return real(path, columns=columns, **kw)
+
+    monkeypatch.setattr(pq, "read_table", recording)
+    cfg = DataConfig.model_validate(
+        {"source": "parquet", "columns": {"user_id": "u", "item_id": "i", "rating": None, "timestamp": None},
+         "files": {"interactions": "inter.parquet"}}
+    )  # fmt: skip
+    source = load_generic(tmp_path, cfg)
+    assert asked == [["u", "i"]] and source.interactions["user_id"].tolist() == [1, 2]
 
 
 def test_missing_parquet_file(tmp_path: Path) -> None:

@@ -152,8 +152,11 @@ def _read_table(
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        raw = pq.read_table(path).to_pandas()
-        raw.columns = found
+        # Only the columns the table uses (a wide export can carry many others): less to read and hold.
+        wanted = {*mapping.values(), *optional.values()}
+        keep = [i for i, n in enumerate(found) if keep_extra or n in wanted]
+        raw = pq.read_table(path, columns=[names[i] for i in keep]).to_pandas()
+        raw.columns = [found[i] for i in keep]
         raw = raw.reset_index(drop=True)
         raw[SOURCE_COL] = str(path)
         raw[LINE_COL] = np.arange(1, len(raw) + 1, dtype=np.int64)

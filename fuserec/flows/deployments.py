@@ -25,6 +25,7 @@ from prefect import flow, task
 import fuserec._env  # noqa: F401
 from fuserec.config import Params, load_params
 from fuserec.flows.pipeline import train_pipeline
+from fuserec.retries import RemoteCommandError, with_io_retries
 from fuserec.tasks.drift import drift
 from fuserec.tasks.evaluate import evaluate as evaluate_stage
 from fuserec.tasks.promote import CURRENT, promote
@@ -71,7 +72,7 @@ def dvc_push(params: Params, cwd: Path = Path(".")) -> dict[str, Any]:
     for args in (["commit", "--force"], ["push", "--remote", remote]):
         done = subprocess.run([*_dvc(), *args], cwd=cwd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(
+            raise RemoteCommandError(
                 f"`dvc {' '.join(args)}` failed ({done.returncode}): {done.stderr.strip()[-2000:]}\n"
                 f"The model was promoted; fix the remote (`dvc remote list`) and run `dvc push` by hand."
             )
@@ -83,13 +84,14 @@ def nightly_retrain(params_file: str = "params.yaml", overrides: list[str] | Non
     """Drift check -> train pipeline (subflow) -> promotion -> ``dvc push`` if promoted and configured."""
     overrides = list(overrides or [])
     params = load_params(params_file, overrides)
-    drift_report = drift(params)
+    drift_report = with_io_retries(drift, params.retries)(params)
     print(f"drift: {drift_report.get('status')} ({len(drift_report.get('warnings', []))} warnings)")
     stages = train_pipeline(params_file, overrides)
-    decision = promote(params)
+    decision = with_io_retries(promote, params.retries)(params)
     pushed: dict[str, Any] = {"pushed": False, "why": "not promoted"}
     if decision["decision"] == "promoted":
-        pushed = dvc_push(params) if params.promote.dvc_push else {"pushed": False, "why": "dvc_push off"}
+        push = with_io_retries(dvc_push, params.retries)
+        pushed = push(params) if params.promote.dvc_push else {"pushed": False, "why": "dvc_push off"}
     print(f"dvc: {pushed}")
     return {"drift": drift_report.get("status"), "stages": stages, "promotion": decision, "dvc": pushed}
 

@@ -36,11 +36,13 @@ from fuserec.data.dataset import ITEMS_FILE, USERS_FILE
 from fuserec.layout import Layout
 from fuserec.manifest import read_json
 from fuserec.registry import FUSERS_GROUP, plugin_info, resolve_names
+from fuserec.retries import with_io_retries
 from fuserec.tasks.split import SPLIT_FILES
 from fuserec.tasks.train import limited_threads, threads_per_fit, train_plugin, training_jobs
 
 logger = logging.getLogger(__name__)
 JOURNAL_FILE = "journal.jsonl"
+IO_STAGES = ("validate",)  # reads the data source (a network mount, an export being rewritten)
 
 # --------------------------------------------------------------------------------------------------
 # What each stage reads and writes (mirrors dvc.yaml, but per plugin and by content)
@@ -207,8 +209,11 @@ def _after_run(task: Task[..., Any], task_run: Any, state: Any) -> None:
         return
     if state.name != "Cached":
         write_record(cache_dir, key, spec)
+    now = time.time()
+    started = getattr(task_run, "start_time", None)  # set when the task entered Running; None for a hit
     entry = {
-        "time": round(time.time(), 3),
+        "time": round(now, 3),
+        "seconds": round(now - started.timestamp(), 3) if started is not None else None,
         "flow_run": str(task_run.flow_run_id),
         "task": spec.stage,
         "state": state.name,
@@ -240,6 +245,8 @@ def stage_task(stage: str, params: Params) -> Task[..., str]:
         if stage == "train-plugin"
         else getattr(importlib.import_module(f"fuserec.tasks.{stage}"), stage)
     )
+    if stage in IO_STAGES:
+        base = with_io_retries(base, params.retries)
     if not params.cache.enabled:
         return base.with_options(cache_policy=NO_CACHE, persist_result=False)
     cache_dir = params.cache_dir

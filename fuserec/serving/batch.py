@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,7 @@ from fuserec.tasks.export import CATALOG_FILE, MODEL_FILE
 from fuserec.tasks.split import SPLIT_FILES
 
 OUTPUT_COLUMNS = ["user_id", "rank", "item_id", "title", "score"]
+OUTPUT_TYPES = ("string", "int64", "string", "string", "float64")  # Arrow types of the Parquet output
 OUTPUT_SUFFIXES = (".parquet", ".csv")
 EXAMPLES = 5  # unknown user ids quoted in the summary
 
@@ -223,16 +225,49 @@ def score_batches(
         yield stop - start, frame
 
 
-def _empty_rows() -> pd.DataFrame:
-    """Typed zero rows, so an empty users file still writes a file with the right columns."""
-    return pd.DataFrame(
-        {
-            "user": np.zeros(0, np.int64),
-            "rank": np.zeros(0, np.int64),
-            "item": np.zeros(0, np.int64),
-            "score": np.zeros(0, np.float64),
-        }
-    )
+class RowWriter:
+    """Writes result rows batch by batch (Parquet row groups, or CSV appends), so memory does not grow
+    with the number of users; the file appears under its name only once complete (a temporary file is
+    renamed), so a crashed job never leaves a truncated result for the next step to read."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.partial = out.with_name(f".{out.name}.partial")
+        self.csv = out.suffix.lower() == ".csv"
+        self._parquet: Any = None
+
+    def __enter__(self) -> RowWriter:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.partial.unlink(missing_ok=True)
+        if self.csv:
+            pd.DataFrame(columns=OUTPUT_COLUMNS).to_csv(self.partial, index=False)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            schema = pa.schema(
+                [(c, pa.type_for_alias(t)) for c, t in zip(OUTPUT_COLUMNS, OUTPUT_TYPES, strict=True)]
+            )
+            self._parquet = pq.ParquetWriter(self.partial, schema)
+        return self
+
+    def write(self, frame: pd.DataFrame) -> None:
+        if self.csv:
+            frame.to_csv(self.partial, mode="a", header=False, index=False)
+            return
+        import pyarrow as pa
+
+        self._parquet.write_table(
+            pa.Table.from_pandas(frame, schema=self._parquet.schema, preserve_index=False)
+        )
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if self._parquet is not None:
+            self._parquet.close()
+        if exc_type is None:
+            self.partial.replace(self.out)
+        else:
+            self.partial.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -294,33 +329,30 @@ def recommend_batch(
     else:
         histories = training_histories(layout, user_ids, max_history, now)
 
-    frames = [_empty_rows()]
-    with _progress(len(user_ids), progress) as advance:
+    rows = 0
+    with _progress(len(user_ids), progress) as advance, RowWriter(out) as writer:
         cold = ColdStart(layout, len(item_ids), genre_sets(catalog))
+        user_array = np.asarray(user_ids, dtype=object)
         for done, frame in score_batches(model, histories, len(item_ids), k, batch_size, cold):
-            frames.append(frame)
+            at_user, at_item = frame["user"].to_numpy(np.int64), frame["item"].to_numpy(np.int64)
+            writer.write(
+                pd.DataFrame(
+                    {
+                        "user_id": user_array[at_user],
+                        "rank": frame["rank"].to_numpy(np.int64),
+                        "item_id": item_ids[at_item],
+                        "title": titles[at_item],
+                        "score": frame["score"].to_numpy(np.float64),
+                    },
+                    columns=OUTPUT_COLUMNS,
+                )
+            )
+            rows += len(frame)
             advance(done)
-    rows = pd.concat(frames, ignore_index=True)
-    at_user, at_item = rows["user"].to_numpy(np.int64), rows["item"].to_numpy(np.int64)
-    result = pd.DataFrame(
-        {
-            "user_id": np.asarray(user_ids, dtype=object)[at_user] if user_ids else np.zeros(0, object),
-            "rank": rows["rank"].to_numpy(np.int64),
-            "item_id": item_ids[at_item],
-            "title": titles[at_item],
-            "score": rows["score"].to_numpy(np.float64),
-        },
-        columns=OUTPUT_COLUMNS,
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".csv":
-        result.to_csv(out, index=False)
-    else:
-        result.to_parquet(out, index=False)
     return BatchSummary(
         out=out,
         users=len(user_ids),
-        rows=len(result),
+        rows=rows,
         empty_histories=sum(1 for h in histories.items if not h),
         unknown=len(histories.unknown),
         unknown_examples=histories.unknown[:EXAMPLES],

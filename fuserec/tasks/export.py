@@ -135,7 +135,10 @@ def export(params: Params) -> str:
         with_history = int((data.histories().lengths > 0).sum())
         bonus = novelty_bonus(data.item_popularity(), with_history)
         reranker = Reranker(rerank, item_content_vectors(data.items), bonus)
+    for stale in (out / MODEL_FILE, out / f"{MODEL_FILE}.data"):  # a previous export's weights file
+        stale.unlink(missing_ok=True)
     onnx_path = export_onnx(algo, out / MODEL_FILE, cfg.k, cfg.opset, reranker)
+    weights = out / f"{MODEL_FILE}.data"
     session = OnnxRecommender(onnx_path, cfg.providers)
     parity = parity_check(algo, session, parity_batch(data, test), cfg.k, reranker)
     # a lone one-item history: the length-1 shape that once broke ALS's fold-in (a served user's first event)
@@ -154,6 +157,7 @@ def export(params: Params) -> str:
         algorithm=read_json(folder / "manifest.json"),
         file=MODEL_FILE,
         sha256=file_sha256(onnx_path),
+        external_data=weights.name if weights.exists() else None,  # over 1 GiB of weights: kept beside
         input={
             "name": INPUT_NAME,
             "dtype": "int64",

@@ -142,6 +142,7 @@ def prepare_training(params: Params) -> list[str]:
             if stale.name not in wanted:
                 shutil.rmtree(stale)
     layout.curves.mkdir(parents=True, exist_ok=True)  # a DVC plots output: present even when empty
+    layout.inner_models.mkdir(parents=True, exist_ok=True)  # a DVC output too, empty with no components
     for curve in layout.curves.glob("*.csv"):
         if curve.stem not in names:
             curve.unlink()
