@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from fuserec.data.dataset import Dataset
@@ -79,3 +80,30 @@ def test_idf_weighting_changes_similarity_not_score_support() -> None:
     scores = algo.score(HIST)[0]
     assert scores[4] == 0 and scores[2] > 0  # only neighbours' (binary) items are scored
     assert algo.explain(np.array([0, 1]), 2)["neighbours"][0][0] == 0  # item 2 comes from u0
+
+
+class TestUserKNNSparse(AlgorithmTests):
+    """The whole kit again with scoring forced onto the sparse path (the ONNX graph stays dense)."""
+
+    algorithm = UserKNN
+    config: ClassVar[dict] = {"k": 20, "shrinkage": 5.0, "exponent": 2.0, "dense_max_cells": 0}
+
+
+def test_the_sparse_path_scores_like_the_dense_module() -> None:
+    from fuserec.testing import planted_dataset
+
+    data = planted_dataset()
+    histories = data.histories()
+    for weighting in ("none", "idf"):
+        config = {"k": 5, "shrinkage": 2.0, "exponent": 1.5, "weighting": weighting}
+        dense = UserKNN(config).fit(data)
+        sparse = UserKNN({**config, "dense_max_cells": 0}).fit(data)
+        assert dense._dense_scoring() and not sparse._dense_scoring()
+        np.testing.assert_allclose(sparse.score(histories), dense.score(histories), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            sparse.user_representation(histories), dense.user_representation(histories), rtol=1e-5, atol=1e-7
+        )
+    item = int(np.argmax(dense.score(Histories.from_lists([[0, 1]], data.n_items))[0]))
+    assert sparse.explain(np.array([0, 1]), item)["score"] == pytest.approx(
+        dense.explain(np.array([0, 1]), item)["score"]
+    )

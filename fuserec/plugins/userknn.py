@@ -7,10 +7,15 @@ similar users, and ``score = sum_v sim_v ** exponent * X_v``. A new user is ther
 alone, with no per-user state, and the exported graph is a matmul, a top-k over users, a mask and a
 second matmul.
 
-Memory: ``X`` is stored dense, ``n_users x n_items`` float32 (ML-100k: 943 x 1682 = 6.3 MB), once in the
-model and once as the ONNX buffer, and scoring a batch of B histories builds ``[B, n_users]`` and
-``[B, n_items]`` float32 blocks. Fine up to some 10^4 x 10^4; beyond that a sparse or sampled neighbour
-pool is needed.
+Memory and speed: ``X`` is kept sparse (CSR). Up to ``dense_max_cells`` user x item cells (2^25, e.g.
+ML-1M's 6,040 x 3,706) ``score()`` runs the torch module on a dense copy, the same arithmetic as the ONNX
+graph. Above it ``score()`` stays sparse: ``(h w^2) X^T`` touches only the users who share an item with
+the history, and the neighbours' rows are summed sparsely, so ML-10M's 70k users cost seconds where the
+dense ``[B, n_users] x [n_users, n_items]`` products took the better part of an hour on 2 cores. The
+exported graph is still the dense module (``X`` as a float32 buffer: 3 GB at ML-10M size, stored beside
+the graph as external data). With the default binary weighting the similarities are sums of ones, exact in
+both paths, so they select the same neighbours; with ``idf`` a tie at the k-th neighbour may fall either
+way between the two.
 
 The neighbour cut is tie-tolerant: every user whose similarity reaches the k-th largest value is kept, so
 ``score()``, the torch module and onnxruntime agree whichever of several tied users each top-k picks.
@@ -25,6 +30,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar, Literal, Self
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from pydantic import Field
 
@@ -62,15 +68,19 @@ class UserKNNConfig(AlgorithmConfig):
         "none", description="item weighting in the cosine only; scores sum binary rows"
     )
     batch_size: int = Field(1024, ge=1, description="histories scored per block in score()")
+    dense_max_cells: int = Field(
+        1 << 25, ge=0, description="score through a dense X up to this many users x items; sparse above"
+    )
 
 
 class UserKNN(Algorithm):
     Config = UserKNNConfig
 
     def fit(self, data: Dataset) -> Self:
-        x = data.matrix().astype(np.float32)
+        x = data.matrix().astype(np.float32).tocsr()
+        x.data[:] = 1.0
         n_users, n_items = x.shape
-        self.matrix_ = x.toarray()
+        self.csr_ = x
         self.item_weights_ = _item_weights(np.asarray(x.sum(axis=0)).ravel(), n_users, self.config.weighting)
         # Norm of each weighted row X_v * w, computed once in float64.
         sq = x @ (self.item_weights_.astype(np.float64) ** 2)
@@ -78,6 +88,15 @@ class UserKNN(Algorithm):
         self.n_items_ = n_items
         self._module = None
         return self
+
+    @property
+    def matrix_(self) -> np.ndarray:
+        """The dense binary X (built on demand: the exported graph and small catalogs use it)."""
+        return self.csr_.toarray()
+
+    def _dense_scoring(self) -> bool:
+        n_users, n_items = self.csr_.shape
+        return n_users * n_items <= self.config.dense_max_cells
 
     def _scorer(self) -> _UserKNNModule:
         if getattr(self, "_module", None) is None:
@@ -93,19 +112,42 @@ class UserKNN(Algorithm):
 
     def score(self, histories: Histories) -> np.ndarray:
         self._check_fitted()
-        module = self._scorer()
         out = np.empty((len(histories), histories.n_items), dtype=np.float32)
         step = self.config.batch_size
+        dense = self._dense_scoring()
         with torch.no_grad():
             for start in range(0, len(histories), step):
                 rows = np.arange(start, min(start + step, len(histories)))
-                hot = torch.from_numpy(histories.select(rows).to_csr().toarray())
-                out[rows] = module.from_multi_hot(hot).numpy()
+                hot = histories.select(rows).to_csr()
+                if dense:
+                    out[rows] = self._scorer().from_multi_hot(torch.from_numpy(hot.toarray())).numpy()
+                else:
+                    out[rows] = (self._sparse_weights(hot) @ self.csr_).toarray()
         return out
+
+    def _sparse_similarities(self, hot: sp.csr_matrix) -> np.ndarray:
+        """:meth:`_UserKNNModule.similarities` without dense products: ``[B, n_users]`` float32."""
+        w = self.item_weights_
+        h = hot.astype(np.float32).multiply(w[None, :]).tocsr()
+        dots = np.asarray((h.multiply(w[None, :]).tocsr() @ self.csr_.T).toarray(), dtype=np.float32)
+        h_norm = np.sqrt(np.asarray(h.multiply(h).sum(axis=1), dtype=np.float32))
+        denom = h_norm * self.norms_[None, :] + np.float32(self.config.shrinkage)
+        return dots / np.maximum(denom, np.float32(1e-12))
+
+    def _sparse_weights(self, hot: sp.csr_matrix) -> sp.csr_matrix:
+        """:meth:`_UserKNNModule.neighbour_weights`, sparse ``[B, n_users]``: k users a row, plus ties."""
+        sim = self._sparse_similarities(hot)
+        k = max(1, min(self.config.k, sim.shape[1]))
+        kth = np.partition(sim, sim.shape[1] - k, axis=1)[:, -k][:, None]
+        keep = (sim >= kth) & (sim > 0)
+        powered = np.power(np.clip(sim, 0.0, None), np.float32(self.config.exponent), dtype=np.float32)
+        return sp.csr_matrix(np.where(keep, powered, np.float32(0.0)))
 
     def user_representation(self, histories: Histories) -> np.ndarray:
         """Similarity of each history to every training user, ``[batch, n_train_users]``: who it resembles."""
         self._check_fitted()
+        if not self._dense_scoring():
+            return self._sparse_similarities(histories.to_csr())
         with torch.no_grad():
             hot = torch.from_numpy(histories.to_csr().toarray())
             return self._scorer().similarities(hot).numpy()
@@ -113,9 +155,13 @@ class UserKNN(Algorithm):
     def explain(self, history: np.ndarray, item: int) -> dict[str, object]:
         """The neighbours (training-user rows) that gave ``item`` its score, with their contributions."""
         hist = Histories.from_lists([np.unique(history).tolist()], self._check_fitted())
-        with torch.no_grad():
-            weights = self._scorer().neighbour_weights(torch.from_numpy(hist.to_csr().toarray()))[0].numpy()
-        contrib = weights * self.matrix_[:, item]
+        if self._dense_scoring():
+            with torch.no_grad():
+                hot = torch.from_numpy(hist.to_csr().toarray())
+                weights = self._scorer().neighbour_weights(hot)[0].numpy()
+        else:
+            weights = self._sparse_weights(hist.to_csr()).toarray()[0]
+        contrib = weights * self.csr_[:, item].toarray().ravel()
         ranked = sorted(((int(v), float(contrib[v])) for v in np.flatnonzero(contrib)), key=lambda kv: -kv[1])
         return {"score": float(contrib.sum()), "neighbours": ranked}
 
@@ -125,13 +171,21 @@ class UserKNN(Algorithm):
 
     def get_state(self) -> dict[str, np.ndarray]:
         return {
-            "matrix": self.matrix_,
+            "indptr": self.csr_.indptr,
+            "indices": self.csr_.indices,
+            "shape": np.asarray(self.csr_.shape, dtype=np.int64),
             "norms": self.norms_,
             "item_weights": self.item_weights_,
         }
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
-        self.matrix_ = state["matrix"].astype(np.float32)
+        if "matrix" in state:  # saved before X was kept sparse
+            self.csr_ = sp.csr_matrix(state["matrix"].astype(np.float32))
+        else:
+            indices = state["indices"]
+            ones = np.ones(len(indices), dtype=np.float32)
+            shape = tuple(int(v) for v in state["shape"])
+            self.csr_ = sp.csr_matrix((ones, indices, state["indptr"]), shape=shape)
         self.norms_ = state["norms"].astype(np.float32)
         self.item_weights_ = state["item_weights"].astype(np.float32)
         self._module = None

@@ -141,12 +141,19 @@ class Gating(Fuser):
         params = {k: torch.from_numpy(v).to(scores.device) for k, v in self.gate_.items()}
         return self.gate(x, signal, params)
 
-    def weights_for(self, histories: Histories) -> np.ndarray:
-        """``float32 [B, M]``: per-history weights over the components (``names_`` order); rows sum to 1."""
-        seen = torch.from_numpy(histories.to_csr().toarray() > 0)
-        with torch.no_grad():
-            scores = self.component_scores(histories)
-            weights = self._weights(scores, seen, masked_zscore(scores, seen))
+    def weights_for(self, histories: Histories, batch: int = 1024) -> np.ndarray:
+        """``float32 [B, M]``: per-history weights over the components (``names_`` order); rows sum to 1.
+
+        Scored ``batch`` histories at a time: the components' scores are ``[M, batch, n_items]`` floats,
+        which for every test user at once would not fit in memory on a large catalog."""
+        parts = []
+        for start in range(0, len(histories), batch):
+            chunk = histories.select(np.arange(start, min(start + batch, len(histories))))
+            seen = torch.from_numpy(chunk.to_csr().toarray() > 0)
+            with torch.no_grad():
+                scores = self.component_scores(chunk)
+                parts.append(self._weights(scores, seen, masked_zscore(scores, seen)))
+        weights = torch.cat(parts) if parts else torch.zeros(0, len(self._check_fitted_names()))
         if getattr(self, "fallback_", -1) >= 0:  # what is served: the fallback component alone
             weights = torch.zeros_like(weights)
             weights[:, self.fallback_] = 1.0

@@ -98,7 +98,12 @@ class StackingConfig(FuserConfig):
     recent_days: float = Field(30.0, gt=0.0, description="window of the recent-popularity feature")
     max_time_buckets: int = Field(1024, ge=1, description="resolution of the popularity-over-time table")
     content_dims: int = Field(64, ge=1, description="content vectors are reduced to this many dimensions")
-    max_users: int | None = Field(None, ge=1, description="validation users to learn from (None = all)")
+    max_users: int | None = Field(
+        10_000,
+        ge=1,
+        description="validation users to learn from (None = all): their [components, users, items] "
+        "scores are held at once (5 GB at ML-10M size); 10,000 users give the ranker ~10^6 candidate rows",
+    )
     batch_users: int = Field(64, ge=1, description="users scored per chunk (bounds memory of the tree walk)")
     threads: int = Field(2, ge=1, description="LightGBM threads")
     fallback: bool = Field(
