@@ -210,10 +210,11 @@ def _after_run(task: Task[..., Any], task_run: Any, state: Any) -> None:
     if state.name != "Cached":
         write_record(cache_dir, key, spec)
     now = time.time()
-    started = getattr(task_run, "start_time", None)  # set when the task entered Running; None for a hit
+    started = getattr(task_run, "start_time", None)  # when the task entered Running
+    ran = state.name != "Cached" and started is not None
     entry = {
         "time": round(now, 3),
-        "seconds": round(now - started.timestamp(), 3) if started is not None else None,
+        "seconds": round(now - started.timestamp(), 3) if ran else None,  # None for a cache hit
         "flow_run": str(task_run.flow_run_id),
         "task": spec.stage,
         "state": state.name,
