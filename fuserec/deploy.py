@@ -43,10 +43,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _prefect() -> list[str]:
-    """The prefect CLI of this interpreter, whatever PATH says (a worker started by cron has a bare PATH)."""
-    beside = Path(sys.executable).with_name("prefect")
-    return [str(beside)] if beside.exists() else [sys.executable, "-m", "prefect"]
+def env_cli(name: str) -> list[str]:
+    """The ``name`` CLI (prefect, dvc) of this interpreter's environment, whatever PATH says (a worker
+    started by cron has a bare PATH): the script beside the interpreter, else ``python -m name``."""
+    beside = Path(sys.executable).with_name(name)
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", name]
 
 
 def server_env(
@@ -101,7 +102,7 @@ def start_server(
     url = api_url(host, port)
     out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - outlives this call
     process = subprocess.Popen(
-        [*_prefect(), "server", "start", "--host", host, "--port", str(port)],
+        [*env_cli("prefect"), "server", "start", "--host", host, "--port", str(port)],
         env=server_env(url, home) | {"PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "false")},
         stdout=out,
         stderr=subprocess.STDOUT,
@@ -144,7 +145,7 @@ def deploy(url: str, names: list[str] | None = None, cwd: Path = REPO, timeout: 
     """``prefect --no-prompt deploy`` of ``names`` (default: all of prefect.yaml); returns its output."""
     targets = [arg for name in names for arg in ("--name", name)] if names else ["--all"]
     done = subprocess.run(
-        [*_prefect(), "--no-prompt", "deploy", *targets],
+        [*env_cli("prefect"), "--no-prompt", "deploy", *targets],
         cwd=cwd,
         env=server_env(url),
         capture_output=True,
@@ -170,7 +171,7 @@ def start_worker(
     """``prefect worker start --pool POOL`` in its own process group; flow runs are its subprocesses."""
     out = open(log, "ab") if log is not None else None  # noqa: SIM115 - outlives this call
     return subprocess.Popen(
-        [*_prefect(), "worker", "start", "--pool", pool, "--type", "process"],
+        [*env_cli("prefect"), "worker", "start", "--pool", pool, "--type", "process"],
         cwd=cwd,
         env=server_env(url) | dict(env or {}),
         stdout=out,

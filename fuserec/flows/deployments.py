@@ -13,9 +13,7 @@ deployment's parameters are the same as the CLI's and ``params.yaml`` stays the 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from prefect import flow, task
 
 import fuserec._env  # noqa: F401
 from fuserec.config import Params, load_params
+from fuserec.deploy import env_cli
 from fuserec.flows.pipeline import train_pipeline
 from fuserec.retries import RemoteCommandError, with_io_retries
 from fuserec.tasks.drift import drift
@@ -33,19 +32,13 @@ from fuserec.tasks.promote import CURRENT, promote
 DVC_TRACKED_OUTPUTS = "outputs"  # dvc.yaml's paths assume params.outputs == outputs
 
 
-def _dvc() -> list[str]:
-    """The dvc of this environment (the worker's PATH may not hold the venv's bin)."""
-    beside = Path(sys.executable).with_name("dvc")
-    return [str(beside)] if beside.exists() else [shutil.which("dvc") or "dvc"]
-
-
 def dvc_remote(cwd: Path = Path(".")) -> str | None:
     """The default DVC remote's name, or None when the project has none (or is not a DVC repo)."""
     if not (cwd / ".dvc").is_dir():
         return None
     try:
         done = subprocess.run(
-            [*_dvc(), "remote", "default"], cwd=cwd, capture_output=True, text=True, timeout=120
+            [*env_cli("dvc"), "remote", "default"], cwd=cwd, capture_output=True, text=True, timeout=120
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -70,7 +63,7 @@ def dvc_push(params: Params, cwd: Path = Path(".")) -> dict[str, Any]:
             "why": "no default DVC remote; add one with `dvc remote add -d local ../fuserec-dvc-remote`",
         }
     for args in (["commit", "--force"], ["push", "--remote", remote]):
-        done = subprocess.run([*_dvc(), *args], cwd=cwd, capture_output=True, text=True)
+        done = subprocess.run([*env_cli("dvc"), *args], cwd=cwd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RemoteCommandError(
                 f"`dvc {' '.join(args)}` failed ({done.returncode}): {done.stderr.strip()[-2000:]}\n"

@@ -84,6 +84,13 @@ def read_user_ids(path: str | Path) -> tuple[list[str], int]:
     return unique, len(ids) - len(unique)
 
 
+def catalog_titles(catalog: pd.DataFrame) -> np.ndarray:
+    """Each item's title as text, ``""`` when missing: what ``/recommend`` and batch rows both show."""
+    if "title" not in catalog:
+        return np.full(len(catalog), "", dtype=object)
+    return catalog["title"].fillna("").astype(str).to_numpy()
+
+
 def indexed_history(
     store: SQLiteEventStore,
     user_id: str,
@@ -310,9 +317,7 @@ def recommend_batch(
     model = OnnxRecommender(layout.export / MODEL_FILE, providers or manifest["providers"])
     catalog = pd.read_parquet(layout.export / CATALOG_FILE)
     item_ids = catalog["item_id"].astype(str).to_numpy()
-    titles = (
-        catalog["title"].astype(str).to_numpy() if "title" in catalog else np.full(len(catalog), "", object)
-    )
+    titles = catalog_titles(catalog)
     max_history = int(manifest["max_history"])
     user_ids, duplicates = read_user_ids(users)
     now = int(time.time()) if now is None else int(now)

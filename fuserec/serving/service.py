@@ -28,7 +28,7 @@ from fuserec.layout import Layout
 from fuserec.manifest import read_json
 from fuserec.onnx_model import OnnxRecommender
 from fuserec.rerank import Rerank, mmr_top_k, unit_vectors
-from fuserec.serving.batch import indexed_history
+from fuserec.serving.batch import catalog_titles, indexed_history
 from fuserec.serving.batcher import Batcher, Scored
 from fuserec.serving.coldstart import ColdStart, attribute_values, genre_sets
 from fuserec.serving.store import Event, SQLiteEventStore
@@ -134,8 +134,7 @@ class Service:
         log.info("serving %s on %s", self.manifest["algorithm"]["name"], self.model.providers[0])
         self.catalog = pd.read_parquet(layout.export / CATALOG_FILE)
         self.item_ids = self.catalog["item_id"].astype(str).to_numpy()
-        titles = self.catalog.get("title", pd.Series([""] * len(self.catalog)))
-        self.titles = titles.fillna("").astype(str).tolist()
+        self.titles = catalog_titles(self.catalog).tolist()
         self.index = {item: i for i, item in enumerate(self.item_ids)}
         self.n_items = len(self.item_ids)
         self.max_history = int(self.manifest["max_history"])
