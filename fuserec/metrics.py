@@ -19,7 +19,8 @@ Conventions
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -43,6 +44,7 @@ __all__ = [
 ]
 
 ScoreFn = Callable[[np.ndarray], np.ndarray]
+T = TypeVar("T")
 
 # Sort keys used by ``top_k`` (ascending = better). Finite and infinite scores map into
 # (-2**63 + 1, 2**63 - 2) exclusive; these two sit above every real score.
@@ -423,19 +425,41 @@ def rank_users(
 
     Rows not scored stay -1. One batch of dense scores is held at a time.
     """
-    train = sp.csr_matrix(train)
-    n_items = train.shape[1]
     todo = np.flatnonzero(scored)
     topk = np.full((users.size, k), -1, dtype=np.int64)
-    for start in range(0, todo.size, batch_size):
-        pos = todo[start : start + batch_size]
-        rows = users[pos]
-        scores = np.asarray(score_fn(rows))
-        if scores.shape != (rows.size, n_items):
-            raise ValueError(f"score_fn returned shape {scores.shape}, expected {(rows.size, n_items)}")
-        topk[pos] = top_k(scores, k, exclude=train[rows])
-        del scores
+    topk[todo] = rank_together({"": score_fn}, lambda rows: rows, users[todo], train, k, batch_size)[""]
     return topk
+
+
+def rank_together(
+    score_fns: Mapping[str, Callable[[T], np.ndarray]],
+    batch: Callable[[np.ndarray], T],
+    users: np.ndarray,
+    train: sp.spmatrix | sp.sparray,
+    k: int,
+    batch_size: int = 1024,
+) -> dict[str, np.ndarray]:
+    """Top-k lists of ``users`` for several scorers, batch by batch: every scorer sees a batch in turn.
+
+    ``batch(rows)`` builds what the scorers read (e.g. the histories of those user rows), once per batch
+    and shared by all, so scorers that reuse each other's scores of the same batch (a fuser and its
+    components) can. Returns ``int64 [len(users), k]`` per name, training items excluded.
+    """
+    train = sp.csr_matrix(train)
+    n_items = train.shape[1]
+    out = {name: np.full((users.size, k), -1, dtype=np.int64) for name in score_fns}
+    for start in range(0, users.size, batch_size):
+        rows = users[start : start + batch_size]
+        shared, exclude = batch(rows), train[rows]
+        for name, score_fn in score_fns.items():
+            scores = np.asarray(score_fn(shared))
+            if scores.shape != (rows.size, n_items):
+                raise ValueError(
+                    f"{name or 'score_fn'} returned shape {scores.shape}, expected {(rows.size, n_items)}"
+                )
+            out[name][start : start + rows.size] = top_k(scores, k, exclude=exclude)
+            del scores
+    return out
 
 
 def evaluate_scores(

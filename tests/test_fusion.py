@@ -94,3 +94,25 @@ def test_zscore_of_a_constant_row_exports_without_nan(tmp_path) -> None:
     names = [i.name for i in session.get_inputs()]
     out = session.run(None, dict(zip(names, [scores.numpy(), seen.numpy()], strict=True)))[0]
     assert np.isfinite(out).all() and not out.any()
+
+
+def test_shared_scores_score_each_batch_once_and_cannot_be_edited() -> None:
+    from fuserec.fusion import SharedScores
+    from fuserec.histories import Histories
+
+    class Counting:
+        calls = 0
+        name = "counting"
+
+        def score(self, histories: Histories) -> np.ndarray:
+            Counting.calls += 1
+            return np.arange(len(histories) * 4, dtype=np.float32).reshape(len(histories), 4)
+
+    shared = SharedScores(Counting())  # type: ignore[arg-type]
+    batch = Histories.from_lists([[0], [1, 2]], 4)
+    first = shared.score(batch)
+    assert shared.score(batch) is first and Counting.calls == 1 and shared.name == "counting"
+    with pytest.raises(ValueError, match="read-only"):
+        first[0, 0] = 1.0
+    shared.score(Histories.from_lists([[0], [1, 2]], 4))  # an equal but new batch is scored again
+    assert Counting.calls == 2

@@ -174,3 +174,32 @@ def test_attributes_join_python_scores_only_when_users_are_known() -> None:
             torch.from_numpy(Histories.from_lists([[], [3, 7]], n).to_padded())
         ).numpy()
     np.testing.assert_allclose(onnx_like, anonymous[1:], rtol=1e-5, atol=1e-6)
+
+
+def test_an_epoch_takes_at_most_max_steps_and_scores_from_one_propagation() -> None:
+    """Each step re-propagates the graph: above ``user_batch * max_steps`` users the batch grows instead."""
+    from fuserec.plugins.kg import KGConfig, _Trainer, epoch_batch
+    from fuserec.testing import planted_dataset
+
+    assert epoch_batch(100, 128, 64) == 128 and epoch_batch(70_000, 128, 64) == 1094
+    assert epoch_batch(128 * 64 + 1, 128, 64) == 129
+    data = planted_dataset()
+    assert data.n_users > 2 * 3
+    trainer = _Trainer(data, KGConfig(**{**FAST, "user_batch": 2, "max_steps": 3}), torch.device("cpu"))
+    calls = {"propagate": 0}
+    propagate = trainer.propagate
+
+    def counted(*args: object) -> object:
+        calls["propagate"] += 1
+        return propagate(*args)
+
+    trainer.propagate = counted  # type: ignore[method-assign]
+    trainer.train_epoch()
+    assert calls["propagate"] == 3  # many more users than 2 x 3: three steps of larger batches
+    hist = data.histories()
+    first = trainer.score(hist.select(np.arange(5)))
+    again = trainer.score(hist.select(np.arange(5, 10)))
+    assert calls["propagate"] == 4  # one propagation scores every block of this epoch
+    trainer.train_epoch()
+    assert not np.allclose(trainer.score(hist.select(np.arange(5))), first)  # a new epoch, new scores
+    assert again.shape == (5, data.n_items)

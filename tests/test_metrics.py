@@ -21,6 +21,8 @@ from fuserec.metrics import (
     novelty_at_k,
     popularity_rank,
     precision_at_k,
+    rank_together,
+    rank_users,
     recall_at_k,
     reciprocal_rank_at_k,
     self_information,
@@ -343,3 +345,25 @@ def test_evaluate_scores_per_user_output_and_skips_users_without_truth():
         assert np.isnan(v[0]) and np.isnan(v[2])
     assert agg["n_users"] == int((np.diff(truth[users].indptr) > 0).sum())
     assert agg["ndcg@10"] == pytest.approx(np.nanmean(per_user["ndcg@10"]))
+
+
+def test_rank_together_builds_each_batch_once_and_matches_rank_users() -> None:
+    rng = np.random.default_rng(3)
+    scores = {"a": rng.random((9, 6)), "b": rng.random((9, 6))}
+    train = sp.csr_matrix(rng.random((9, 6)) < 0.3)
+    users = np.array([0, 2, 3, 5, 8])
+    built: list[list[int]] = []
+
+    def batch(rows: np.ndarray) -> np.ndarray:
+        built.append(rows.tolist())
+        return rows
+
+    together = rank_together(
+        {name: (lambda rows, s=s: s[rows]) for name, s in scores.items()}, batch, users, train, 3, 2
+    )
+    assert built == [[0, 2], [3, 5], [8]]
+    for name, s in scores.items():
+        alone = rank_users(lambda rows, s=s: s[rows], users, train, np.ones(5, bool), 3, 4)
+        assert np.array_equal(together[name], alone)
+    with pytest.raises(ValueError, match="b returned shape"):
+        rank_together({"b": lambda rows: scores["b"][rows, :5]}, batch, users, train, 3, 2)

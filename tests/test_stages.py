@@ -6,12 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fuserec.data.dataset import Dataset
 from fuserec.layout import Layout
 from fuserec.manifest import read_json
 from fuserec.tasks.clean import clean
-from fuserec.tasks.evaluate import evaluate
+from fuserec.tasks.evaluate import evaluate, evaluate_model
 from fuserec.tasks.export import export
-from fuserec.tasks.fuse import fuse
+from fuserec.tasks.fuse import fuse, load_fuser
 from fuserec.tasks.report import report as report_stage
 from fuserec.tasks.split import split
 from fuserec.tasks.train import train
@@ -60,6 +61,13 @@ def test_stages_in_order_write_what_the_next_reads(small_params) -> None:
     assert low <= significance["all_users"]["mean_difference"] <= high
     assert 0.0 <= significance["all_users"]["p_value"] <= 1.0
     assert 0.0 <= metrics["models"]["itemknn"]["diversity@10"] <= 1.0
+    # The stage scores each batch once per model and lets the fusers reuse those scores: the same
+    # metrics as scoring each fuser on its own, with its own components.
+    data = Dataset.load(layout.clean, interactions=layout.split / "train.parquet")
+    test = pd.read_parquet(layout.split / "test.parquet")
+    for name in ("stacking", "weighted"):
+        alone = evaluate_model(load_fuser(layout.fuser(name), layout), data, test, [5, 10], 64, False)
+        assert alone["ndcg@10"] == pytest.approx(metrics["fusers"][name]["ndcg@10"], abs=1e-6)
     curve = metrics["rerank"]["curve"]
     assert metrics["rerank"]["scorer"] == "stacking" and len(curve) == 12
     assert curve[-4]["diversity@10"] >= curve[0]["diversity@10"]  # the strongest MMR weight diversifies

@@ -54,7 +54,12 @@ Explanations walk the graph: each history item's exact share of the score (``u``
 history) is spread over its two-hop paths to the item (through a shared entity, or through the users
 who interacted with both) in proportion to their normalised-adjacency walk weights; the heaviest path
 is ``best_path``. Cost: an epoch is ``users / user_batch`` steps, each a sparse propagation over the
-graph and a dense ``[user_batch, n_items]`` softmax, about one second on ML-100k on one core.
+graph and a dense ``[user_batch, n_items]`` softmax, about one second on ML-100k on one core. A step's
+propagation costs the same whatever its batch, so with more users than ``user_batch * max_steps`` the
+batch grows instead of the step count: an epoch then costs ``max_steps`` propagations plus a softmax
+over every user, linear in the data. (At the ML-10M shape, 70k users, 546 steps of 128 users took
+about 1,200 s per epoch on one core.) ML-100k and ML-1M have fewer users than 128 x 64 and are
+unaffected.
 """
 
 from __future__ import annotations
@@ -122,7 +127,10 @@ class KGConfig(TorchConfig):
     threads: int | None = Field(
         1, ge=1, description="torch CPU threads while training (small steps: 1 is fastest)"
     )
-    user_batch: int = Field(128, ge=1, description="users per optimiser step")
+    user_batch: int = Field(128, ge=1, description="users per optimiser step (at least; see max_steps)")
+    max_steps: int = Field(
+        64, ge=1, description="optimiser steps per epoch at most: each re-propagates the whole graph"
+    )
     score_batch_size: int = Field(1024, ge=1, description="histories scored per block in score()")
     max_epochs: int = Field(
         80, ge=1, description="upper bound on epochs (early stopping usually ends sooner)"
@@ -433,6 +441,11 @@ class _ExplainGraph:
         return out
 
 
+def epoch_batch(n_users: int, user_batch: int, max_steps: int) -> int:
+    """Users per step: ``user_batch``, or more when that would need over ``max_steps`` steps."""
+    return max(user_batch, -(-n_users // max_steps))
+
+
 def _tail_gate(seen: sp.csr_matrix, log_popularity: np.ndarray, share: float) -> float:
     """Tail affinity below which a history gets the slot: the ``share`` quantile over training users.
 
@@ -548,6 +561,7 @@ class _Trainer:
             [_tail_gate(self.hist.to_csr(), self.log_popularity.numpy(), cfg.tail_users)]
         )
         self.user_attr = torch.from_numpy(self.graph.user_attr.toarray()).to(device)
+        self._scoring: KnowledgeGraph | None = None  # this epoch's parameters, for score()
 
     def propagate(
         self, adj: torch.Tensor, inv_sqrt_degree: torch.Tensor
@@ -593,8 +607,9 @@ class _Trainer:
         adj, inv_sqrt_degree = _normalised(self.graph.adjacency(cfg.entity_weight, edges), self.device)
         users = self.rng.permutation(np.flatnonzero(np.diff(targets.indptr)))
         total, count = 0.0, 0
-        for start in range(0, len(users), cfg.user_batch):
-            batch = users[start : start + cfg.user_batch]
+        step = epoch_batch(len(users), cfg.user_batch, cfg.max_steps)
+        for start in range(0, len(users), step):
+            batch = users[start : start + step]
             context, attr_context, items = self.propagate(adj, inv_sqrt_degree)
             x_in = torch.from_numpy(inputs[batch].toarray()).to(self.device)
             x_target = torch.from_numpy(targets[batch].toarray()).to(self.device)
@@ -611,6 +626,7 @@ class _Trainer:
             self.opt.step()
             total += float(loss.detach()) * float(n_targets)
             count += int(n_targets)
+        self._scoring = None
         return total / max(count, 1)
 
     def scorer(self) -> _KGModule:
@@ -630,11 +646,14 @@ class _Trainer:
         )
 
     def score(self, histories: Histories) -> np.ndarray:
-        algo = KnowledgeGraph(self.cfg)
-        algo.state_ = {
-            **{k: v.numpy() for k, v in self.scorer().arrays().items()},
-            "user_attr": self.graph.user_attr.toarray(),
-        }
-        algo._module = None
-        algo.n_items_ = self.graph.sizes[0]
-        return algo.score(histories)
+        """Scores with this epoch's parameters; one propagation per epoch, however many blocks ask."""
+        if self._scoring is None:
+            algo = KnowledgeGraph(self.cfg)
+            algo.state_ = {
+                **{k: v.numpy() for k, v in self.scorer().arrays().items()},
+                "user_attr": self.graph.user_attr.toarray(),
+            }
+            algo._module = None
+            algo.n_items_ = self.graph.sizes[0]
+            self._scoring = algo
+        return self._scoring.score(histories)

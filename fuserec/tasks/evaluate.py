@@ -17,9 +17,10 @@ from prefect import task
 from fuserec.config import Params
 from fuserec.data.dataset import Dataset, interactions_matrix
 from fuserec.features import item_content_vectors
+from fuserec.fusion import SharedScores
 from fuserec.layout import Layout
 from fuserec.manifest import write_json
-from fuserec.metrics import evaluate_rankings, ndcg_at_k, rank_users
+from fuserec.metrics import evaluate_rankings, ndcg_at_k, rank_together, rank_users
 from fuserec.rerank import Rerank, beyond_accuracy, diversity_curve
 from fuserec.segments import COLD_USER_MAX, segment_truths
 from fuserec.significance import best_by, paired_comparison
@@ -59,19 +60,33 @@ def evaluate_model(
     ``per_user`` adds each user's NDCG@10 and cold flag (arrays, for paired significance tests);
     ``vectors`` (item content) adds intra-list diversity, Gini of exposure and self-information @10.
     """
-    train_hist = data.histories()
-    train_mat = data.matrix()
-    truth = interactions_matrix(test, data.n_users, data.n_items)
     users = np.unique(test["user"].to_numpy())
-    popularity = data.item_popularity()
+    train_hist = data.histories()
     topk = rank_users(
         lambda rows: algo.score(train_hist.select(rows)),
         users,
-        train_mat,
+        data.matrix(),
         np.ones(len(users), dtype=bool),
         max(ks),
         batch_size,
     )
+    return ranking_metrics(topk, users, data, test, ks, segments, per_user, vectors)
+
+
+def ranking_metrics(
+    topk: np.ndarray,
+    users: np.ndarray,
+    data: Dataset,
+    test: pd.DataFrame,
+    ks: list[int],
+    segments: bool = True,
+    per_user: bool = False,
+    vectors: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """What :func:`evaluate_model` reports, from the top-k lists of ``users`` (rows of ``data``)."""
+    train_mat = data.matrix()
+    truth = interactions_matrix(test, data.n_users, data.n_items)
+    popularity = data.item_popularity()
     truth_u = truth[users]
     metrics: dict[str, Any] = evaluate_rankings(topk, truth_u, ks, popularity)
     if vectors is not None:
@@ -184,20 +199,30 @@ def evaluate(params: Params) -> str:
     results: dict[str, dict[str, dict[str, Any]]] = {"models": {}, "fusers": {}}
     by_segment: dict[str, dict[str, dict[str, float]]] = {}  # segment -> model or fuser -> metrics
     layout.plots.mkdir(parents=True, exist_ok=True)
-    scorers = [("models", f, lambda f=f: load_algorithm(f)) for f in trained_models(layout)]
-    scorers += [("fusers", f, lambda f=f: load_fuser(f, layout)) for f in fitted_fusers(layout)]
+    # Every model scores each batch of test users once; the fusers bound to them reuse those scores.
+    models = {f.name: SharedScores(load_algorithm(f)) for f in trained_models(layout)}
+    scorers: dict[str, tuple[str, Any]] = {name: ("models", algo) for name, algo in models.items()}
+    scorers |= {f.name: ("fusers", load_fuser(f, layout, models)) for f in fitted_fusers(layout)}
+    users = np.unique(test["user"].to_numpy())
+    hist = data.histories()
+    topks = rank_together(
+        {name: scorer.score for name, (_, scorer) in scorers.items()},
+        hist.select,
+        users,
+        data.matrix(),
+        max(params.evaluate.ks),
+        params.evaluate.batch_size,
+    )
     per_user: dict[str, dict[str, dict[str, np.ndarray]]] = {"models": {}, "fusers": {}}
     vectors = item_content_vectors(data.items)
-    for kind, folder, load in scorers:
-        scores = evaluate_model(
-            load(), data, test, params.evaluate.ks, params.evaluate.batch_size, True, True, vectors
-        )
+    for name, (kind, _) in scorers.items():
+        scores = ranking_metrics(topks[name], users, data, test, params.evaluate.ks, True, True, vectors)
         segments = scores.pop("segments", {})
-        per_user[kind][folder.name] = scores.pop("per_user")
-        results[kind][folder.name] = rounded(scores)
+        per_user[kind][name] = scores.pop("per_user")
+        results[kind][name] = rounded(scores)
         for segment, values in segments.items():
-            by_segment.setdefault(segment, {})[folder.name] = rounded(values)
-        metrics_by_k(scores, params.evaluate.ks).to_csv(layout.plots / f"{folder.name}.csv", index=False)
+            by_segment.setdefault(segment, {})[name] = rounded(values)
+        metrics_by_k(scores, params.evaluate.ks).to_csv(layout.plots / f"{name}.csv", index=False)
     payload = {
         "protocol": protocol_summary(params, data.interactions, test, data.n_items),
         **results,

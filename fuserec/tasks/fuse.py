@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +60,14 @@ def fitted_fusers(layout: Layout) -> list[Path]:
     return sorted(p for p in layout.fusers.iterdir() if (p / "manifest.json").exists())
 
 
-def load_fuser(folder: Path, layout: Layout) -> Fuser:
-    """A saved fuser bound to the train stage's models (fitted on full train)."""
+def load_fuser(folder: Path, layout: Layout, models: Mapping[str, Any] | None = None) -> Fuser:
+    """A saved fuser bound to the train stage's models (fitted on full train).
+
+    ``models``: already loaded models to bind (by name), so several fusers can share them.
+    """
     manifest = read_json(folder / "manifest.json")
-    models = {name: load_algorithm(layout.model(name)) for name in manifest["components"]}
+    if models is None:
+        models = {name: load_algorithm(layout.model(name)) for name in manifest["components"]}
     return get_fuser(manifest["name"]).load(folder, models)
 
 
