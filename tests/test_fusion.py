@@ -116,3 +116,17 @@ def test_shared_scores_score_each_batch_once_and_cannot_be_edited() -> None:
         first[0, 0] = 1.0
     shared.score(Histories.from_lists([[0], [1, 2]], 4))  # an equal but new batch is scored again
     assert Counting.calls == 2
+
+
+@pytest.mark.parametrize("depth", [1, 3, 5, 8])
+def test_depth_limited_ranks_equal_the_full_sort_with_ties(depth: int) -> None:
+    gen = torch.Generator().manual_seed(depth)
+    for values in (3, 50):  # heavy ties at the cut, and few
+        scores = torch.randint(0, values, (3, 6, 9), generator=gen).to(torch.float32)
+        seen = torch.rand(6, 9, generator=gen) < 0.4
+        seen[0] = True  # a history that has seen everything
+        seen[1, :7] = True  # fewer unseen items than the depth
+        full = masked_ranks(scores, seen)  # a stable sort of every item
+        expected = full.clone()
+        expected[(full >= depth) & ~seen.unsqueeze(0)] = depth  # unseen items below the depth share it
+        assert torch.equal(masked_ranks(scores, seen, depth), expected)
