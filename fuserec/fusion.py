@@ -285,7 +285,7 @@ def masked_ranks(scores: torch.Tensor, seen: torch.Tensor, depth: int | None = N
         # ONNX has no stable sort, but onnxruntime's TopK puts equal values in index order: the same order.
         order = torch.topk(masked, keep, dim=2, largest=True, sorted=True).indices
     elif keep < n:
-        order = _top_in_protocol_order(masked, keep)
+        order = top_in_protocol_order(masked, keep)
     else:
         order = torch.sort(masked, dim=2, descending=True, stable=True).indices
     positions = torch.arange(keep, dtype=torch.float32, device=scores.device).expand_as(order).contiguous()
@@ -293,7 +293,7 @@ def masked_ranks(scores: torch.Tensor, seen: torch.Tensor, depth: int | None = N
     return torch.where(seen.unsqueeze(0), torch.full_like(ranks, float(n)), ranks)
 
 
-def _top_in_protocol_order(masked: torch.Tensor, keep: int) -> torch.Tensor:
+def top_in_protocol_order(masked: torch.Tensor, keep: int) -> torch.Tensor:
     """The first ``keep`` of a stable descending sort along the last axis, without sorting every item.
 
     ``topk`` finds each row's ``keep``-th value (O(n): at 10k items about a tenth of a full sort); only

@@ -438,12 +438,15 @@ def rank_together(
     train: sp.spmatrix | sp.sparray,
     k: int,
     batch_size: int = 1024,
+    after_batch: Callable[[T, np.ndarray], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Top-k lists of ``users`` for several scorers, batch by batch: every scorer sees a batch in turn.
 
     ``batch(rows)`` builds what the scorers read (e.g. the histories of those user rows), once per batch
     and shared by all, so scorers that reuse each other's scores of the same batch (a fuser and its
-    components) can. Returns ``int64 [len(users), k]`` per name, training items excluded.
+    components) can. ``after_batch(shared, rows)``, when given, runs once the scorers are done with a
+    batch (to measure more from scores they keep). Returns ``int64 [len(users), k]`` per name, training
+    items excluded.
     """
     train = sp.csr_matrix(train)
     n_items = train.shape[1]
@@ -459,6 +462,8 @@ def rank_together(
                 )
             out[name][start : start + rows.size] = top_k(scores, k, exclude=exclude)
             del scores
+        if after_batch is not None:
+            after_batch(shared, rows)
     return out
 
 

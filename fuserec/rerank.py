@@ -74,8 +74,15 @@ def mmr_top_k(
     if torch.onnx.is_in_onnx_export():  # onnxruntime's TopK keeps equal scores in index order ...
         pool_scores, pool = torch.topk(masked, depth, dim=1)
     else:  # ... and so does a stable sort, so ties enter the pool (and win argmax) alike in both
-        pool_scores, pool = torch.sort(masked, dim=1, descending=True, stable=True)
-        pool_scores, pool = pool_scores[:, :depth], pool[:, :depth]
+        from fuserec.fusion import top_in_protocol_order
+
+        full = depth >= n
+        pool = (
+            masked.argsort(dim=1, descending=True, stable=True)
+            if full
+            else top_in_protocol_order(masked, depth)
+        )
+        pool_scores = masked.gather(1, pool)
     valid = torch.isfinite(pool_scores)
     finite = torch.where(valid, pool_scores, torch.zeros_like(pool_scores))
     low = torch.where(valid, pool_scores, torch.full_like(pool_scores, float("inf"))).amin(1, keepdim=True)
@@ -116,18 +123,24 @@ def unit_vectors(vectors: np.ndarray) -> np.ndarray:
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def intra_list_diversity(topk: np.ndarray, vectors: np.ndarray) -> float:
-    """Mean over lists of the mean pairwise ``1 - cosine`` of their items (padding ignored)."""
+def intra_list_diversity(topk: np.ndarray, vectors: np.ndarray, chunk: int = 4096) -> float:
+    """Mean over lists of the mean pairwise ``1 - cosine`` of their items (padding ignored).
+
+    Lists with fewer than two items have no pairs and are left out. Computed ``chunk`` lists at a time.
+    """
     unit = unit_vectors(vectors)
+    topk = np.asarray(topk)
     values = []
-    for row in np.asarray(topk):
-        items = row[row >= 0]
-        if len(items) < 2:
-            continue
-        sim = unit[items] @ unit[items].T
-        m = len(items)
-        values.append(1.0 - (sim.sum() - np.trace(sim)) / (m * (m - 1)))
-    return float(np.mean(values)) if values else float("nan")
+    for start in range(0, len(topk), chunk):
+        rows = topk[start : start + chunk]
+        valid = rows >= 0
+        m = valid.sum(axis=1)
+        v = unit[np.where(valid, rows, 0)] * valid[..., None]  # [c, k, d], padding rows zero
+        summed = np.einsum("ckd,cd->c", v, v.sum(axis=1)) - np.einsum("ckd,ckd->c", v, v)
+        pairs = m >= 2
+        values.append(1.0 - summed[pairs] / (m[pairs] * (m[pairs] - 1)))
+    values_all = np.concatenate(values) if values else np.empty(0)
+    return float(values_all.mean()) if values_all.size else float("nan")
 
 
 def gini_of_exposure(topk: np.ndarray, n_items: int) -> float:
@@ -152,6 +165,53 @@ def beyond_accuracy(topk: np.ndarray, vectors: np.ndarray, popularity: np.ndarra
     }
 
 
+class DiversityCurve:
+    """NDCG@k, diversity, novelty, coverage and Gini for each re-ranking setting, batch by batch.
+
+    ``add`` takes one batch of scores (computed once for every setting); ``result`` scores the lists.
+    """
+
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        popularity: np.ndarray,
+        n_with_history: int,
+        settings: list[Rerank],
+        k: int = 10,
+    ) -> None:
+        self.vectors, self.popularity, self.settings, self.k = vectors, popularity, settings, k
+        self.n_with_history = n_with_history
+        self.unit = torch.from_numpy(unit_vectors(vectors))
+        self.bonus = torch.from_numpy(novelty_bonus(popularity, n_with_history))
+        self.lists: list[list[np.ndarray]] = [[] for _ in settings]
+
+    def add(self, scores: np.ndarray, seen: sp.spmatrix | sp.sparray) -> None:
+        """One batch: scores ``[B, n]`` and the users' training items (excluded from the lists)."""
+        values = torch.from_numpy(np.asarray(scores, dtype=np.float32))
+        mask = torch.from_numpy(sp.csr_matrix(seen).toarray() > 0)
+        for parts, setting in zip(self.lists, self.settings, strict=True):
+            parts.append(mmr_top_k(values, mask, self.unit, self.bonus, self.k, setting).numpy())
+
+    def result(self, truth: sp.spmatrix | sp.sparray) -> list[dict[str, float]]:
+        """One row per setting; ``truth`` holds the added users' relevant items, in the order added."""
+        from fuserec.metrics import evaluate_rankings
+
+        k, out = self.k, []
+        for setting, parts in zip(self.settings, self.lists, strict=True):
+            topk = np.concatenate(parts) if parts else np.empty((0, k), dtype=np.int64)
+            metrics = evaluate_rankings(topk, truth, [k], self.popularity)
+            out.append(
+                {
+                    "diversity_weight": setting.diversity,
+                    "novelty_weight": setting.novelty,
+                    f"ndcg@{k}": metrics[f"ndcg@{k}"],
+                    f"coverage@{k}": metrics[f"coverage@{k}"],
+                    **beyond_accuracy(topk, self.vectors, self.popularity, self.n_with_history),
+                }
+            )
+        return out
+
+
 def diversity_curve(
     score_fn: Any,
     users: np.ndarray,
@@ -163,30 +223,10 @@ def diversity_curve(
     k: int = 10,
     batch_size: int = 256,
 ) -> list[dict[str, float]]:
-    """NDCG@k, diversity, novelty, coverage and Gini for each re-ranking setting (scores computed once)."""
-    from fuserec.metrics import evaluate_rankings
-
-    unit = torch.from_numpy(unit_vectors(vectors))
-    n_with_history = int((np.diff(train.indptr) > 0).sum())
-    bonus = torch.from_numpy(novelty_bonus(popularity, n_with_history))
-    lists: list[list[np.ndarray]] = [[] for _ in settings]
+    """:class:`DiversityCurve` of ``score_fn(rows)`` over ``users`` (scores computed once per batch)."""
+    n_with_history = int((np.diff(sp.csr_matrix(train).indptr) > 0).sum())
+    curve = DiversityCurve(vectors, popularity, n_with_history, settings, k)
     for start in range(0, len(users), batch_size):
         rows = users[start : start + batch_size]
-        scores = torch.from_numpy(np.asarray(score_fn(rows), dtype=np.float32))
-        seen = torch.from_numpy(train[rows].toarray() > 0)
-        for i, setting in enumerate(settings):
-            lists[i].append(mmr_top_k(scores, seen, unit, bonus, k, setting).numpy())
-    out = []
-    for setting, parts in zip(settings, lists, strict=True):
-        topk = np.concatenate(parts)
-        metrics = evaluate_rankings(topk, truth[users], [k], popularity)
-        out.append(
-            {
-                "diversity_weight": setting.diversity,
-                "novelty_weight": setting.novelty,
-                f"ndcg@{k}": metrics[f"ndcg@{k}"],
-                f"coverage@{k}": metrics[f"coverage@{k}"],
-                **beyond_accuracy(topk, vectors, popularity, n_with_history),
-            }
-        )
-    return out
+        curve.add(score_fn(rows), train[rows])
+    return curve.result(truth[users])

@@ -127,3 +127,22 @@ def test_the_served_graph_applies_the_configured_re_ranking(tmp_path) -> None:
     plain = OnnxRecommender(export_onnx(algo, tmp_path / "p.onnx", k=10))
     diverse, same = session.run(hist.to_padded())[1], plain.run(hist.to_padded())[1]
     assert intra_list_diversity(diverse, vectors) > intra_list_diversity(same, vectors)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.integers(-1, 9), min_size=2, max_size=6), min_size=1, max_size=7))
+def test_diversity_equals_the_pairwise_definition(lists: list[list[int]]) -> None:
+    width = max(len(x) for x in lists)
+    topk = np.array([x + [-1] * (width - len(x)) for x in lists])
+    unit = unit_vectors(np.abs(VECTORS) + 0.1)
+    per_list = []
+    for row in topk:
+        items = row[row >= 0]
+        pairs = [(a, b) for i, a in enumerate(items) for j, b in enumerate(items) if i != j]
+        if pairs:
+            per_list.append(np.mean([1.0 - unit[a] @ unit[b] for a, b in pairs]))
+    value = intra_list_diversity(topk, np.abs(VECTORS) + 0.1, chunk=2)
+    if per_list:
+        assert value == pytest.approx(float(np.mean(per_list)), abs=1e-5)
+    else:
+        assert np.isnan(value)

@@ -68,6 +68,27 @@ def test_stages_in_order_write_what_the_next_reads(small_params) -> None:
     for name in ("stacking", "weighted"):
         alone = evaluate_model(load_fuser(layout.fuser(name), layout), data, test, [5, 10], 64, False)
         assert alone["ndcg@10"] == pytest.approx(metrics["fusers"][name]["ndcg@10"], abs=1e-6)
+    # The re-ranking curve, filled from the exported scorer's kept scores, equals scoring it on its own.
+    from fuserec.data.dataset import interactions_matrix
+    from fuserec.features import item_content_vectors
+    from fuserec.rerank import diversity_curve
+    from fuserec.tasks.evaluate import rerank_curve
+
+    stacking, users = load_fuser(layout.fuser("stacking"), layout), np.unique(test["user"])
+    hist, reference = data.histories(), rerank_curve(small_params, data)
+    alone = diversity_curve(
+        lambda rows: stacking.score(hist.select(rows)),
+        users,
+        data.matrix(),
+        interactions_matrix(test, data.n_users, data.n_items),
+        item_content_vectors(data.items),
+        data.item_popularity(),
+        reference.settings,
+        batch_size=7,
+    )
+    for mine, theirs in zip(metrics["rerank"]["curve"], alone, strict=True):
+        assert mine["ndcg@10"] == pytest.approx(theirs["ndcg@10"], abs=1e-6)
+        assert mine["diversity@10"] == pytest.approx(theirs["diversity@10"], abs=1e-6)
     curve = metrics["rerank"]["curve"]
     assert metrics["rerank"]["scorer"] == "stacking" and len(curve) == 12
     assert curve[-4]["diversity@10"] >= curve[0]["diversity@10"]  # the strongest MMR weight diversifies

@@ -18,10 +18,11 @@ from fuserec.config import Params
 from fuserec.data.dataset import Dataset, interactions_matrix
 from fuserec.features import item_content_vectors
 from fuserec.fusion import SharedScores
+from fuserec.histories import Histories
 from fuserec.layout import Layout
 from fuserec.manifest import write_json
 from fuserec.metrics import evaluate_rankings, ndcg_at_k, rank_together, rank_users
-from fuserec.rerank import Rerank, beyond_accuracy, diversity_curve
+from fuserec.rerank import DiversityCurve, Rerank, beyond_accuracy
 from fuserec.segments import COLD_USER_MAX, segment_truths
 from fuserec.significance import best_by, paired_comparison
 from fuserec.tasks.split import SPLIT_FILES
@@ -144,35 +145,29 @@ def significance(
     return out
 
 
-def rerank_curve(
-    params: Params, layout: Layout, data: Dataset, test: pd.DataFrame, vectors: np.ndarray
-) -> dict[str, Any]:
-    """The exported scorer's accuracy/diversity trade-off as the MMR and novelty weights move."""
-    from fuserec.tasks.export import load_scorer, scorer_folder
+def rerank_curve(params: Params, data: Dataset) -> DiversityCurve:
+    """The exported scorer's accuracy/diversity curve as the MMR and novelty weights move.
 
-    try:
-        folder = scorer_folder(layout, params.export.algorithm)
-    except FileNotFoundError:
-        return {}
-    scorer = load_scorer(layout, folder)
+    Filled during the evaluation pass, from the scores the exported scorer keeps of each batch.
+    """
     cfg = params.evaluate
     settings = [Rerank(diversity=d, keep=cfg.rerank_keep) for d in cfg.rerank_diversity]
     settings += [Rerank(novelty=v, keep=cfg.rerank_keep) for v in cfg.rerank_novelty]
-    hist = data.histories()
+    n_with_history = int((np.diff(data.matrix().indptr) > 0).sum())
+    vectors = item_content_vectors(data.items)
+    return DiversityCurve(vectors, data.item_popularity(), n_with_history, settings)
+
+
+def curve_summary(
+    params: Params, layout: Layout, curve: DiversityCurve | None, test: pd.DataFrame, data: Dataset
+) -> dict[str, Any]:
+    """The curve's points for metrics.json, and ``rerank_curve.csv`` (a DVC plot)."""
+    if curve is None:
+        return {}
     users = np.unique(test["user"].to_numpy())
-    truth = interactions_matrix(test, data.n_users, data.n_items)
-    curve = diversity_curve(
-        lambda rows: scorer.score(hist.select(rows)),
-        users,
-        data.matrix(),
-        truth,
-        vectors,
-        data.item_popularity(),
-        settings,
-        batch_size=min(cfg.batch_size, 256),
-    )
-    pd.DataFrame(curve).to_csv(layout.root / "rerank_curve.csv", index=False)  # a DVC plot
-    return {"scorer": folder.name, "curve": [rounded(point) for point in curve]}
+    points = curve.result(interactions_matrix(test, data.n_users, data.n_items)[users])
+    pd.DataFrame(points).to_csv(layout.root / "rerank_curve.csv", index=False)
+    return {"scorer": params.export.algorithm, "curve": [rounded(point) for point in points]}
 
 
 def rounded(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -199,19 +194,29 @@ def evaluate(params: Params) -> str:
     results: dict[str, dict[str, dict[str, Any]]] = {"models": {}, "fusers": {}}
     by_segment: dict[str, dict[str, dict[str, float]]] = {}  # segment -> model or fuser -> metrics
     layout.plots.mkdir(parents=True, exist_ok=True)
-    # Every model scores each batch of test users once; the fusers bound to them reuse those scores.
+    # Every model scores each batch of test users once; the fusers bound to them reuse those scores, and
+    # the re-ranking curve reuses the exported scorer's.
     models = {f.name: SharedScores(load_algorithm(f)) for f in trained_models(layout)}
     scorers: dict[str, tuple[str, Any]] = {name: ("models", algo) for name, algo in models.items()}
-    scorers |= {f.name: ("fusers", load_fuser(f, layout, models)) for f in fitted_fusers(layout)}
+    for folder in fitted_fusers(layout):
+        scorers[folder.name] = ("fusers", SharedScores(load_fuser(folder, layout, models)))
     users = np.unique(test["user"].to_numpy())
-    hist = data.histories()
+    hist, train_mat = data.histories(), data.matrix()
+    exported = params.export.algorithm
+    curve = rerank_curve(params, data) if exported in scorers else None  # none: nothing to re-rank
+
+    def add_to_curve(batch: Histories, rows: np.ndarray) -> None:
+        if curve is not None:
+            curve.add(scorers[exported][1].score(batch), train_mat[rows])
+
     topks = rank_together(
         {name: scorer.score for name, (_, scorer) in scorers.items()},
         hist.select,
         users,
-        data.matrix(),
+        train_mat,
         max(params.evaluate.ks),
         params.evaluate.batch_size,
+        add_to_curve,
     )
     per_user: dict[str, dict[str, dict[str, np.ndarray]]] = {"models": {}, "fusers": {}}
     vectors = item_content_vectors(data.items)
@@ -228,7 +233,7 @@ def evaluate(params: Params) -> str:
         **results,
         "segments": by_segment,
         "significance": significance(results, per_user),
-        "rerank": rerank_curve(params, layout, data, test, vectors),
+        "rerank": curve_summary(params, layout, curve, test, data),
     }
     write_json(layout.metrics, payload)
     return str(layout.metrics)
