@@ -191,7 +191,7 @@ class Fuser(ABC):
 
 
 class SharedScores:
-    """A fitted algorithm that keeps its scores of the latest histories it was asked about.
+    """A fitted algorithm (or fuser) that keeps its scores of the latest histories it was asked about.
 
     Evaluation scores each batch of users with every model and then with every fuser, and the fusers
     are bound to these same objects: a component's scores of a batch are computed once, not once more per
@@ -200,7 +200,7 @@ class SharedScores:
     is read-only, so a caller that edits it in place fails instead of corrupting the next reader.
     """
 
-    def __init__(self, algorithm: Algorithm) -> None:
+    def __init__(self, algorithm: Algorithm | Fuser) -> None:
         self.algorithm = algorithm
         self._histories: Histories | None = None
         self._scores: np.ndarray | None = None
