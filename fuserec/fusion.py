@@ -126,7 +126,12 @@ class Fuser(ABC):
         names = self._check_fitted_names()
         if not self.components_:
             raise RuntimeError(f"{type(self).__name__} has no components: call fit(...) or bind(...) first")
-        return torch.from_numpy(np.stack([self.components_[n].score(histories) for n in names]))
+        # Filled in place: stacking a list of M score arrays would hold them twice (10 GB at 10k users x
+        # 12 components x 10k items).
+        out = np.empty((len(names), len(histories), histories.n_items), dtype=np.float32)
+        for i, name in enumerate(names):
+            out[i] = self.components_[name].score(histories)
+        return torch.from_numpy(out)
 
     def score(self, histories: Histories) -> np.ndarray:
         fused, _ = self._combined(histories)

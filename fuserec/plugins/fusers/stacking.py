@@ -245,7 +245,9 @@ class Stacking(Fuser):
         before = (list(self.names_), self.get_state())
         full = self.cv_ndcg_
         self.names_ = [self.names_[i] for i in keep]
-        val.scores = val.scores[keep]
+        for j, i in enumerate(keep):  # compacted in place (keep is ascending): no second [M, U, n] copy
+            val.scores[j] = val.scores[i]
+        val.scores = val.scores[: len(keep)]
         self._learn(val, last)
         pruned = self.cv_ndcg_
         if self.fallback_ >= 0 or pruned < full - cfg.prune_tolerance:
