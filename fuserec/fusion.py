@@ -200,9 +200,9 @@ class SharedScores:
 
     Evaluation scores each batch of users with every model and then with every fuser, and the fusers
     are bound to these same objects: a component's scores of a batch are computed once, not once more per
-    fuser (at the ML-10M shape that made the evaluate stage's scoring several times cheaper). The batch is
-    recognised by identity, so callers pass one ``Histories`` object per batch to everyone. The kept array
-    is read-only, so a caller that edits it in place fails instead of corrupting the next reader.
+    fuser. The batch is recognised by identity, so callers pass one ``Histories`` object per batch to
+    everyone. The kept array is read-only, so a caller that edits it in place fails instead of corrupting
+    the next reader.
     """
 
     def __init__(self, algorithm: Algorithm | Fuser) -> None:
@@ -301,7 +301,7 @@ def masked_ranks(scores: torch.Tensor, seen: torch.Tensor, depth: int | None = N
 def top_in_protocol_order(masked: torch.Tensor, keep: int) -> torch.Tensor:
     """The first ``keep`` of a stable descending sort along the last axis, without sorting every item.
 
-    ``topk`` finds each row's ``keep``-th value (O(n): at 10k items about a tenth of a full sort); only
+    ``topk`` finds each row's ``keep``-th value in O(n); only
     where more items share that value than fit are the lowest-indexed of them chosen, as the stable sort
     would. The chosen ``keep`` are then ordered by value, ties by index.
     """

@@ -75,7 +75,8 @@ def test_stages_in_order_write_what_the_next_reads(small_params) -> None:
     from fuserec.tasks.evaluate import rerank_curve
 
     stacking, users = load_fuser(layout.fuser("stacking"), layout), np.unique(test["user"])
-    hist, reference = data.histories(), rerank_curve(small_params, data)
+    hist = data.histories()
+    reference = rerank_curve(small_params, data, item_content_vectors(data.items))
     alone = diversity_curve(
         lambda rows: stacking.score(hist.select(rows)),
         users,

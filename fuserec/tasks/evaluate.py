@@ -145,7 +145,7 @@ def significance(
     return out
 
 
-def rerank_curve(params: Params, data: Dataset) -> DiversityCurve:
+def rerank_curve(params: Params, data: Dataset, vectors: np.ndarray) -> DiversityCurve:
     """The exported scorer's accuracy/diversity curve as the MMR and novelty weights move.
 
     Filled during the evaluation pass, from the scores the exported scorer keeps of each batch.
@@ -154,7 +154,6 @@ def rerank_curve(params: Params, data: Dataset) -> DiversityCurve:
     settings = [Rerank(diversity=d, keep=cfg.rerank_keep) for d in cfg.rerank_diversity]
     settings += [Rerank(novelty=v, keep=cfg.rerank_keep) for v in cfg.rerank_novelty]
     n_with_history = int((np.diff(data.matrix().indptr) > 0).sum())
-    vectors = item_content_vectors(data.items)
     return DiversityCurve(vectors, data.item_popularity(), n_with_history, settings)
 
 
@@ -203,7 +202,8 @@ def evaluate(params: Params) -> str:
     users = np.unique(test["user"].to_numpy())
     hist, train_mat = data.histories(), data.matrix()
     exported = params.export.algorithm
-    curve = rerank_curve(params, data) if exported in scorers else None  # none: nothing to re-rank
+    vectors = item_content_vectors(data.items)
+    curve = rerank_curve(params, data, vectors) if exported in scorers else None  # else nothing to re-rank
 
     def add_to_curve(batch: Histories, rows: np.ndarray) -> None:
         if curve is not None:
@@ -219,7 +219,6 @@ def evaluate(params: Params) -> str:
         add_to_curve,
     )
     per_user: dict[str, dict[str, dict[str, np.ndarray]]] = {"models": {}, "fusers": {}}
-    vectors = item_content_vectors(data.items)
     for name, (kind, _) in scorers.items():
         scores = ranking_metrics(topks[name], users, data, test, params.evaluate.ks, True, True, vectors)
         segments = scores.pop("segments", {})
