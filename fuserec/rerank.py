@@ -187,7 +187,9 @@ class DiversityCurve:
 
     def add(self, scores: np.ndarray, seen: sp.spmatrix | sp.sparray) -> None:
         """One batch: scores ``[B, n]`` and the users' training items (excluded from the lists)."""
-        values = torch.from_numpy(np.asarray(scores, dtype=np.float32))
+        array = np.asarray(scores, dtype=np.float32)
+        # Shared scores are read-only (fusion.SharedScores): torch would warn on wrapping them, so copy.
+        values = torch.from_numpy(array if array.flags.writeable else array.copy())
         mask = torch.from_numpy(sp.csr_matrix(seen).toarray() > 0)
         for parts, setting in zip(self.lists, self.settings, strict=True):
             parts.append(mmr_top_k(values, mask, self.unit, self.bonus, self.k, setting).numpy())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -10,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fuserec.rerank import (
+    DiversityCurve,
     Rerank,
     diversity_curve,
     gini_of_exposure,
@@ -105,6 +108,17 @@ def test_curve_trades_accuracy_for_diversity() -> None:
     )
     assert curve[0]["diversity@4"] == pytest.approx(0.0) and curve[1]["diversity@4"] == pytest.approx(2 / 3)
     assert unit_vectors(np.zeros((1, 2))).tolist() == [[0.0, 0.0]]
+
+
+def test_curve_takes_read_only_shared_scores_without_a_warning_or_a_write() -> None:
+    scores = np.tile(SCORES.numpy(), (3, 1))
+    scores.flags.writeable = False  # as evaluate's shared scores are
+    curve = DiversityCurve(VECTORS, np.ones(10), 3, [Rerank(keep=0), Rerank(diversity=0.6, keep=0)], k=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        curve.add(scores, sp.csr_matrix((3, 10), dtype=np.float32))
+    assert np.array_equal(scores, np.tile(SCORES.numpy(), (3, 1)))
+    assert curve.lists[0][0].tolist() == [[0, 1, 2, 3]] * 3
 
 
 def test_the_served_graph_applies_the_configured_re_ranking(tmp_path) -> None:
