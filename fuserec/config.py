@@ -146,6 +146,10 @@ class ExportConfig(_Section):
     )
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     opset: int = 18
+    prepack: bool = Field(
+        False,
+        description="let onnxruntime pre-pack weights at load: a second copy of them for a few % speed",
+    )
     rerank_diversity: float = Field(
         0.0, ge=0.0, lt=1.0, description="MMR diversity weight applied inside the served graph (0 = off)"
     )

@@ -148,10 +148,19 @@ class OnnxRecommender:
     """An onnxruntime session over an exported model, with its providers named explicitly."""
 
     def __init__(
-        self, path: str | Path, providers: list[str] | None = None, threads: int = 0, spinning: bool = True
+        self,
+        path: str | Path,
+        providers: list[str] | None = None,
+        threads: int = 0,
+        spinning: bool = True,
+        prepack: bool = False,
     ) -> None:
         """``threads`` intra-op threads (0 = onnxruntime's default, one per core); ``spinning=False`` makes
-        idle pool threads sleep instead of busy-waiting, which a server sharing its cores needs."""
+        idle pool threads sleep instead of busy-waiting, which a server sharing its cores needs.
+
+        ``prepack=False`` keeps onnxruntime from re-packing MatMul weights at load, which holds a second
+        copy of them: at the ML-10M shape (3.6 GB of weights) the session peaked at 8.9 GiB with it and
+        4.1 GiB without, and a batch of 256 histories took 5.0 s against 5.2 s (``export.prepack``)."""
         import onnxruntime as ort
 
         providers = providers or ["CPUExecutionProvider"]
@@ -166,6 +175,8 @@ class OnnxRecommender:
         options.intra_op_num_threads = threads
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if not prepack:
+            options.add_session_config_entry("session.disable_prepacking", "1")
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.providers = self.session.get_providers()
 

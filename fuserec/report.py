@@ -46,7 +46,9 @@ def top_items_for_user(outputs: Path, user_id: str | None) -> Table:
             )
         user = int(matches[0])
     history = data.histories().select([user])
-    session = OnnxRecommender(layout.export / MODEL_FILE, manifest["providers"])
+    session = OnnxRecommender(
+        layout.export / MODEL_FILE, manifest["providers"], prepack=manifest.get("prepack", False)
+    )
     times = data.interactions.loc[data.interactions["user"] == user, "timestamp"]
     last = np.asarray([int(times.max()) if len(times) else int(time.time())], dtype=np.int64)
     _, items, scores = session.run(history.to_padded(manifest["max_history"]), last)

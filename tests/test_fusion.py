@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fuserec.fusion import masked_minmax, masked_ranks, masked_zscore
+from fuserec.fusion import by_users, masked_minmax, masked_ranks, masked_zscore
 from fuserec.metrics import top_k
 from fuserec.plugins.fusers.voting import RRF, Borda
 from fuserec.plugins.fusers.weighted import Weighted
@@ -130,3 +130,14 @@ def test_depth_limited_ranks_equal_the_full_sort_with_ties(depth: int) -> None:
         expected = full.clone()
         expected[(full >= depth) & ~seen.unsqueeze(0)] = depth  # unseen items below the depth share it
         assert torch.equal(masked_ranks(scores, seen, depth), expected)
+
+
+@pytest.mark.parametrize("transform", [masked_minmax, masked_zscore])
+def test_normalising_a_slice_of_users_at_a_time_equals_the_whole(transform) -> None:
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(3, 11, 7, generator=gen)
+    seen = torch.rand(11, 7, generator=gen) < 0.3
+    seen[4] = True  # a user who saw everything
+    np.testing.assert_allclose(
+        by_users(transform, scores, seen, chunk=4).numpy(), transform(scores, seen).numpy(), rtol=1e-6
+    )

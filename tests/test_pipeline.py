@@ -60,7 +60,7 @@ def test_flow_trains_every_working_plugin_despite_broken_ones(flow_run: Path) ->
     assert (flow_run / "plots" / "itemknn.csv").exists()
     manifest = read_json(flow_run / "model" / "manifest.json")
     assert manifest["parity"]["scores_match"] and manifest["parity"]["empty_histories"] == 1
-    assert manifest["providers"] == ["CPUExecutionProvider"]
+    assert manifest["providers"] == ["CPUExecutionProvider"] and manifest["prepack"] is False
 
 
 def test_flow_validation_reconciles(flow_run: Path) -> None:

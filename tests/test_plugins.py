@@ -88,3 +88,16 @@ def test_weights_over_the_limit_go_beside_the_graph(tmp_path: Path, monkeypatch:
     padded = HIST.to_padded()
     for a, b in zip(OnnxRecommender(whole).run(padded), OnnxRecommender(split).run(padded), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_sessions_skip_weight_prepacking_unless_asked(tmp_path: Path) -> None:
+    """Pre-packing holds a second copy of the weights; off unless ``export.prepack`` asks, same scores."""
+    algo = ItemKNN({"k": 10}).fit(planted_dataset())
+    path = export_onnx(algo, tmp_path / "model.onnx", k=5)
+    lean, packed = OnnxRecommender(path), OnnxRecommender(path, prepack=True)
+    entry = "session.disable_prepacking"
+    assert lean.session.get_session_options().get_session_config_entry(entry) == "1"
+    with pytest.raises(RuntimeError, match=entry):  # never set: onnxruntime's default (pre-pack)
+        packed.session.get_session_options().get_session_config_entry(entry)
+    for a, b in zip(lean.run(HIST.to_padded()), packed.run(HIST.to_padded()), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)

@@ -314,7 +314,11 @@ def recommend_batch(
         raise ValueError(f"output {out}: use a .parquet or .csv file name")
     layout = Layout(Path(outputs))
     manifest = read_json(layout.export / "manifest.json")
-    model = OnnxRecommender(layout.export / MODEL_FILE, providers or manifest["providers"])
+    model = OnnxRecommender(
+        layout.export / MODEL_FILE,
+        providers or manifest["providers"],
+        prepack=manifest.get("prepack", False),
+    )
     catalog = pd.read_parquet(layout.export / CATALOG_FILE)
     item_ids = catalog["item_id"].astype(str).to_numpy()
     titles = catalog_titles(catalog)

@@ -125,7 +125,13 @@ class Service:
         layout = Layout(Path(outputs))
         self.manifest = read_json(layout.export / "manifest.json")
         requested = list(providers or self.manifest["providers"])
-        self.model = OnnxRecommender(layout.export / MODEL_FILE, requested, threads, spinning=False)
+        self.model = OnnxRecommender(
+            layout.export / MODEL_FILE,
+            requested,
+            threads,
+            spinning=False,
+            prepack=self.manifest.get("prepack", False),
+        )
         if self.model.providers[0] != requested[0]:  # no silent fallback (e.g. CUDA asked, CPU given)
             raise RuntimeError(
                 f"asked onnxruntime for {requested[0]} but the session runs on {self.model.providers[0]}; "

@@ -139,7 +139,7 @@ def export(params: Params) -> str:
         stale.unlink(missing_ok=True)
     onnx_path = export_onnx(algo, out / MODEL_FILE, cfg.k, cfg.opset, reranker)
     weights = out / f"{MODEL_FILE}.data"
-    session = OnnxRecommender(onnx_path, cfg.providers)
+    session = OnnxRecommender(onnx_path, cfg.providers, prepack=cfg.prepack)
     parity = parity_check(algo, session, parity_batch(data, test), cfg.k, reranker)
     # a lone one-item history: the length-1 shape that once broke ALS's fold-in (a served user's first event)
     single = parity_check(algo, session, Histories.from_lists([[0]], data.n_items), cfg.k, reranker)
@@ -189,6 +189,7 @@ def export(params: Params) -> str:
         implicit_threshold=params.clean.implicit_threshold,  # what the service counts as a positive event
         n_items=data.n_items,
         providers=session.providers,
+        prepack=cfg.prepack,
         opset=cfg.opset,
         parity=parity,
     )

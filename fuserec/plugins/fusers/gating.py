@@ -36,7 +36,14 @@ import torch
 from pydantic import Field
 
 from fuserec.api import FloatRange, IntRange, SearchDim
-from fuserec.fusion import Fuser, FuserConfig, ValidationScores, masked_zscore, single_component
+from fuserec.fusion import (
+    USER_CHUNK,
+    Fuser,
+    FuserConfig,
+    ValidationScores,
+    masked_zscore,
+    single_component,
+)
 from fuserec.histories import Histories
 
 if TYPE_CHECKING:
@@ -174,8 +181,15 @@ class Gating(Fuser):
         self.observe(data)
         val = ValidationScores(self, data, truth, cfg.max_users, cfg.seed)
         m = len(val.scores)
-        with torch.no_grad():
-            x, signal = self.user_features(val.scores, val.seen, masked_zscore(val.scores, val.seen))
+        with torch.no_grad():  # a slice of users at a time: z-scores of all of them would be [M, U, n]
+            parts = [
+                self.user_features(
+                    val.scores[:, rows], val.seen[rows], masked_zscore(val.scores[:, rows], val.seen[rows])
+                )
+                for rows in (slice(s, s + USER_CHUNK) for s in range(0, len(val.users), USER_CHUNK))
+            ]
+            x = torch.cat([p[0] for p in parts])
+            signal = torch.cat([p[1] for p in parts])
         mean = x.mean(dim=0)
         std = torch.where(x.std(dim=0, correction=0) > 1e-6, x.std(dim=0, correction=0), 1.0)
         n_features = x.shape[1]

@@ -16,7 +16,14 @@ import torch
 from pydantic import Field
 
 from fuserec.api import SearchDim
-from fuserec.fusion import Fuser, FuserConfig, ValidationScores, masked_minmax, masked_zscore
+from fuserec.fusion import (
+    Fuser,
+    FuserConfig,
+    ValidationScores,
+    by_users,
+    masked_minmax,
+    masked_zscore,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -47,12 +54,10 @@ class Weighted(Fuser):
 
         cfg = self.config
         val = ValidationScores(self, data, truth, cfg.max_users, cfg.seed)
-        normalised = {
-            "minmax": masked_minmax(val.scores, val.seen),
-            "zscore": masked_zscore(val.scores, val.seen),
-        }
-        names = self._check_fitted_names()
         choices = NORMALISATIONS if cfg.normalization == "search" else (cfg.normalization,)
+        transforms = {"minmax": masked_minmax, "zscore": masked_zscore}
+        normalised = {norm: by_users(transforms[norm], val.scores, val.seen) for norm in choices}
+        names = self._check_fitted_names()
 
         def objective(trial: optuna.Trial) -> float:
             norm = trial.suggest_categorical("normalization", choices)
