@@ -258,14 +258,21 @@ def single_component(scores: torch.Tensor, index: int) -> tuple[torch.Tensor, to
 USER_CHUNK = 512  # users per slice when a per-user transform runs over a whole validation tensor
 
 
-def by_users(fn: Any, scores: torch.Tensor, seen: torch.Tensor, chunk: int = USER_CHUNK) -> torch.Tensor:
+def by_users(
+    fn: Any,
+    scores: torch.Tensor,
+    seen: torch.Tensor,
+    chunk: int = USER_CHUNK,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``fn(scores, seen)`` for a per-user transform of ``[M, U, n]``, a slice of users at a time.
 
     The masked transforms hold several ``[M, U, n]`` temporaries at once; over a fuser's whole validation
     tensor (12 x 5,000 x 10,677 floats at the ML-10M shape, 2.6 GB) that is most of the fuse stage's
-    peak. Sliced, they are ``[M, chunk, n]`` and the result is written into one preallocated tensor.
+    peak. Sliced, they are ``[M, chunk, n]`` and the result is written into one preallocated tensor, or
+    into ``out``: ``out=scores`` transforms in place (each slice is read before it is overwritten).
     """
-    out = torch.empty_like(scores)
+    out = torch.empty_like(scores) if out is None else out
     for start in range(0, scores.shape[1], chunk):
         rows = slice(start, start + chunk)
         out[:, rows] = fn(scores[:, rows], seen[rows])

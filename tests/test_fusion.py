@@ -138,6 +138,7 @@ def test_normalising_a_slice_of_users_at_a_time_equals_the_whole(transform) -> N
     scores = torch.randn(3, 11, 7, generator=gen)
     seen = torch.rand(11, 7, generator=gen) < 0.3
     seen[4] = True  # a user who saw everything
-    np.testing.assert_allclose(
-        by_users(transform, scores, seen, chunk=4).numpy(), transform(scores, seen).numpy(), rtol=1e-6
-    )
+    whole = transform(scores, seen).numpy()
+    np.testing.assert_allclose(by_users(transform, scores, seen, chunk=4).numpy(), whole, rtol=1e-6)
+    by_users(transform, scores, seen, chunk=4, out=scores)  # in place: each slice read before written
+    np.testing.assert_allclose(scores.numpy(), whole, rtol=1e-6)

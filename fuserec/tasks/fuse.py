@@ -23,6 +23,7 @@ from fuserec.data.dataset import Dataset
 from fuserec.fusion import Fuser
 from fuserec.layout import Layout
 from fuserec.manifest import file_sha256, read_json, write_manifest
+from fuserec.memory import release_freed_memory
 from fuserec.registry import FUSERS_GROUP, get_fuser, plugin_info, resolve_names
 from fuserec.tasks.split import SPLIT_FILES
 from fuserec.tasks.train import fused_components, load_algorithm, trained_models
@@ -114,4 +115,6 @@ def fuse(params: Params) -> str:
             components_fit_seconds=round(components_s, 3),
             fit_seconds=round(seconds, 3),
         )
+        del fuser
+        release_freed_memory()  # the last fuser's freed arrays must not sit under the next one's peak
     return str(layout.fusers)

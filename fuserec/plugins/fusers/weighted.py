@@ -56,7 +56,14 @@ class Weighted(Fuser):
         val = ValidationScores(self, data, truth, cfg.max_users, cfg.seed)
         choices = NORMALISATIONS if cfg.normalization == "search" else (cfg.normalization,)
         transforms = {"minmax": masked_minmax, "zscore": masked_zscore}
-        normalised = {norm: by_users(transforms[norm], val.scores, val.seen) for norm in choices}
+        # The raw scores are not read again: the last normalisation overwrites them in place, so the search
+        # holds one [M, U, n] tensor per normalisation and no more (at 10^7, 2.6 GB less at the peak).
+        normalised = {
+            norm: by_users(
+                transforms[norm], val.scores, val.seen, out=val.scores if i == len(choices) - 1 else None
+            )
+            for i, norm in enumerate(choices)
+        }
         names = self._check_fitted_names()
 
         def objective(trial: optuna.Trial) -> float:
