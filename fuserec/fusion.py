@@ -258,6 +258,11 @@ def single_component(scores: torch.Tensor, index: int) -> tuple[torch.Tensor, to
 USER_CHUNK = 512  # users per slice when a per-user transform runs over a whole validation tensor
 
 
+def user_slices(n_users: int, chunk: int = USER_CHUNK) -> list[slice]:
+    """Consecutive slices of ``chunk`` users covering ``n_users``."""
+    return [slice(start, start + chunk) for start in range(0, n_users, chunk)]
+
+
 def by_users(
     fn: Any,
     scores: torch.Tensor,
@@ -267,14 +272,13 @@ def by_users(
 ) -> torch.Tensor:
     """``fn(scores, seen)`` for a per-user transform of ``[M, U, n]``, a slice of users at a time.
 
-    The masked transforms hold several ``[M, U, n]`` temporaries at once; over a fuser's whole validation
-    tensor (12 x 5,000 x 10,677 floats at the ML-10M shape, 2.6 GB) that is most of the fuse stage's
-    peak. Sliced, they are ``[M, chunk, n]`` and the result is written into one preallocated tensor, or
-    into ``out``: ``out=scores`` transforms in place (each slice is read before it is overwritten).
+    The masked transforms hold several ``[M, U, n]`` temporaries at once, and a fuser's whole validation
+    tensor is large (12 x 5,000 x 10,677 floats at the ML-10M shape: 2.6 GB). Sliced, the temporaries are
+    ``[M, chunk, n]`` and the result is written into one preallocated tensor, or into ``out``:
+    ``out=scores`` transforms in place (each slice is read before it is overwritten).
     """
     out = torch.empty_like(scores) if out is None else out
-    for start in range(0, scores.shape[1], chunk):
-        rows = slice(start, start + chunk)
+    for rows in user_slices(scores.shape[1], chunk):
         out[:, rows] = fn(scores[:, rows], seen[rows])
     return out
 

@@ -37,12 +37,12 @@ from pydantic import Field
 
 from fuserec.api import FloatRange, IntRange, SearchDim
 from fuserec.fusion import (
-    USER_CHUNK,
     Fuser,
     FuserConfig,
     ValidationScores,
     masked_zscore,
     single_component,
+    user_slices,
 )
 from fuserec.histories import Histories
 
@@ -186,7 +186,7 @@ class Gating(Fuser):
                 self.user_features(
                     val.scores[:, rows], val.seen[rows], masked_zscore(val.scores[:, rows], val.seen[rows])
                 )
-                for rows in (slice(s, s + USER_CHUNK) for s in range(0, len(val.users), USER_CHUNK))
+                for rows in user_slices(len(val.users))
             ]
             x = torch.cat([p[0] for p in parts])
             signal = torch.cat([p[1] for p in parts])
