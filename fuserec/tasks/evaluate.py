@@ -145,15 +145,19 @@ def significance(
     return out
 
 
-def rerank_curve(params: Params, data: Dataset, vectors: np.ndarray) -> DiversityCurve:
+def rerank_curve(
+    params: Params, data: Dataset, vectors: np.ndarray, train_mat: sp.csr_matrix | None = None
+) -> DiversityCurve:
     """The exported scorer's accuracy/diversity curve as the MMR and novelty weights move.
 
     Filled during the evaluation pass, from the scores the exported scorer keeps of each batch.
+    ``train_mat``: ``data.matrix()`` when the caller has it already (at 10^7 it is 10M entries to rebuild).
     """
     cfg = params.evaluate
     settings = [Rerank(diversity=d, keep=cfg.rerank_keep) for d in cfg.rerank_diversity]
     settings += [Rerank(novelty=v, keep=cfg.rerank_keep) for v in cfg.rerank_novelty]
-    n_with_history = int((np.diff(data.matrix().indptr) > 0).sum())
+    train_mat = data.matrix() if train_mat is None else train_mat
+    n_with_history = int((np.diff(train_mat.indptr) > 0).sum())
     return DiversityCurve(vectors, data.item_popularity(), n_with_history, settings)
 
 
@@ -203,7 +207,8 @@ def evaluate(params: Params) -> str:
     hist, train_mat = data.histories(), data.matrix()
     exported = params.export.algorithm
     vectors = item_content_vectors(data.items)
-    curve = rerank_curve(params, data, vectors) if exported in scorers else None  # else nothing to re-rank
+    # Without the exported scorer among them there is nothing to re-rank.
+    curve = rerank_curve(params, data, vectors, train_mat) if exported in scorers else None
 
     def add_to_curve(batch: Histories, rows: np.ndarray) -> None:
         if curve is not None:
