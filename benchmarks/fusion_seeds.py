@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
+RESULTS = Path(__file__).resolve().parent / "results" / "fusion-seeds-ml100k.json"
 
 
 def run(seed: int, out: Path) -> Path:
@@ -45,11 +46,11 @@ def summarise(folder: Path, seed: int) -> dict:
         "p_value": allu.get("p_value"),
         "wilcoxon_p": allu.get("wilcoxon_p"),
     }
-    cold = sig.get("cold_users")
-    if cold:
-        row["cold"] = {
-            k: cold.get(k) for k in ("n_users", "candidate_mean", "baseline_mean", "best_single_on_segment")
-        }
+    keys = ("n_users", "candidate_mean", "baseline_mean", "best_single_on_segment", "relative_gain", "ci95")
+    # cold_users: the real ones (<= 5 training positives); cold_simulated: warm users cut to 1-5 items.
+    for segment in ("cold_users", "cold_simulated"):
+        if segment in sig:
+            row[segment] = {k: sig[segment].get(k) for k in (*keys, "p_value")}
     return row
 
 
@@ -61,11 +62,15 @@ def main() -> None:
     args = parser.parse_args()
     if not (ML100K / "u.data").exists():
         raise SystemExit(f"MovieLens-100k not found at {ML100K}: this benchmark needs ../shared/data")
+    rows = []
     for seed in args.seeds:
         folder = args.out / f"seed{seed}"
         if not args.summarise_only:
             run(seed, args.out)
-        print(json.dumps(summarise(folder, seed)))
+        rows.append(summarise(folder, seed))
+        print(json.dumps(rows[-1]))
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -129,6 +129,13 @@ class EvaluateConfig(_Section):
         default_factory=lambda: [0.1, 0.2, 0.4], description="novelty weights added to the curve"
     )
     rerank_keep: int = Field(5, ge=0, description="leading slots of each list the re-ranking leaves alone")
+    simulated_cold_users: int = Field(
+        2000,
+        ge=0,
+        description="warm test users (at most this many) also scored from only their latest 1-5 training "
+        "items: the segment cold_simulated, a cold-start measure on more users than the real cold ones "
+        "(0 = off)",
+    )
 
     @field_validator("ks")
     @classmethod

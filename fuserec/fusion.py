@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from pydantic import BaseModel, ConfigDict
 
@@ -347,11 +348,27 @@ def top_in_protocol_order(masked: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 # -- what learned fusers fit on -------------------------------------------------------------------------
+COLD_COPIES_HELP = (
+    "simulated cold users to learn from beside the real ones, as a share of validation users: warm users "
+    "cut to their latest 1-5 items (fuserec.fusion.ValidationScores)"
+)
+
+
 class ValidationScores:
     """Component scores of validation users, their seen-items mask and truth: what fusers learn from.
 
     Built once per fuser fit (``[M, U, n_items]`` floats; ``max_users`` bounds U on large data), so a
     search over combinations costs only the combination and a top-k per trial.
+
+    ``cold_copies`` adds simulated cold users, as a share of the validation users: warm users (more than
+    :data:`~fuserec.segments.COLD_USER_MAX` training positives) whose history is cut to their latest 1-5
+    items, with the same validation truth. Real cold users are few (6 test and 25 validation users on
+    ML-100k), too few to learn how the components' reliability changes with history length; every
+    component scores from the history alone, so a cut history is what it would see of a new user. Rows
+    past the real users are those copies: ``origin`` names the real row each row copies (early stopping
+    and folds must keep a user and its copies together), ``seen`` is the history the fuser sees and
+    ``exclude`` the user's full train' items, which no ranking may put forward (as for real users).
+    ``max_users`` bounds real users and copies together.
     """
 
     def __init__(
@@ -361,28 +378,47 @@ class ValidationScores:
         truth: pd.DataFrame,
         max_users: int | None = None,
         seed: int = 0,
+        cold_copies: float = 0.0,
     ) -> None:
         from fuserec.data.dataset import interactions_matrix
+        from fuserec.segments import COLD_USER_MAX
 
+        rng = np.random.default_rng(seed)
         users = np.unique(truth["user"].to_numpy())
-        if max_users is not None and len(users) > max_users:
-            users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
-        self.users = users
-        self.histories = data.histories().select(users)
+        everyone = data.histories()
+        n_copies = round(cold_copies * len(users))
+        if max_users is not None and len(users) + n_copies > max_users:
+            n_copies = round(cold_copies * max_users / (1.0 + cold_copies))
+            users = np.sort(rng.choice(users, max_users - n_copies, replace=False))
+        real = everyone.select(users)
+        warm = np.flatnonzero(real.lengths > COLD_USER_MAX)
+        pick = np.sort(rng.choice(warm, min(n_copies, len(warm)), replace=False))
+        copies = real.select(pick).latest(rng.integers(1, COLD_USER_MAX + 1, len(pick)))
+        self.n_real = len(users)
+        self.origin = np.concatenate([np.arange(len(users)), pick]).astype(np.int64)
+        self.users = users[self.origin]
+        self.histories = Histories.concat([real, copies]) if len(pick) else real
         self.scores = fuser.component_scores(self.histories)
         self.seen = torch.from_numpy(self.histories.to_csr().toarray() > 0)
-        self.truth = interactions_matrix(truth, data.n_users, data.n_items)[users]
+        self.exclude = self.seen if not len(pick) else torch.cat([self.seen[: len(users)], self.seen[pick]])
+        self.exclude_csr = sp.csr_matrix(self.exclude.numpy()) if len(pick) else self.histories.to_csr()
+        self.truth = interactions_matrix(truth, data.n_users, data.n_items)[self.users]
         self.popularity = data.item_popularity()
 
+    @property
+    def simulated(self) -> np.ndarray:
+        """``bool [U]``: which rows are simulated cold copies."""
+        return np.arange(len(self.users)) >= self.n_real
+
     def ndcg(self, fused: torch.Tensor | np.ndarray, k: int = 10, rows: np.ndarray | None = None) -> float:
-        """Mean NDCG@k of ``fused [U, n]`` scores, seen items excluded (the protocol's ranking).
+        """Mean NDCG@k of ``fused [U, n]`` scores, ``exclude``'s items excluded (the protocol's ranking).
 
         ``rows`` says which of the validation users ``fused`` holds (all of them by default).
         """
         from fuserec.metrics import ndcg_at_k, top_k
 
         values = fused.numpy() if isinstance(fused, torch.Tensor) else fused
-        seen, truth = self.histories.to_csr(), self.truth
+        seen, truth = self.exclude_csr, self.truth
         if rows is not None:
             seen, truth = seen[rows], truth[rows]
         ranked = top_k(np.asarray(values, dtype=np.float32), k, exclude=seen)

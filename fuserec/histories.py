@@ -87,6 +87,28 @@ class Histories:
             np.arange(n_users, dtype=np.int64),
         )
 
+    @classmethod
+    def concat(cls, parts: Sequence[Histories]) -> Histories:
+        """One batch of the histories of ``parts`` in order; optional fields are kept when all have them."""
+        if not parts:
+            raise ValueError("Histories.concat needs at least one batch")
+        n_items = parts[0].n_items
+        if any(p.n_items != n_items for p in parts):
+            raise ValueError("Histories.concat: every batch must have the same catalog size")
+        lengths = np.concatenate([p.lengths for p in parts])
+        indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+        def joined(field: str) -> np.ndarray | None:
+            values = [getattr(p, field) for p in parts]
+            return None if any(v is None for v in values) else np.concatenate(values)
+
+        return cls(
+            indptr,
+            np.concatenate([p.items for p in parts]),
+            n_items,
+            *map(joined, ("timestamps", "ratings", "users")),
+        )
+
     def select(self, rows: np.ndarray | Sequence[int]) -> Histories:
         """A sub-batch of these users, in the given order."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -98,6 +120,22 @@ class Histories:
         ratings = None if self.ratings is None else self.ratings[take]
         users = None if self.users is None else self.users[rows]
         return Histories(indptr, self.items[take], self.n_items, ts, ratings, users)
+
+    def latest(self, keep: np.ndarray | Sequence[int]) -> Histories:
+        """The same users with only their latest ``keep[u]`` items (all of them where ``keep[u]`` is larger).
+
+        Used to simulate cold users from warm ones: a user's most recent events are kept, so the time of
+        the last event, which time-aware fusers read, does not move.
+        """
+        keep = np.asarray(keep, dtype=np.int64)
+        if keep.shape != (len(self),):
+            raise ValueError(f"keep must give one count per history ({len(self)}), got shape {keep.shape}")
+        keep = np.clip(keep, 0, self.lengths)
+        indptr = np.concatenate([[0], np.cumsum(keep)]).astype(np.int64)
+        take = _ranges(self.indptr[1:] - keep, keep)
+        ts = None if self.timestamps is None else self.timestamps[take]
+        ratings = None if self.ratings is None else self.ratings[take]
+        return Histories(indptr, self.items[take], self.n_items, ts, ratings, self.users)
 
     def to_csr(self) -> sp.csr_matrix:
         """Binary user x item matrix (an item seen twice counts once)."""

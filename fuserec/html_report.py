@@ -9,6 +9,8 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from fuserec.segments import SIMULATED_COLD
+
 COLUMNS = ("ndcg@10", "recall@10", "hr@10", "coverage@10", "diversity@10", "gini@10", "self_information@10")
 PALETTE = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d")
 STYLE = """
@@ -109,7 +111,12 @@ def significance_block(sig: dict[str, Any]) -> str:
     if not sig:
         return "<p>No fuser and single model to compare.</p>"
     rows = []
-    for label, key in (("all test users", "all_users"), ("cold users", "cold_users")):
+    labels = (
+        ("all test users", "all_users"),
+        ("cold users", "cold_users"),
+        ("warm users cut to 1-5 items", SIMULATED_COLD),
+    )
+    for label, key in labels:
         if key not in sig:
             continue
         s = sig[key]

@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 from fuserec.fusion import by_users, masked_minmax, masked_ranks, masked_zscore
@@ -142,3 +143,55 @@ def test_normalising_a_slice_of_users_at_a_time_equals_the_whole(transform) -> N
     np.testing.assert_allclose(by_users(transform, scores, seen, chunk=4).numpy(), whole, rtol=1e-6)
     by_users(transform, scores, seen, chunk=4, out=scores)  # in place: each slice read before written
     np.testing.assert_allclose(scores.numpy(), whole, rtol=1e-6)
+
+
+def test_cold_copies_are_warm_users_cut_to_their_latest_items() -> None:
+    from fuserec.fusion import ValidationScores
+
+    case = default_case()
+    fuser = Borda().fit(case.inner_models, case.inner.fit, case.inner.truth)
+    plain = ValidationScores(fuser, case.inner.fit, case.inner.truth)
+    val = ValidationScores(fuser, case.inner.fit, case.inner.truth, cold_copies=0.5)
+    n = plain.n_real
+    assert val.n_real == n and torch.equal(val.scores[:, :n], plain.scores)  # the real rows are unchanged
+    copies = np.flatnonzero(val.simulated)
+    assert len(copies) == round(0.5 * n) and len(set(val.origin[copies])) == len(copies)
+    whole = case.inner.fit.histories()
+    for row in copies:
+        user, items = val.users[row], val.histories.user(row)
+        assert user == val.users[val.origin[row]]
+        assert 1 <= len(items) <= 5 < whole.lengths[user]
+        assert items.tolist() == whole.user(user)[-len(items) :].tolist()  # the latest items, in order
+        assert set(np.flatnonzero(val.seen[row].numpy())) == set(items.tolist())
+        assert set(np.flatnonzero(val.exclude[row].numpy())) == set(whole.user(user).tolist())
+        assert (val.truth[row] != val.truth[val.origin[row]]).nnz == 0
+    assert (val.exclude_csr != sp.csr_matrix(val.exclude.numpy())).nnz == 0
+    # A fused score that puts every excluded item first ranks like one that does not: they are excluded.
+    fused = val.scores[0].clone()
+    boosted = fused + 1e6 * val.exclude.to(torch.float32)
+    assert val.ndcg(boosted) == pytest.approx(val.ndcg(fused))
+    bounded = ValidationScores(fuser, case.inner.fit, case.inner.truth, max_users=30, cold_copies=0.5)
+    assert len(bounded.users) == 30 and int(bounded.simulated.sum()) == 10
+
+
+def test_early_stopping_holds_out_a_user_with_its_cold_copies_and_judges_real_users() -> None:
+    from fuserec.plugins.fusers.gating import GatingConfig, fit_listwise
+
+    origin = np.concatenate([np.arange(40), np.arange(0, 40, 2)])  # 40 users, 20 of them copied
+    learned: set[int] = set()
+
+    def build() -> torch.nn.Module:
+        return torch.nn.Linear(1, 1)
+
+    def loss(module: torch.nn.Module, rows: np.ndarray) -> torch.Tensor:
+        learned.update(rows.tolist())
+        return module.weight.square().sum()
+
+    cfg = GatingConfig(steps=30, batch_users=8, refit=False, eval_every=5, patience=100)
+    _, record = fit_listwise(build, loss, lambda module, rows: 0.0, origin, cfg)
+    hold = record["holdout_rows"]
+    assert len(set(origin[hold])) == 8  # 20% of the 40 users
+    assert not set(origin[hold]) & set(origin[sorted(learned)])
+    assert (origin[hold] == hold).all()  # only real rows are judged
+    unused = {r for r in range(len(origin)) if origin[r] in set(origin[hold])} - set(hold)
+    assert set(hold) | learned | unused == set(range(len(origin))) and not unused & learned

@@ -24,6 +24,13 @@ class TestGating(FuserTests):
     bad_configs: ClassVar[list[dict]] = [{"hidden": 0}, {"holdout": 1.0}, {"learning_rate": 0.0}]
 
 
+class TestGatingWithoutColdCopies(TestGating):
+    """The same kit learning from the real validation users only (cold copies are on by default)."""
+
+    config: ClassVar[dict] = {**FAST, "cold_copies": 0.0}
+    bad_configs: ClassVar[list[dict]] = [{"cold_copies": -0.1}, {"cold_copies": 1.5}]
+
+
 @pytest.fixture(scope="module")
 def fitted() -> Gating:
     case = default_case()

@@ -6,7 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from fuserec.histories import Histories
-from fuserec.segments import head_items, segment_truths
+from fuserec.segments import head_items, segment_truths, simulated_cold
 from fuserec.tasks.evaluate import evaluate_model
 from fuserec.testing import planted_dataset
 from fuserec.training import validation_carve
@@ -50,3 +50,20 @@ def test_evaluate_model_reports_segments_and_a_tail_scorer_wins_there() -> None:
     assert seg["warm_users"]["n_users"] + seg["cold_users"]["n_users"] == head["n_users"]
     assert tail["segments"]["long_tail_items"]["ndcg@10"] > head["segments"]["long_tail_items"]["ndcg@10"]
     assert head["ndcg@10"] > tail["ndcg@10"]
+
+
+def test_simulated_cold_cuts_only_chosen_warm_users_to_their_latest_items() -> None:
+    lists = [list(range(n)) for n in (3, 8, 12, 5, 6, 20)]
+    hist = Histories.from_lists(lists, 30)
+    users = np.array([0, 1, 2, 3, 4, 5])
+    cut, chosen = simulated_cold(hist, users, 2, seed=1)
+    assert len(chosen) == 2 and set(chosen) <= {1, 2, 4, 5}  # warm: more than 5 items
+    for u in range(len(lists)):
+        if u in set(chosen):
+            assert 1 <= cut.lengths[u] <= 5 and cut.user(u).tolist() == lists[u][-cut.lengths[u] :]
+        else:
+            assert cut.user(u).tolist() == lists[u]
+    again, same = simulated_cold(hist, users, 2, seed=1)
+    assert same.tolist() == chosen.tolist() and again.lengths.tolist() == cut.lengths.tolist()
+    assert simulated_cold(hist, users, 0, seed=1) is None
+    assert simulated_cold(hist, np.array([0, 3]), 5, seed=1) is None  # nobody warm to cut

@@ -25,6 +25,13 @@ class TestStacking(FuserTests):
     bad_configs: ClassVar[list[dict]] = [{"candidates": 0}, {"folds": 1}, {"learning_rate": 0.0}]
 
 
+class TestStackingWithoutColdCopies(TestStacking):
+    """The same kit learning from the real validation users only (cold copies are on by default)."""
+
+    config: ClassVar[dict] = {**FAST, "cold_copies": 0.0}
+    bad_configs: ClassVar[list[dict]] = [{"cold_copies": -0.1}]
+
+
 @pytest.fixture(scope="module")
 def fitted() -> Stacking:
     case = default_case()

@@ -6,16 +6,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fuserec.data.dataset import Dataset
+from fuserec.data.dataset import Dataset, interactions_matrix
 from fuserec.layout import Layout
 from fuserec.manifest import read_json
+from fuserec.metrics import ndcg_at_k, top_k
+from fuserec.segments import simulated_cold
 from fuserec.tasks.clean import clean
 from fuserec.tasks.evaluate import evaluate, evaluate_model
 from fuserec.tasks.export import export
 from fuserec.tasks.fuse import fuse, load_fuser
 from fuserec.tasks.report import report as report_stage
 from fuserec.tasks.split import split
-from fuserec.tasks.train import train
+from fuserec.tasks.train import load_algorithm, train
 from fuserec.tasks.validate import validate
 
 
@@ -49,9 +51,17 @@ def test_stages_in_order_write_what_the_next_reads(small_params) -> None:
     assert set(metrics["segments"]["warm_users"]) == set(metrics["models"]) | set(metrics["fusers"])
     assert metrics["models"]["popularity"]["n_users"] == metrics["protocol"]["test_users"]
     segments = metrics["segments"]
-    assert set(segments) == {"cold_users", "warm_users", "long_tail_items", "rare_items", "new_items"}
+    assert set(segments) == {
+        "cold_users",
+        "warm_users",
+        "long_tail_items",
+        "rare_items",
+        "new_items",
+        "cold_simulated",
+    }
     users = segments["cold_users"]["itemknn"]["n_users"] + segments["warm_users"]["itemknn"]["n_users"]
     assert users == metrics["protocol"]["test_users"]
+    assert set(segments["cold_simulated"]) == set(metrics["models"]) | set(metrics["fusers"])
     by_k = pd.read_csv(layout.plots / "itemknn.csv")
     assert by_k["k"].tolist() == [5, 10] and (np.diff(by_k["recall"]) >= 0).all()
     significance = metrics["significance"]
@@ -68,8 +78,20 @@ def test_stages_in_order_write_what_the_next_reads(small_params) -> None:
     for name in ("stacking", "weighted"):
         alone = evaluate_model(load_fuser(layout.fuser(name), layout), data, test, [5, 10], 64, False)
         assert alone["ndcg@10"] == pytest.approx(metrics["fusers"][name]["ndcg@10"], abs=1e-6)
+    # The simulated cold segment: warm test users seen through their latest 1-5 items, scored on their own.
+    users = np.unique(test["user"])
+    cold = simulated_cold(data.histories(), users, small_params.evaluate.simulated_cold_users, 42)
+    assert cold is not None
+    cut, chosen = cold
+    assert (data.histories().lengths[chosen] > 5).all() and (cut.lengths[chosen] <= 5).all()
+    assert len(chosen) == segments["cold_simulated"]["itemknn"]["n_users"]
+    itemknn = load_algorithm(layout.model("itemknn"))
+    ranked = top_k(itemknn.score(cut.select(chosen)), 10, exclude=data.matrix()[chosen])
+    truth = interactions_matrix(test, data.n_users, data.n_items)[chosen]
+    expected = float(np.mean(ndcg_at_k(ranked, truth, 10)))
+    assert segments["cold_simulated"]["itemknn"]["ndcg@10"] == pytest.approx(expected, abs=1e-6)
+    assert significance["cold_simulated"]["n_users"] == len(chosen)
     # The re-ranking curve, filled from the exported scorer's kept scores, equals scoring it on its own.
-    from fuserec.data.dataset import interactions_matrix
     from fuserec.features import item_content_vectors
     from fuserec.rerank import diversity_curve
     from fuserec.tasks.evaluate import rerank_curve

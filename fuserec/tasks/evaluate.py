@@ -23,7 +23,7 @@ from fuserec.layout import Layout
 from fuserec.manifest import write_json
 from fuserec.metrics import evaluate_rankings, ndcg_at_k, rank_together, rank_users
 from fuserec.rerank import DiversityCurve, Rerank, beyond_accuracy
-from fuserec.segments import COLD_USER_MAX, segment_truths
+from fuserec.segments import COLD_USER_MAX, SIMULATED_COLD, segment_truths, simulated_cold
 from fuserec.significance import best_by, paired_comparison
 from fuserec.tasks.split import SPLIT_FILES
 from fuserec.tasks.train import load_algorithm, trained_models
@@ -136,13 +136,15 @@ def significance(
     }
     cold = a["cold"]
     if cold.any():
-        models = per_user["models"]
-        cold_best = max(models, key=lambda name: float(np.nanmean(models[name]["ndcg@10"][cold])))
-        out["cold_users"] = {
-            "best_single_on_segment": cold_best,
-            **paired_comparison(a["ndcg@10"][cold], models[cold_best]["ndcg@10"][cold]),
-        }
+        models = {name: values["ndcg@10"][cold] for name, values in per_user["models"].items()}
+        out["cold_users"] = segment_comparison(a["ndcg@10"][cold], models)
     return out
+
+
+def segment_comparison(fused: np.ndarray, models: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The best fuser against the best single model *on this segment* (per-user NDCG@10 arrays)."""
+    best = max(models, key=lambda name: float(np.nanmean(models[name])))
+    return {"best_single_on_segment": best, **paired_comparison(fused, models[best])}
 
 
 def rerank_curve(
@@ -232,11 +234,35 @@ def evaluate(params: Params) -> str:
         for segment, values in segments.items():
             by_segment.setdefault(segment, {})[name] = rounded(values)
         metrics_by_k(scores, params.evaluate.ks).to_csv(layout.plots / f"{name}.csv", index=False)
+    sig = significance(results, per_user)
+    cold = simulated_cold(hist, users, params.evaluate.simulated_cold_users, params.train.seed)
+    if cold is not None:  # the same scorers again, each warm user seen through its latest 1-5 items only
+        cut, cold_users = cold
+        cold_topks = rank_together(
+            {name: scorer.score for name, (_, scorer) in scorers.items()},
+            cut.select,
+            cold_users,
+            train_mat,  # the user's whole training set stays excluded, as for real users
+            10,
+            params.evaluate.batch_size,
+        )
+        truth_c = interactions_matrix(test, data.n_users, data.n_items)[cold_users]
+        cold_per_user: dict[str, dict[str, np.ndarray]] = {"models": {}, "fusers": {}}
+        for name, (kind, _) in scorers.items():
+            values = evaluate_rankings(cold_topks[name], truth_c, [10], data.item_popularity())
+            by_segment.setdefault(SIMULATED_COLD, {})[name] = rounded(
+                {key: values[key] for key in ("ndcg@10", "recall@10", "hr@10", "n_users")}
+                | {"n_interactions": int(truth_c.nnz)}
+            )
+            cold_per_user[kind][name] = ndcg_at_k(cold_topks[name], truth_c, 10)
+        if sig:
+            fused = cold_per_user["fusers"][sig["best_fuser"]]
+            sig[SIMULATED_COLD] = segment_comparison(fused, cold_per_user["models"])
     payload = {
         "protocol": protocol_summary(params, data.interactions, test, data.n_items),
         **results,
         "segments": by_segment,
-        "significance": significance(results, per_user),
+        "significance": sig,
         "rerank": curve_summary(params, layout, curve, test, data),
     }
     write_json(layout.metrics, payload)

@@ -167,7 +167,7 @@ class FeatureFusion(Fuser):
         cfg = self.config
         self.blocks_, self.reference_ = self.item_blocks(self.components_)
         self.tables_ = self.reference_
-        val = ValidationScores(self, data, truth, cfg.max_users, cfg.seed)
+        val = ValidationScores(self, data, truth, cfg.max_users, cfg.seed, cfg.cold_copies)
         tables = [torch.from_numpy(t) for t in self.reference_]
         dims = [t.shape[1] for t in tables]
 
@@ -198,13 +198,14 @@ class FeatureFusion(Fuser):
 
         def loss(module: torch.nn.ParameterDict, rows: np.ndarray) -> torch.Tensor:
             penalty = sum(module[f"{k}{b}"].square().sum() for b in range(len(dims)) for k in "dv")
-            seen = val.seen[torch.from_numpy(rows)]
+            exclude = val.exclude[torch.from_numpy(rows)]
             return (
-                listwise_loss(fused(module, rows), seen, truth_rows(val, rows)) + cfg.weight_decay * penalty
+                listwise_loss(fused(module, rows), exclude, truth_rows(val, rows))
+                + cfg.weight_decay * penalty
             )
 
         module, self.training_ = fit_listwise(
-            build, loss, lambda mod, rows: val.ndcg(fused(mod, rows), rows=rows), len(val.users), cfg
+            build, loss, lambda mod, rows: val.ndcg(fused(mod, rows), rows=rows), val.origin, cfg
         )
         self.training_ |= holdout_baselines(val, self.training_["holdout_rows"])
         with torch.no_grad():

@@ -38,6 +38,7 @@ from pydantic import Field
 
 from fuserec.api import FloatRange, IntRange, SearchDim
 from fuserec.fusion import (
+    COLD_COPIES_HELP,
     Fuser,
     FuserConfig,
     ValidationScores,
@@ -98,6 +99,9 @@ class StackingConfig(FuserConfig):
     recent_days: float = Field(30.0, gt=0.0, description="window of the recent-popularity feature")
     max_time_buckets: int = Field(1024, ge=1, description="resolution of the popularity-over-time table")
     content_dims: int = Field(64, ge=1, description="content vectors are reduced to this many dimensions")
+    #: 0.5 was chosen on ML-100k validation users held out from the fit (docs/fusion.md): NDCG@10 of warm
+    #: users cut to 1-5 items rose from 0.151 to 0.162, the real users' stayed 0.182.
+    cold_copies: float = Field(0.5, ge=0.0, le=1.0, description=COLD_COPIES_HELP)
     max_users: int | None = Field(
         10_000,
         ge=1,
@@ -228,7 +232,7 @@ class Stacking(Fuser):
     def fit_combination(self, data: Dataset, truth: pd.DataFrame) -> None:
         cfg = self.config
         self.observe(data)
-        val = ValidationScores(self, data, truth, cfg.max_users, cfg.seed)
+        val = ValidationScores(self, data, truth, cfg.max_users, cfg.seed, cfg.cold_copies)
         last = torch.from_numpy(self.history_time(val.histories))
         self.pruned_: list[str] = []
         self._learn(val, last)
@@ -274,15 +278,19 @@ class Stacking(Fuser):
         with torch.no_grad():
             for chunk in _chunks(len(val.users), cfg.batch_users):
                 x, idx, _ = self.candidate_features(val.scores[:, chunk], val.seen[chunk], last[chunk])
-                seen = val.seen[chunk]
+                seen = val.exclude[chunk]  # a simulated cold user's cut items are not candidates either
                 for j, u in enumerate(range(chunk.start, chunk.stop)):
                     items, first = np.unique(idx[j].numpy(), return_index=True)
                     keep = ~seen[j, items].numpy()
                     rows.append(x[j].numpy()[first[keep]])
                     labels.append(val.truth[u].toarray().ravel()[items[keep]])
                     groups.append(int(keep.sum()))
-        fold = np.empty(len(groups), dtype=np.int64)
-        fold[np.random.default_rng(cfg.seed).permutation(len(groups))] = np.arange(len(groups)) % cfg.folds
+        # Folds over users: a real user and its simulated cold copies (val.origin) share a fold.
+        n_users = int(val.origin.max()) + 1 if len(val.origin) else 0
+        user_fold = np.empty(n_users, dtype=np.int64)
+        user_fold[np.random.default_rng(cfg.seed).permutation(n_users)] = np.arange(n_users) % cfg.folds
+        fold = user_fold[val.origin]
+        real = ~val.simulated  # copies teach; rounds and the out-of-fold estimate are judged on real users
 
         def dataset(mask: np.ndarray) -> lgb.Dataset | None:
             use = [i for i in np.flatnonzero(mask) if groups[i] and labels[i].any()]
@@ -316,8 +324,8 @@ class Stacking(Fuser):
         # out-of-fold full-ranking NDCG@10 is the honest validation estimate (against the best component).
         best_rounds: list[int] = []
         fused_sum, single_sum, scored = 0.0, np.zeros(len(val.scores)), 0
-        for k in range(cfg.folds if len(groups) >= cfg.folds else 0):
-            fit_set, hold_set = dataset(fold != k), dataset(fold == k)
+        for k in range(cfg.folds if n_users >= cfg.folds else 0):
+            fit_set, hold_set = dataset(fold != k), dataset((fold == k) & real)
             if fit_set is None or hold_set is None:
                 continue
             probe = lgb.train(
@@ -329,7 +337,7 @@ class Stacking(Fuser):
             )
             best_rounds.append(probe.best_iteration or cfg.n_estimators)
             self._set_trees(probe, best_rounds[-1])
-            held = np.flatnonzero(fold == k)
+            held = np.flatnonzero((fold == k) & real)
             fused_sum += val.ndcg(self._score_rows(val, held, last), 10, rows=held) * len(held)
             for i in range(len(val.scores)):
                 single_sum[i] += val.ndcg(val.scores[i, held].numpy(), 10, rows=held) * len(held)
