@@ -147,6 +147,44 @@ def segment_comparison(fused: np.ndarray, models: dict[str, np.ndarray]) -> dict
     return {"best_single_on_segment": best, **paired_comparison(fused, models[best])}
 
 
+def simulated_cold_metrics(
+    params: Params,
+    scorers: dict[str, tuple[str, Any]],
+    data: Dataset,
+    test: pd.DataFrame,
+    hist: Histories,
+    train_mat: sp.csr_matrix,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]] | None:
+    """Every scorer again on warm test users cut to their latest 1-5 items (:func:`simulated_cold`).
+
+    Returns ``(metrics by scorer, per-user NDCG@10 by kind and scorer)``, or None when the segment is off
+    or empty. The user's whole training set stays excluded from the ranking, as for real users.
+    """
+    users = np.unique(test["user"].to_numpy())
+    cold = simulated_cold(hist, users, params.evaluate.simulated_cold_users, params.train.seed)
+    if cold is None:
+        return None
+    cut, cold_users = cold
+    topks = rank_together(
+        {name: scorer.score for name, (_, scorer) in scorers.items()},
+        cut.select,
+        cold_users,
+        train_mat,
+        10,
+        params.evaluate.batch_size,
+    )
+    truth = interactions_matrix(test, data.n_users, data.n_items)[cold_users]
+    popularity = data.item_popularity()
+    metrics: dict[str, dict[str, float]] = {}
+    per_user: dict[str, dict[str, np.ndarray]] = {"models": {}, "fusers": {}}
+    for name, (kind, _) in scorers.items():
+        values = evaluate_rankings(topks[name], truth, [10], popularity)
+        keep = {key: values[key] for key in ("ndcg@10", "recall@10", "hr@10", "n_users")}
+        metrics[name] = rounded(keep | {"n_interactions": int(truth.nnz)})
+        per_user[kind][name] = ndcg_at_k(topks[name], truth, 10)
+    return metrics, per_user
+
+
 def rerank_curve(
     params: Params, data: Dataset, vectors: np.ndarray, train_mat: sp.csr_matrix | None = None
 ) -> DiversityCurve:
@@ -235,26 +273,9 @@ def evaluate(params: Params) -> str:
             by_segment.setdefault(segment, {})[name] = rounded(values)
         metrics_by_k(scores, params.evaluate.ks).to_csv(layout.plots / f"{name}.csv", index=False)
     sig = significance(results, per_user)
-    cold = simulated_cold(hist, users, params.evaluate.simulated_cold_users, params.train.seed)
-    if cold is not None:  # the same scorers again, each warm user seen through its latest 1-5 items only
-        cut, cold_users = cold
-        cold_topks = rank_together(
-            {name: scorer.score for name, (_, scorer) in scorers.items()},
-            cut.select,
-            cold_users,
-            train_mat,  # the user's whole training set stays excluded, as for real users
-            10,
-            params.evaluate.batch_size,
-        )
-        truth_c = interactions_matrix(test, data.n_users, data.n_items)[cold_users]
-        cold_per_user: dict[str, dict[str, np.ndarray]] = {"models": {}, "fusers": {}}
-        for name, (kind, _) in scorers.items():
-            values = evaluate_rankings(cold_topks[name], truth_c, [10], data.item_popularity())
-            by_segment.setdefault(SIMULATED_COLD, {})[name] = rounded(
-                {key: values[key] for key in ("ndcg@10", "recall@10", "hr@10", "n_users")}
-                | {"n_interactions": int(truth_c.nnz)}
-            )
-            cold_per_user[kind][name] = ndcg_at_k(cold_topks[name], truth_c, 10)
+    cold = simulated_cold_metrics(params, scorers, data, test, hist, train_mat)
+    if cold is not None:
+        by_segment[SIMULATED_COLD], cold_per_user = cold
         if sig:
             fused = cold_per_user["fusers"][sig["best_fuser"]]
             sig[SIMULATED_COLD] = segment_comparison(fused, cold_per_user["models"])
