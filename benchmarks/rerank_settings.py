@@ -2,8 +2,8 @@
 
 The exported scorer (``export.algorithm``, a fuser or a plugin) learns on half A of the validation users
 (components fitted on train', as in the fuse stage) and half B's lists are re-ranked under every setting
-(``fuserec.rerank.Rerank``: diversity weight, ``keep``, ``depth``, ``relevance``). For each setting it
-prints diversity@10 and NDCG@10 relative to no re-ranking; per (keep, depth, relevance), the largest
+(``fuserec.rerank.Rerank``: diversity weight, ``keep``, ``depth``, ``relevance``, ``order``). For each setting
+it prints diversity@10 and NDCG@10 relative to no re-ranking; per (keep, depth, relevance, order), the largest
 diversity gain whose NDCG@10 loss stays under ``--max-loss``.
 
 Usage (after a `fuserec run` on ML-100k, whose outputs hold the train' fits in ``inner_models/``):
@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--keep", type=int, nargs="+", default=[5, 6, 7])
     parser.add_argument("--depth", type=int, nargs="+", default=[30, 100])
     parser.add_argument("--relevance", nargs="+", default=["minmax", "rank"])
+    parser.add_argument("--order", nargs="+", default=["score", "greedy"])
+    parser.add_argument("--weights", type=float, nargs="+", default=[round(0.1 * i, 1) for i in range(10)])
     parser.add_argument("--max-loss", type=float, default=0.05, help="largest relative NDCG@10 loss")
     args = parser.parse_args()
     params = load_params(
@@ -61,11 +63,11 @@ def main() -> None:
         scorer.fit(models, inner, valid[valid["user"].isin(half_a)])
     else:
         scorer = models[name]
-    weights = [round(0.1 * i, 1) for i in range(10)]
-    grid = list(itertools.product(args.keep, args.depth, args.relevance))
+    weights = sorted({0.0, *args.weights})
+    grid = list(itertools.product(args.keep, args.depth, args.relevance, args.order))
     settings = [
-        Rerank(diversity=w, keep=keep, depth=depth, relevance=rel)
-        for keep, depth, rel in grid
+        Rerank(diversity=w, keep=keep, depth=depth, relevance=rel, order=order)
+        for keep, depth, rel, order in grid
         for w in weights
     ]
     matrix = inner.matrix()
@@ -78,8 +80,8 @@ def main() -> None:
         rows = half_b[start : start + 256]
         curve.add(scorer.score(hist.select(rows)), matrix[rows])
     points = curve.result(interactions_matrix(valid, inner.n_users, inner.n_items)[half_b])
-    base = points[0]  # weight 0: the scorer's own order (the same for every keep, depth, relevance)
-    for i, (keep, depth, rel) in enumerate(grid):
+    base = points[0]  # weight 0: the scorer's own order (the same for every setting)
+    for i, (keep, depth, rel, order) in enumerate(grid):
         block = points[i * len(weights) : (i + 1) * len(weights)]
         rows = [
             {
@@ -92,6 +94,7 @@ def main() -> None:
         ok = [r for r in rows if r["ndcg_change"] > -args.max_loss]
         best = max(ok, key=lambda r: r["diversity_gain"])
         head = {"scorer": name, "split": args.split, "keep": keep, "depth": depth, "relevance": rel}
+        head["order"] = order
         print(json.dumps(head | {"best_under_max_loss": best, "curve": rows}), flush=True)
 
 

@@ -118,6 +118,12 @@ class TrainConfig(_Section):
         return self
 
 
+RERANK_ORDER_HELP = (
+    "how the re-ranked items are listed: 'score' (the diverse set in the scorer's order) or 'greedy' (in "
+    "the order MMR picked them); diversity is the same, 'score' lost less NDCG@10 on validation"
+)
+
+
 class EvaluateConfig(_Section):
     ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
     batch_size: int = Field(1024, ge=1)
@@ -129,6 +135,7 @@ class EvaluateConfig(_Section):
         default_factory=lambda: [0.1, 0.2, 0.4], description="novelty weights added to the curve"
     )
     rerank_keep: int = Field(5, ge=0, description="leading slots of each list the re-ranking leaves alone")
+    rerank_order: Literal["score", "greedy"] = Field("score", description=RERANK_ORDER_HELP)
     simulated_cold_users: int = Field(
         2000,
         ge=0,
@@ -163,6 +170,7 @@ class ExportConfig(_Section):
     rerank_novelty: float = Field(0.0, ge=0.0, description="novelty weight applied inside the served graph")
     rerank_depth: int = Field(100, ge=1, description="the re-ranked pool: the scorer's top-N unseen items")
     rerank_keep: int = Field(5, ge=0, description="leading slots of each list the re-ranking leaves alone")
+    rerank_order: Literal["score", "greedy"] = Field("score", description=RERANK_ORDER_HELP)
 
 
 class FuseConfig(_Section):

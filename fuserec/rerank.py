@@ -29,12 +29,15 @@ class Rerank:
     relevance: str = "minmax"  # "minmax": scores min-max scaled in the pool; "rank": 1 - position / depth
     penalty: str = "mean"  # similarity to the list: "mean" (greedy intra-list diversity) or "max" (MMR)
     keep: int = 5  # the first ``keep`` slots stay in score order (the head NDCG weighs most)
+    order: str = "score"  # the chosen items listed by "score" (the scorer's order) or in "greedy" pick order
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.diversity < 1.0:
             raise ValueError(f"rerank diversity must lie in [0, 1), got {self.diversity}")
         if self.penalty not in ("mean", "max"):
             raise ValueError(f"rerank penalty must be 'mean' or 'max', got {self.penalty!r}")
+        if self.order not in ("score", "greedy"):
+            raise ValueError(f"rerank order must be 'score' or 'greedy', got {self.order!r}")
         if self.relevance not in ("rank", "minmax"):
             raise ValueError(f"rerank relevance must be 'rank' or 'minmax', got {self.relevance!r}")
         if self.novelty < 0.0 or self.depth < 1 or self.keep < 0:
@@ -66,6 +69,10 @@ def mmr_top_k(
     where similarity is the mean cosine to the listed items (``penalty="mean"``: greedy intra-list
     diversity, which traded accuracy for diversity better than MMR's max on ML-100k validation) or the max
     (MMR), and relevance is min-max scaled within the pool. With both weights 0 it is the plain top-k.
+
+    The greedy steps choose *which* items are listed; with ``order="score"`` they are then listed in the
+    scorer's order. Intra-list diversity does not depend on the order, and for a fixed set the scorer's
+    order maximises its expected DCG, so this costs no diversity and recovered NDCG@10 on validation.
     """
     b, n = scores.shape
     depth = min(rerank.depth, n)
@@ -100,14 +107,16 @@ def mmr_top_k(
     closest = torch.zeros_like(gain)  # max (MMR) or mean (greedy intra-list diversity) cosine to the list
     total = torch.zeros_like(gain)
     taken = torch.zeros_like(gain, dtype=torch.bool)
-    chosen = []
+    chosen, picks = [], []
     for position in range(k):
         if position < rerank.keep:  # the head stays in relevance order; diversity works on the rest
             step = torch.where(taken, torch.full_like(gain, float("-inf")), relevance_only)
         else:
             step = torch.where(taken, torch.full_like(gain, float("-inf")), gain - rerank.diversity * closest)
         pick = step.argmax(dim=1, keepdim=True)  # ties: the first, i.e. the higher-scored item
-        chosen.append(torch.where(torch.isfinite(step.gather(1, pick)), pool.gather(1, pick), -1))
+        found = torch.isfinite(step.gather(1, pick))
+        chosen.append(torch.where(found, pool.gather(1, pick), -1))
+        picks.append(torch.where(found, pick, depth + position))  # a slot left empty sorts last
         taken = taken.scatter(1, pick, True)
         sim = sims.gather(1, pick.unsqueeze(2).expand(b, 1, depth)).squeeze(1)
         if rerank.penalty == "max":
@@ -115,7 +124,13 @@ def mmr_top_k(
         else:
             total = total + sim
             closest = total / float(len(chosen))
-    return torch.cat(chosen, dim=1)
+    if rerank.order == "greedy":
+        return torch.cat(chosen, dim=1)
+    # The pool is in score order, so ascending pool positions list the chosen items by score (ties in
+    # protocol order). Positions are distinct, so topk needs no stable sort and exports to ONNX as is.
+    positions = torch.topk(torch.cat(picks, dim=1), k, dim=1, largest=False, sorted=True).values
+    listed = pool.gather(1, positions.clamp(max=depth - 1))
+    return torch.where(positions < depth, listed, torch.full_like(listed, -1))
 
 
 def unit_vectors(vectors: np.ndarray) -> np.ndarray:

@@ -41,14 +41,46 @@ def test_no_weights_is_the_plain_top_k_and_skips_seen_items() -> None:
 
 
 def test_diversity_weight_interleaves_genres() -> None:
-    assert _mmr(Rerank(diversity=0.6, keep=0)) == [0, 5, 1, 6]  # mean similarity keeps the genres balanced
-    assert _mmr(Rerank(diversity=0.6, keep=2)) == [0, 1, 5, 6]  # the head stays in score order
-    assert _mmr(Rerank(diversity=0.6, penalty="max", keep=0)) == [
-        0,
-        5,
-        1,
-        2,
-    ]  # MMR: once both are listed, relevance
+    greedy = Rerank(diversity=0.6, keep=0, order="greedy")
+    assert _mmr(greedy) == [0, 5, 1, 6]  # mean similarity keeps the genres balanced
+    assert _mmr(Rerank(diversity=0.6, keep=2, order="greedy")) == [0, 1, 5, 6]  # the head stays in order
+    max_penalty = Rerank(diversity=0.6, penalty="max", keep=0, order="greedy")
+    assert _mmr(max_penalty) == [0, 5, 1, 2]  # MMR: once both are listed, relevance
+
+
+def test_score_order_lists_the_greedy_choice_by_score() -> None:
+    assert _mmr(Rerank(diversity=0.6, keep=0)) == [0, 1, 5, 6]
+    assert _mmr(Rerank(diversity=0.6, penalty="max", keep=0)) == [0, 1, 2, 5]
+    assert _mmr(Rerank(diversity=0.6, keep=0), k=4, seen=[0, 1, 2, 3, 4, 5, 6, 7]) == [8, 9, -1, -1]
+    with pytest.raises(ValueError, match="order"):
+        Rerank(order="random")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(0, 2**16),
+    st.integers(1, 12),
+    st.integers(0, 4),
+    st.floats(0.0, 0.95),
+    st.integers(0, 18),
+)
+def test_score_order_is_the_same_set_sorted_by_score(
+    seed: int, k: int, keep: int, diversity: float, n_seen: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    n = 20
+    scores = torch.from_numpy(rng.permutation(n).astype(np.float32)).unsqueeze(0)  # distinct scores
+    seen = torch.zeros(1, n, dtype=torch.bool)
+    seen[0, rng.choice(n, n_seen, replace=False)] = True
+    vectors = torch.from_numpy(unit_vectors(rng.random((n, 3)).astype(np.float32)))
+    args = (scores, seen, vectors, torch.zeros(n), k)
+    settings_ = {"diversity": diversity, "keep": keep, "depth": 15}
+    greedy = mmr_top_k(*args, Rerank(**settings_, order="greedy"))[0].tolist()
+    listed = mmr_top_k(*args, Rerank(**settings_))[0].tolist()
+    items = [i for i in listed if i >= 0]
+    assert sorted(items) == sorted(i for i in greedy if i >= 0)
+    assert listed == items + [-1] * (len(listed) - len(items))  # empty slots last
+    assert [scores[0, i].item() for i in items] == sorted((scores[0, i].item() for i in items), reverse=True)
 
 
 def test_novelty_weight_prefers_rare_items() -> None:

@@ -194,8 +194,9 @@ def rerank_curve(
     ``train_mat``: ``data.matrix()`` when the caller has it already (at 10^7 it is 10M entries to rebuild).
     """
     cfg = params.evaluate
-    settings = [Rerank(diversity=d, keep=cfg.rerank_keep) for d in cfg.rerank_diversity]
-    settings += [Rerank(novelty=v, keep=cfg.rerank_keep) for v in cfg.rerank_novelty]
+    shape = {"keep": cfg.rerank_keep, "order": cfg.rerank_order}
+    settings = [Rerank(diversity=d, **shape) for d in cfg.rerank_diversity]
+    settings += [Rerank(novelty=v, **shape) for v in cfg.rerank_novelty]
     train_mat = data.matrix() if train_mat is None else train_mat
     n_with_history = int((np.diff(train_mat.indptr) > 0).sum())
     return DiversityCurve(vectors, data.item_popularity(), n_with_history, settings)

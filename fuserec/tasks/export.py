@@ -129,7 +129,13 @@ def export(params: Params) -> str:
     out = layout.export
     data = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES["train"])
     test = pd.read_parquet(layout.split / SPLIT_FILES["test"])
-    rerank = Rerank(cfg.rerank_diversity, cfg.rerank_novelty, cfg.rerank_depth, keep=cfg.rerank_keep)
+    rerank = Rerank(
+        cfg.rerank_diversity,
+        cfg.rerank_novelty,
+        cfg.rerank_depth,
+        keep=cfg.rerank_keep,
+        order=cfg.rerank_order,
+    )
     reranker = None
     if rerank.active:
         with_history = int((data.histories().lengths > 0).sum())
@@ -184,6 +190,7 @@ def export(params: Params) -> str:
             "novelty": rerank.novelty,
             "depth": rerank.depth,
             "keep": rerank.keep,
+            "order": rerank.order,
         },
         max_history=cfg.max_history,
         implicit_threshold=params.clean.implicit_threshold,  # what the service counts as a positive event
