@@ -401,7 +401,8 @@ class ValidationScores:
         self.scores = fuser.component_scores(self.histories)
         self.seen = torch.from_numpy(self.histories.to_csr().toarray() > 0)
         self.exclude = self.seen if not len(pick) else torch.cat([self.seen[: len(users)], self.seen[pick]])
-        self.exclude_csr = sp.csr_matrix(self.exclude.numpy()) if len(pick) else self.histories.to_csr()
+        full = real.to_csr()
+        self.exclude_csr = sp.vstack([full, full[pick]], format="csr") if len(pick) else full
         self.truth = interactions_matrix(truth, data.n_users, data.n_items)[self.users]
         self.popularity = data.item_popularity()
 
