@@ -192,3 +192,30 @@ def test_diversity_equals_the_pairwise_definition(lists: list[list[int]]) -> Non
         assert value == pytest.approx(float(np.mean(per_list)), abs=1e-5)
     else:
         assert np.isnan(value)
+
+
+def test_the_served_graph_lists_a_short_re_ranked_list_by_score_then_empty_slots(tmp_path) -> None:
+    from fuserec.features import item_content_vectors
+    from fuserec.histories import Histories
+    from fuserec.onnx_model import OnnxRecommender, Reranker, export_onnx
+    from fuserec.plugins.itemknn import ItemKNN
+    from fuserec.testing import planted_dataset
+
+    data = planted_dataset()
+    algo = ItemKNN({"k": 20}).fit(data)
+    reranker = Reranker(
+        Rerank(diversity=0.9, keep=1), item_content_vectors(data.items), np.zeros(data.n_items, np.float32)
+    )
+    session = OnnxRecommender(export_onnx(algo, tmp_path / "m.onnx", k=10, reranker=reranker))
+    left = [0, 1, 2, 30, 31, 32]  # the history holds every other item: 6 can be listed in 10 slots
+    hist = Histories.from_lists([[i for i in range(data.n_items) if i not in left]], data.n_items)
+    _, items, top, _ = session.run_with_contributions(hist.to_padded(), None)
+    expected = algo.score(hist)
+    seen = torch.from_numpy(hist.to_csr().toarray() > 0)
+    with torch.no_grad():
+        reference = reranker(torch.from_numpy(expected), seen, 10).numpy()
+    assert items.tolist() == reference.tolist()
+    listed = items[0, :6]
+    assert sorted(listed.tolist()) == left and items[0, 6:].tolist() == [-1] * 4
+    assert np.all(np.diff(expected[0, listed]) <= 0)  # listed by score (greedy order differs here)
+    assert np.allclose(top[0, :6], expected[0, listed], atol=1e-4)  # each listed item's own score
