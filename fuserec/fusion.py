@@ -350,7 +350,7 @@ def top_in_protocol_order(masked: torch.Tensor, keep: int) -> torch.Tensor:
 # -- what learned fusers fit on -------------------------------------------------------------------------
 COLD_COPIES_HELP = (
     "simulated cold users to learn from beside the real ones, as a share of validation users: warm users "
-    "cut to their latest 1-5 items (fuserec.fusion.ValidationScores)"
+    "cut to their latest 1-5 items, each copied at most once (fuserec.fusion.ValidationScores)"
 )
 
 

@@ -172,6 +172,10 @@ def test_cold_copies_are_warm_users_cut_to_their_latest_items() -> None:
     assert val.ndcg(boosted) == pytest.approx(val.ndcg(fused))
     bounded = ValidationScores(fuser, case.inner.fit, case.inner.truth, max_users=30, cold_copies=0.5)
     assert len(bounded.users) == 30 and int(bounded.simulated.sum()) == 10
+    every = ValidationScores(fuser, case.inner.fit, case.inner.truth, cold_copies=1.0)
+    warm = int((whole.select(every.users[: every.n_real]).lengths > 5).sum())
+    copied = every.origin[every.simulated]
+    assert len(copied) == warm == len(set(copied.tolist()))  # every warm user copied once, none twice
 
 
 def test_early_stopping_holds_out_a_user_with_its_cold_copies_and_judges_real_users() -> None:
