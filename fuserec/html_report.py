@@ -148,6 +148,32 @@ def gating_table(weights: dict[str, dict[str, float]]) -> str:
     return f"<table>{head}{body}</table>"
 
 
+def _change(value: Any, base: Any) -> str:
+    if not isinstance(value, float | int) or not isinstance(base, float | int) or not base:
+        return "-"
+    return f"{100.0 * (value / base - 1.0):+.1f}%"
+
+
+def rerank_table(curve: list[dict[str, Any]]) -> str:
+    """The curve's points, each with its diversity and NDCG@10 change against no re-ranking.
+
+    The trade-off is read in relative terms ("+20% diversity for -4% NDCG"), so the report says them.
+    """
+    if not curve:
+        return ""
+    base = next((p for p in curve if not p.get("diversity_weight") and not p.get("novelty_weight")), None)
+    columns = list(curve[0])
+    head = "".join(f"<th>{c}</th>" for c in columns) + "<th>diversity vs none</th><th>NDCG@10 vs none</th>"
+    rows = "".join(
+        "<tr>"
+        + "".join(f"<td>{_fmt(p.get(c))}</td>" for c in columns)
+        + f"<td>{_change(p.get('diversity@10'), base and base.get('diversity@10'))}</td>"
+        + f"<td>{_change(p.get('ndcg@10'), base and base.get('ndcg@10'))}</td></tr>"
+        for p in curve
+    )
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
 def render(metrics: dict[str, Any], gating: dict[str, dict[str, float]] | None = None) -> str:
     """The whole report as one HTML string."""
     protocol = metrics.get("protocol", {})
@@ -165,12 +191,7 @@ def render(metrics: dict[str, Any], gating: dict[str, dict[str, float]] | None =
         for p in curve
         if p.get("diversity@10") is not None
     ]
-    curve_rows = "".join(
-        "<tr>" + "".join(f"<td>{_fmt(p.get(c))}</td>" for c in curve[0]) + "</tr>" for p in curve
-    )
-    curve_table = (
-        f"<table><tr>{''.join(f'<th>{c}</th>' for c in curve[0])}</tr>{curve_rows}</table>" if curve else ""
-    )
+    curve_table = rerank_table(curve)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>fuserec report</title>
 <style>{STYLE}</style></head><body>
 <h1>fuserec report</h1>

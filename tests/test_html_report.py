@@ -44,6 +44,17 @@ def test_report_is_self_contained_and_complete() -> None:
     for part in ("stacking", "cold_users", "div 0.5", "1.00e-03", "cold users", "0.700"):
         assert part in page, part
     assert page.count("<svg") == 2
+    assert "<td>+33.3%</td><td>-5.6%</td>" in page  # the curve's point against no re-ranking
+
+
+def test_curve_table_says_change_against_no_re_ranking_or_a_dash_without_it() -> None:
+    from fuserec.html_report import rerank_table
+
+    curve = METRICS["rerank"]["curve"]
+    assert rerank_table(curve).count("<td>+0.0%</td>") == 2
+    shifted = rerank_table(curve[1:])  # no point with both weights 0
+    assert "<td>-</td><td>-</td>" in shifted and "%" not in shifted.replace("vs none", "")
+    assert rerank_table([]) == ""
 
 
 def test_report_without_fusers_or_curve_still_renders() -> None:
