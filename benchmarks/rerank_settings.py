@@ -93,8 +93,14 @@ def main() -> None:
         ]
         ok = [r for r in rows if r["ndcg_change"] > -args.max_loss]
         best = max(ok, key=lambda r: r["diversity_gain"])
-        head = {"scorer": name, "split": args.split, "keep": keep, "depth": depth, "relevance": rel}
-        head["order"] = order
+        head = {
+            "scorer": name,
+            "split": args.split,
+            "keep": keep,
+            "depth": depth,
+            "relevance": rel,
+            "order": order,
+        }
         print(json.dumps(head | {"best_under_max_loss": best, "curve": rows}), flush=True)
 
 

@@ -107,28 +107,27 @@ def mmr_top_k(
     closest = torch.zeros_like(gain)  # max (MMR) or mean (greedy intra-list diversity) cosine to the list
     total = torch.zeros_like(gain)
     taken = torch.zeros_like(gain, dtype=torch.bool)
-    chosen, picks = [], []
+    picks = []  # pool positions picked, step by step (depth + step for a slot left empty)
     for position in range(k):
         if position < rerank.keep:  # the head stays in relevance order; diversity works on the rest
             step = torch.where(taken, torch.full_like(gain, float("-inf")), relevance_only)
         else:
             step = torch.where(taken, torch.full_like(gain, float("-inf")), gain - rerank.diversity * closest)
         pick = step.argmax(dim=1, keepdim=True)  # ties: the first, i.e. the higher-scored item
-        found = torch.isfinite(step.gather(1, pick))
-        chosen.append(torch.where(found, pool.gather(1, pick), -1))
-        picks.append(torch.where(found, pick, depth + position))  # a slot left empty sorts last
+        picks.append(torch.where(torch.isfinite(step.gather(1, pick)), pick, depth + position))
         taken = taken.scatter(1, pick, True)
         sim = sims.gather(1, pick.unsqueeze(2).expand(b, 1, depth)).squeeze(1)
         if rerank.penalty == "max":
             closest = torch.maximum(closest, sim)
         else:
             total = total + sim
-            closest = total / float(len(chosen))
-    if rerank.order == "greedy":
-        return torch.cat(chosen, dim=1)
-    # The pool is in score order, so ascending pool positions list the chosen items by score (ties in
-    # protocol order). Positions are distinct, so topk needs no stable sort and exports to ONNX as is.
-    positions = torch.topk(torch.cat(picks, dim=1), k, dim=1, largest=False, sorted=True).values
+            closest = total / float(position + 1)
+    positions = torch.cat(picks, dim=1)
+    if rerank.order == "score":
+        # The pool is in score order, so ascending pool positions list the chosen items by score (ties in
+        # protocol order), empty slots last. Positions are distinct, so topk needs no stable sort and
+        # exports to ONNX as is.
+        positions = torch.topk(positions, k, dim=1, largest=False, sorted=True).values
     listed = pool.gather(1, positions.clamp(max=depth - 1))
     return torch.where(positions < depth, listed, torch.full_like(listed, -1))
 
