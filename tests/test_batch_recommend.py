@@ -206,3 +206,82 @@ def test_user_files_keep_ids_as_text(tmp_path: Path) -> None:
     (tmp_path / "u.csv").write_text("id\n1\n")
     with pytest.raises(ValueError, match="no user_id column"):
         read_user_ids(tmp_path / "u.csv")
+
+
+def test_training_events_add_low_ratings_from_before_the_test_period(tmp_path: Path) -> None:
+    from fuserec.serving.batch import training_events
+
+    layout = Layout(tmp_path)
+    layout.clean.mkdir(parents=True)
+    layout.split.mkdir(parents=True)
+    train = pd.DataFrame(
+        {"user": [1, 0, 1], "item": [5, 2, 3], "rating": [4.0, 5.0, 4.0], "timestamp": [30, 10, 20]}
+    )
+    train.to_parquet(layout.split / "train.parquet")
+    pd.DataFrame({"user": [0, 0], "item": [7, 8], "rating": [4.0, 5.0], "timestamp": [50, 40]}).to_parquet(
+        layout.split / "test.parquet"
+    )
+    ratings = pd.DataFrame(
+        {  # user 0's test period starts at 40; user 1 has no test positives, so all its low ratings count
+            "user": [0, 0, 0, 1, 0, 0],
+            "item": [2, 4, 6, 9, 1, 7],
+            "rating": [5.0, 2.0, 1.0, 3.0, 3.0, 4.0],
+            "timestamp": [10, 39, 40, 99, 45, 50],
+            "positive": [True, False, False, False, False, True],
+        }
+    )
+    ratings.to_parquet(layout.clean / "ratings.parquet")
+    got = training_events(layout)
+    assert got[["user", "item", "timestamp"]].values.tolist() == [
+        [1, 5, 30],
+        [0, 2, 10],
+        [1, 3, 20],
+        [0, 4, 39],
+        [1, 9, 99],
+    ]
+    assert got["positive"].tolist() == [True, True, True, False, False]
+    assert got["rating"].tolist() == [4.0, 5.0, 4.0, 2.0, 3.0]
+    (layout.clean / "ratings.parquet").unlink()  # an older run: the positives alone
+    assert training_events(layout)["item"].tolist() == [5, 2, 3]
+
+
+def test_low_ratings_and_positives_older_than_the_window_are_never_listed(
+    outputs: Path, train_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    """Both are things the user has seen: the service and batch leave them out, not just the history."""
+    from fuserec.serving.batch import training_events
+
+    layout = Layout(outputs)
+    events = training_events(layout)
+    users = pd.read_parquet(layout.clean / "users.parquet")[["user", "user_id"]]
+    catalog = pd.read_parquet(layout.export / "catalog.parquet")["item_id"].astype(str).to_numpy()
+    counts = events.groupby("user").size()
+    ids = users.set_index("user")["user_id"].astype(str)
+    chosen = [ids[u] for u in counts.sort_values(ascending=False).index[:6]]
+    (tmp_path / "users.txt").write_text("\n".join(chosen))
+    recommend_batch(outputs, tmp_path / "users.txt", tmp_path / "r.parquet", k=50, now=NOW, progress=False)
+    frame = pd.read_parquet(tmp_path / "r.parquet")
+    service = Service(outputs, tmp_path / "events.sqlite")
+    beyond_window = 0
+    try:
+        for user in chosen:
+            mine = events[
+                events["user"] == int(users.loc[users["user_id"].astype(str) == user, "user"].iloc[0])
+            ]
+            assert (~mine["positive"]).any() and mine["positive"].sum() > MAX_HISTORY, user
+            seen = set(catalog[mine["item"].to_numpy()])
+            listed = set(frame.loc[frame["user_id"] == user, "item_id"])
+            live = {
+                x["item_id"] for x in service.recommend(RecommendIn(user_id=user, k=50, time=NOW))["items"]
+            }
+            assert len(listed) == 50 and not listed & seen and live == listed, user
+            beyond_window += len(seen) - MAX_HISTORY
+        # a live one-star rating of the top item takes it out of the next list at once
+        user = chosen[0]
+        top = service.recommend(RecommendIn(user_id=user, k=1, time=NOW))["items"][0]["item_id"]
+        service.store.append([Event(user, top, NOW - 1, "rating", 1.0)])
+        after = service.recommend(RecommendIn(user_id=user, k=10, time=NOW))
+        assert top not in {x["item_id"] for x in after["items"]} and after["history_length"] == MAX_HISTORY
+    finally:
+        service.store.close()
+    assert beyond_window > 0

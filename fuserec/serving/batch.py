@@ -3,7 +3,8 @@
 Batch jobs (e-mails, caches, offline evaluation) must not disagree with the live service, so this module
 reuses the service's rules rather than the training code: histories from the same event store (or from
 the training split, which is what the service imports on first start), the latest ``max_history`` items,
-the one exported ONNX graph under :class:`OnnxRecommender`, seen items excluded, ties to the lower index.
+the one exported ONNX graph under :class:`OnnxRecommender`, every item the user has an event for excluded
+(low ratings and positives older than the history window too), ties to the lower index.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fuserec.manifest import read_json
 from fuserec.onnx_model import OnnxRecommender
 from fuserec.serving.coldstart import ColdStart, genre_sets
 from fuserec.serving.store import SQLiteEventStore
+from fuserec.tasks.clean import RATINGS_FILE
 from fuserec.tasks.export import CATALOG_FILE, MODEL_FILE
 from fuserec.tasks.split import SPLIT_FILES
 
@@ -42,6 +44,7 @@ class UserHistories:
     last_time: np.ndarray  # int64 [n_users]
     unknown: list[str]  # ids the history source has never seen (scored from an empty history)
     source: str
+    seen: list[list[int]]  # every item each user has an event for: never recommended to them
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,34 @@ def indexed_history(
     return items, max((ts for _, ts in events), default=now), bool(events)
 
 
+def indexed_seen(store: SQLiteEventStore, user_id: str, index: dict[str, int]) -> list[int]:
+    """Catalogue indices of every item the user has an event for: what the service and batch never list."""
+    return [index[i] for i in store.seen(user_id) if i in index]
+
+
+def training_events(layout: Layout) -> pd.DataFrame:
+    """``user, item, timestamp, rating, positive`` rows the service imports on first start, in import order.
+
+    The training split's positives in file order, then each user's ratings below the implicit threshold
+    dated before their first test positive (all of them for a user without one): the same side
+    information the protocol lets a model read, so the store knows a user already rated those films.
+    The test period stays out, as its positives do. A run without ``clean/ratings.parquet`` gives the
+    positives alone.
+    """
+    train = pd.read_parquet(layout.split / SPLIT_FILES["train"])
+    columns = ["user", "item", "timestamp", "rating", "positive"]
+    train = train.assign(rating=train.get("rating", np.nan), positive=True)[columns]
+    ratings_file = layout.clean / RATINGS_FILE
+    if not ratings_file.exists():
+        return train.reset_index(drop=True)
+    ratings = pd.read_parquet(ratings_file)
+    low = ratings[~ratings["positive"].to_numpy(bool)] if "positive" in ratings else ratings.iloc[:0]
+    test = pd.read_parquet(layout.split / SPLIT_FILES["test"], columns=["user", "timestamp"])
+    cutoff = test.groupby("user")["timestamp"].min().reindex(low["user"]).to_numpy(np.float64)
+    before = np.isnan(cutoff) | (low["timestamp"].to_numpy(np.float64) < cutoff)
+    return pd.concat([train, low.loc[before, columns].assign(positive=False)], ignore_index=True)
+
+
 def store_histories(
     store: SQLiteEventStore,
     user_ids: Sequence[str],
@@ -118,19 +149,22 @@ def store_histories(
     items: list[list[int]] = []
     last = np.full(len(user_ids), now, dtype=np.int64)
     unknown: list[str] = []
+    seen: list[list[int]] = []
     for row, user in enumerate(user_ids):
         history, last[row], found = indexed_history(store, user, index, max_history, min_rating, now)
         if not found:
             unknown.append(user)
         items.append(history)
-    return UserHistories(list(user_ids), items, last, unknown, f"event store {store.path}")
+        seen.append(indexed_seen(store, user, index))
+    return UserHistories(list(user_ids), items, last, unknown, f"event store {store.path}", seen)
 
 
 def training_histories(layout: Layout, user_ids: Sequence[str], max_history: int, now: int) -> UserHistories:
-    """Histories from the training split, in the order the service's first-start import stores them.
+    """Histories from what the service's first-start import stores (:func:`training_events`), in its order.
 
-    The store orders a user's events by (timestamp, insertion order) and the import inserts the split's
-    rows in file order, so a stable sort on (user, timestamp) reproduces the service's history.
+    The store orders a user's events by (timestamp, insertion order) and the import inserts the rows in
+    file order, so a stable sort on (user, timestamp) of the positives reproduces the service's history;
+    every imported row, positive or not, is seen.
     """
     train_file = layout.split / SPLIT_FILES["train"]
     users_file = layout.clean / "users.parquet"
@@ -139,9 +173,11 @@ def training_histories(layout: Layout, user_ids: Sequence[str], max_history: int
             raise FileNotFoundError(
                 f"{needed} is missing: pass --store with the service's event store, or run the pipeline"
             )
-    train = pd.read_parquet(train_file, columns=["user", "item", "timestamp"])
+    events = training_events(layout)
+    train = events[events["positive"].to_numpy(bool)]
     users = pd.read_parquet(users_file, columns=["user", "user_id"])
     row_of = dict(zip(users["user_id"].astype(str), users["user"].astype(np.int64), strict=True))
+    seen_of = events.groupby("user", sort=False)["item"].unique()
     user_col = train["user"].to_numpy(np.int64)
     ts_col = train["timestamp"].to_numpy(np.int64)
     order = np.lexsort((np.arange(len(train)), ts_col, user_col))
@@ -155,17 +191,20 @@ def training_histories(layout: Layout, user_ids: Sequence[str], max_history: int
     items: list[list[int]] = []
     last = np.full(len(user_ids), now, dtype=np.int64)
     unknown: list[str] = []
+    seen: list[list[int]] = []
     for row, user_id in enumerate(user_ids):
         user = row_of.get(user_id)
         if user is None or not 0 <= user < len(users):
             unknown.append(user_id)
             items.append([])
+            seen.append([])
             continue
         lo, hi = int(starts[user]), int(ends[user])
         items.append(sorted_items[max(lo, hi - max_history) : hi].tolist())
+        seen.append([int(i) for i in seen_of.get(user, [])])
         if hi > lo:
             last[row] = int(sorted_ts[hi - 1])
-    return UserHistories(list(user_ids), items, last, unknown, f"training split {train_file}")
+    return UserHistories(list(user_ids), items, last, unknown, f"training split {train_file}", seen)
 
 
 def pad(histories: Sequence[Sequence[int]]) -> np.ndarray:
@@ -215,9 +254,10 @@ def score_batches(
             for row, items in enumerate(batch):
                 if not items:
                     scores[row] = cold.scores(histories.user_ids[start + row]).scores
+        blocked = [[*h, *s] for h, s in zip(batch, histories.seen[start:stop], strict=True)]
         seen = np.zeros(scores.shape, dtype=bool)
-        rows = np.repeat(np.arange(len(batch)), [len(h) for h in batch])
-        seen[rows, np.concatenate([np.asarray(h, dtype=np.int64) for h in batch])] = True
+        rows = np.repeat(np.arange(len(batch)), [len(b) for b in blocked])
+        seen[rows, np.concatenate([np.asarray(b, dtype=np.int64) for b in blocked])] = True
         top, valid = rank_unseen(scores, seen, k)
         user_rows, ranks = np.nonzero(valid)
         items = top[user_rows, ranks]

@@ -28,7 +28,7 @@ from fuserec.layout import Layout
 from fuserec.manifest import read_json
 from fuserec.onnx_model import OnnxRecommender
 from fuserec.rerank import Rerank, mmr_top_k, unit_vectors
-from fuserec.serving.batch import catalog_titles, indexed_history
+from fuserec.serving.batch import catalog_titles, indexed_history, indexed_seen, training_events
 from fuserec.serving.batcher import Batcher, Scored
 from fuserec.serving.coldstart import ColdStart, attribute_values, genre_sets
 from fuserec.serving.store import Event, SQLiteEventStore
@@ -156,15 +156,16 @@ class Service:
 
     # -- loading ------------------------------------------------------------------------------------
     def _import_training(self, layout: Layout) -> None:
+        """The training positives and the low ratings before each user's test period (``training_events``)."""
         train_file, users_file = layout.split / SPLIT_FILES["train"], layout.clean / "users.parquet"
         if not (train_file.exists() and users_file.exists()):
             return
-        train, users = pd.read_parquet(train_file), pd.read_parquet(users_file)
-        frame = train.merge(users[["user", "user_id"]], on="user")
+        events, users = training_events(layout), pd.read_parquet(users_file)
+        frame = events.merge(users[["user", "user_id"]], on="user", sort=False)
         frame["item_id"] = self.item_ids[frame["item"].to_numpy()]
         frame["user_id"] = frame["user_id"].astype(str)
-        columns = ["user_id", "item_id", "timestamp"] + (["rating"] if "rating" in frame else [])
-        self.store.import_frame(frame[columns])
+        frame["rating"] = frame["rating"].astype(object).where(frame["rating"].notna(), None)
+        self.store.import_frame(frame[["user_id", "item_id", "timestamp", "rating"]])
 
     # -- requests -----------------------------------------------------------------------------------
     def indices(self, ids: list[str], what: str) -> list[int]:
@@ -188,8 +189,10 @@ class Service:
         if (req.user_id is None) == (req.history is None):
             raise _client_error("give exactly one of user_id or history")
         now = req.time if req.time is not None else int(time.time())
+        seen: list[int] = []
         if req.user_id is not None:
             items, last = self.history(req.user_id, now)
+            seen = indexed_seen(self.store, req.user_id, self.index)  # low ratings, older positives too
         else:
             items, last = self.indices(list(req.history or [])[-self.max_history :], "history"), now
         excluded = self.indices(req.exclude, "excluded")
@@ -198,7 +201,7 @@ class Service:
             items = self.indices(req.onboarding.items[-self.max_history :], "onboarding")
             last, source = now, "onboarding"
         blocked = np.zeros(self.n_items, dtype=bool)
-        blocked[items + excluded] = True
+        blocked[items + seen + excluded] = True
         if req.filter is not None:
             blocked |= ~self.cold.genre_mask(req.filter.genres)
         return Plan(req, items, last, blocked, source)

@@ -32,6 +32,8 @@ class EventStore(Protocol):
 
     def events(self, user_id: str, limit: int) -> list[Event]: ...
 
+    def seen(self, user_id: str) -> list[str]: ...
+
     def count(self) -> int: ...
 
     def close(self) -> None: ...
@@ -101,6 +103,18 @@ class SQLiteEventStore:
                 (user_id, limit),
             ).fetchall()
         return [Event(user_id, str(i), int(ts), str(kind), rating) for i, ts, kind, rating in reversed(rows)]
+
+    def seen(self, user_id: str) -> list[str]:
+        """Every item the user has any event for (any kind, any rating, however old), in first-seen order.
+
+        Why not just the history: a film rated one star is no positive, and a positive older than the
+        served history window is no longer scored, yet the user has seen both; neither may be recommended.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT item_id FROM events WHERE user_id = ? GROUP BY item_id ORDER BY MIN(seq)", (user_id,)
+            ).fetchall()
+        return [str(item) for (item,) in rows]
 
     def count(self) -> int:
         with self._lock:
