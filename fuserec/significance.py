@@ -34,6 +34,9 @@ def paired_comparison(
         means[start:stop] = diff[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
     low, high = np.quantile(means, [0.025, 0.975])
     nonzero = diff[diff != 0]
+    # Every pair equal: the t statistic is 0/0 (scipy says NaN, which is not JSON); no evidence of a
+    # difference reads as p = 1, as the Wilcoxon test's does.
+    p_value = float(stats.ttest_rel(candidate[keep], baseline[keep]).pvalue) if nonzero.size else 1.0
     return {
         "n_users": n,
         "candidate_mean": float(candidate[keep].mean()),
@@ -41,7 +44,7 @@ def paired_comparison(
         "mean_difference": float(diff.mean()),
         "relative_gain": float(diff.mean() / baseline[keep].mean()) if baseline[keep].mean() else None,
         "ci95": [float(low), float(high)],
-        "p_value": float(stats.ttest_rel(candidate[keep], baseline[keep]).pvalue),
+        "p_value": p_value,
         "wilcoxon_p": float(stats.wilcoxon(nonzero).pvalue) if nonzero.size else 1.0,
         "users_better": int((diff > 0).sum()),
         "users_worse": int((diff < 0).sum()),

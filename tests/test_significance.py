@@ -36,6 +36,17 @@ def test_users_without_a_value_are_dropped_and_shapes_must_match() -> None:
         paired_comparison(np.zeros(3), np.zeros(4))
 
 
+def test_identical_users_give_p_one_and_strict_json() -> None:
+    """Two users both at zero (a tiny segment): the t-test is 0/0; metrics.json must still be JSON."""
+    import json
+
+    out = paired_comparison(np.zeros(2), np.zeros(2), n_boot=100)
+    assert out["p_value"] == 1.0 and out["wilcoxon_p"] == 1.0 and out["mean_difference"] == 0.0
+    json.dumps(out, allow_nan=False)
+    shifted = paired_comparison(np.array([0.1, 0.3, 0.2]), np.array([0.1, 0.2, 0.2]), n_boot=100)
+    assert 0.0 < shifted["p_value"] < 1.0  # one differing user: an ordinary t-test again
+
+
 def test_best_by_picks_the_highest() -> None:
     assert best_by({"a": {"ndcg@10": 0.1}, "b": {"ndcg@10": 0.3}}, "ndcg@10") == "b"
     assert best_by({}, "ndcg@10") is None

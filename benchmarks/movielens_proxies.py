@@ -1,0 +1,95 @@
+"""Other MovieLens data from ML-100k, for checking that one fusion configuration holds beyond it.
+
+Issue 5 asks that the same configuration, unchanged, does not lose to the best single plugin on other
+MovieLens data. Only ML-100k is on this machine, so this writes subsets of it in the ML-1M file format
+(``ratings.dat``, ``movies.dat``, ``users.dat``, ``::``-separated, ages as ML-1M's groups and occupations
+as codes): a random share of the users, a random share of the items, or the earliest share of the ratings
+by time. ``fuserec run -s data.source=movielens-1m -s data.path=<folder>`` then reads each one through the
+ML-1M loader with no per-dataset file in ``configs/datasets/`` (there is none for ``movielens-1m``), i.e.
+with the settings an unknown MovieLens release would get.
+
+They are not independent of ML-100k (same users, films and months), so they check robustness to a
+different sample, not to a different population. The data is not redistributable: write it outside the
+repository.
+
+Usage:
+    python benchmarks/movielens_proxies.py --source ../shared/data/ml-100k --out /tmp/proxies
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ML1M_AGE_GROUPS = (1, 18, 25, 35, 45, 50, 56)  # ML-1M codes an age by the lower bound of its group
+SUBSETS = {  # name: (what is sampled, share kept, seed)
+    "users-a": ("users", 0.67, 11),
+    "users-b": ("users", 0.67, 12),
+    "items": ("items", 0.6, 13),
+    "early": ("time", 0.6, 0),
+}
+
+
+def read_ml100k(source: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    ratings = pd.read_csv(source / "u.data", sep="\t", names=["user", "item", "rating", "timestamp"])
+    genre_lines = (source / "u.genre").read_text(encoding="latin-1").splitlines()
+    genres = [line.split("|")[0] for line in genre_lines if line.strip()]
+    raw = pd.read_csv(source / "u.item", sep="|", header=None, encoding="latin-1")
+    flags = raw.iloc[:, 5 : 5 + len(genres)].to_numpy(bool)
+    movies = pd.DataFrame(
+        {
+            "item": raw[0],
+            "title": raw[1],
+            "genres": [
+                "|".join(g for g, on in zip(genres, row, strict=True) if on) or "unknown" for row in flags
+            ],
+        }
+    )
+    users = pd.read_csv(source / "u.user", sep="|", names=["user", "age", "gender", "occupation", "zip"])
+    return ratings, movies, users
+
+
+def subset(ratings: pd.DataFrame, what: str, share: float, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    if what == "time":
+        return ratings[ratings["timestamp"] <= ratings["timestamp"].quantile(share)]
+    column = {"users": "user", "items": "item"}[what]
+    ids = np.unique(ratings[column].to_numpy())
+    kept = rng.choice(ids, round(share * len(ids)), replace=False)
+    return ratings[ratings[column].isin(kept)]
+
+
+def write_ml1m(folder: Path, ratings: pd.DataFrame, movies: pd.DataFrame, users: pd.DataFrame) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [f"{r.user}::{r.item}::{r.rating}::{r.timestamp}" for r in ratings.itertuples(index=False)]
+    (folder / "ratings.dat").write_text("\n".join(lines) + "\n", encoding="latin-1")
+    movies = movies[movies["item"].isin(ratings["item"].unique())]  # a catalogue of the films kept
+    lines = [f"{m.item}::{m.title}::{m.genres}" for m in movies.itertuples(index=False)]
+    (folder / "movies.dat").write_text("\n".join(lines) + "\n", encoding="latin-1")
+    users = users[users["user"].isin(ratings["user"].unique())]
+    codes = {name: code for code, name in enumerate(sorted(users["occupation"].unique()))}
+    lines = [
+        f"{u.user}::{u.gender}::{max(a for a in ML1M_AGE_GROUPS if u.age >= a or a == 1)}::"
+        f"{codes[u.occupation]}::{u.zip}"
+        for u in users.itertuples(index=False)
+    ]
+    (folder / "users.dat").write_text("\n".join(lines) + "\n", encoding="latin-1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", type=Path, required=True, help="the ml-100k folder")
+    parser.add_argument("--out", type=Path, required=True, help="where to write one folder per subset")
+    args = parser.parse_args()
+    ratings, movies, users = read_ml100k(args.source)
+    for name, (what, share, seed) in SUBSETS.items():
+        part = subset(ratings, what, share, seed)
+        write_ml1m(args.out / name, part, movies, users)
+        print(f"{name}: {len(part)} ratings, {part['user'].nunique()} users, {part['item'].nunique()} items")
+
+
+if __name__ == "__main__":
+    main()
