@@ -14,11 +14,17 @@ repository.
 
 Usage:
     python benchmarks/movielens_proxies.py --source ../shared/data/ml-100k --out /tmp/proxies
+    for p in users-a users-b items early; do
+        fuserec run -s data.source=movielens-1m -s data.path=/tmp/proxies/$p -s outputs=/tmp/proxy-runs/$p
+    done
+    python benchmarks/movielens_proxies.py --summarize /tmp/proxy-runs/* \
+        --json benchmarks/results/movielens-proxies.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -79,11 +85,50 @@ def write_ml1m(folder: Path, ratings: pd.DataFrame, movies: pd.DataFrame, users:
     (folder / "users.dat").write_text("\n".join(lines) + "\n", encoding="latin-1")
 
 
+def summarize(outputs: Path) -> dict:
+    """One finished run: the best single plugin, every fuser, and the paired tests, from its metrics.json."""
+    metrics = json.loads((outputs / "metrics.json").read_text())
+    significance = metrics["significance"]
+    keys = ("n_users", "candidate_mean", "baseline_mean", "relative_gain", "ci95", "p_value")
+
+    def test(segment: str) -> dict:
+        found = significance.get(segment, {})
+        return {k: found.get(k) for k in ("best_single_on_segment", *keys) if k in found}
+
+    return {
+        "run": outputs.name,
+        "best_single": significance["best_single"],
+        "best_single_ndcg@10": metrics["models"][significance["best_single"]]["ndcg@10"],
+        "fusers_ndcg@10": {name: values["ndcg@10"] for name, values in metrics["fusers"].items()},
+        "best_fuser": significance["best_fuser"],
+        "all_users": test("all_users"),
+        "cold_users": test("cold_users"),
+        "cold_simulated": test("cold_simulated"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", type=Path, required=True, help="the ml-100k folder")
-    parser.add_argument("--out", type=Path, required=True, help="where to write one folder per subset")
+    parser.add_argument("--source", type=Path, help="the ml-100k folder")
+    parser.add_argument("--out", type=Path, help="where to write one folder per subset")
+    parser.add_argument("--summarize", type=Path, nargs="+", help="finished runs' outputs folders to report")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="with --summarize: write the summary here too"
+    )
     args = parser.parse_args()
+    if args.summarize:
+        rows = [summarize(outputs) for outputs in args.summarize]
+        for row in rows:
+            a = row["all_users"]
+            print(
+                f"{row['run']}: {row['best_fuser']} {a['candidate_mean']:.4f} vs {row['best_single']} "
+                f"{a['baseline_mean']:.4f} ({a['relative_gain']:+.1%}, p = {a['p_value']:.2g})"
+            )
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        return
+    if args.source is None or args.out is None:
+        parser.error("give --source and --out to write the subsets, or --summarize with finished runs")
     ratings, movies, users = read_ml100k(args.source)
     for name, (what, share, seed) in SUBSETS.items():
         part = subset(ratings, what, share, seed)
