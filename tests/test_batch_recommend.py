@@ -241,6 +241,8 @@ def test_training_events_add_low_ratings_from_before_the_test_period(tmp_path: P
     ]
     assert got["positive"].tolist() == [True, True, True, False, False]
     assert got["rating"].tolist() == [4.0, 5.0, 4.0, 2.0, 3.0]
+    (layout.split / "test.parquet").unlink()  # no test period: every low rating is from before it
+    assert training_events(layout)["item"].tolist() == [5, 2, 3, 4, 6, 9, 1]
     (layout.clean / "ratings.parquet").unlink()  # an older run: the positives alone
     assert training_events(layout)["item"].tolist() == [5, 2, 3]
 

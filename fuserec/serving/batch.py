@@ -121,7 +121,7 @@ def training_events(layout: Layout) -> pd.DataFrame:
     dated before their first test positive (all of them for a user without one): the same side
     information the protocol lets a model read, so the store knows a user already rated those films.
     The test period stays out, as its positives do. A run without ``clean/ratings.parquet`` gives the
-    positives alone.
+    positives alone; one without a test split (a served folder promoted before it kept one), every low rating.
     """
     train = pd.read_parquet(layout.split / SPLIT_FILES["train"])
     columns = ["user", "item", "timestamp", "rating", "positive"]
@@ -131,8 +131,10 @@ def training_events(layout: Layout) -> pd.DataFrame:
         return train.reset_index(drop=True)
     ratings = pd.read_parquet(ratings_file)
     low = ratings[~ratings["positive"].to_numpy(bool)] if "positive" in ratings else ratings.iloc[:0]
-    test = pd.read_parquet(layout.split / SPLIT_FILES["test"], columns=["user", "timestamp"])
-    cutoff = test.groupby("user")["timestamp"].min().reindex(low["user"]).to_numpy(np.float64)
+    test_file = layout.split / SPLIT_FILES["test"]
+    test = pd.read_parquet(test_file, columns=["user", "timestamp"]) if test_file.exists() else None
+    first_test = pd.Series(dtype=np.float64) if test is None else test.groupby("user")["timestamp"].min()
+    cutoff = first_test.reindex(low["user"]).to_numpy(np.float64)
     before = np.isnan(cutoff) | (low["timestamp"].to_numpy(np.float64) < cutoff)
     return pd.concat([train, low.loc[before, columns].assign(positive=False)], ignore_index=True)
 

@@ -36,12 +36,14 @@ CURRENT, PREVIOUS, REJECTED = "current", "previous", "rejected"
 LOG_FILE = "promotions.jsonl"
 RECORD_FILE = "promotion.json"  # inside current/: what was promoted, from where, with which value
 # What a served folder keeps of a run: the model, its metrics, and what batch scoring / the service and the
-# next drift check read (training histories, id tables, the validated interactions).
+# next drift check read (training histories, id tables, the validated interactions; the test split dates
+# each user's test period, before which the service's import takes their low ratings).
 SERVED_PARTS = (
     "metrics.json",
     "model",
     "clean",
     "split/train.parquet",
+    "split/test.parquet",
     "split/summary.json",
     "validated/interactions.parquet",
     "validation_report.json",
