@@ -287,3 +287,28 @@ def test_low_ratings_and_positives_older_than_the_window_are_never_listed(
     finally:
         service.store.close()
     assert beyond_window > 0
+
+
+def test_a_store_imported_before_low_ratings_gets_them_once(outputs: Path, tmp_path: Path) -> None:
+    from fuserec.serving.batch import training_events
+    from fuserec.serving.store import SQLiteEventStore
+
+    layout = Layout(outputs)
+    catalog = pd.read_parquet(layout.export / "catalog.parquet")["item_id"].astype(str).to_numpy()
+    users = pd.read_parquet(layout.clean / "users.parquet")[["user", "user_id"]]
+    frame = training_events(layout).merge(users, on="user", sort=False)
+    frame = frame.assign(user_id=frame["user_id"].astype(str), item_id=catalog[frame["item"].to_numpy()])
+    low = frame[~frame["positive"].to_numpy(bool)]
+    assert len(low) > 0
+    old = SQLiteEventStore(tmp_path / "old.sqlite")  # what the first-start import stored before: positives
+    old.import_frame(frame.loc[frame["positive"].to_numpy(bool), ["user_id", "item_id", "timestamp"]])
+    old.append([Event("live-user", catalog[0], NOW)])
+    old.close()
+    for _ in range(2):  # the second start imports nothing
+        service = Service(outputs, tmp_path / "old.sqlite")
+        try:
+            assert service.store.count() == len(frame) + 1
+            user = low["user_id"].iloc[0]
+            assert set(low.loc[low["user_id"] == user, "item_id"]) <= set(service.store.seen(user))
+        finally:
+            service.store.close()

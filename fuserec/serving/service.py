@@ -38,6 +38,7 @@ from fuserec.tasks.split import SPLIT_FILES
 log = logging.getLogger("fuserec.serving")
 
 MAX_K = 100
+LOW_RATINGS_IMPORTED = "training_low_ratings_imported"  # store note: its training import has low ratings
 MAX_HISTORY_REQUEST = 10_000  # ids in one explicit history (longer is a client error, not a model limit)
 MAX_EVENTS_REQUEST = 1_000
 MAX_GENRES = 50
@@ -150,22 +151,32 @@ class Service:
         self.vectors = torch.from_numpy(unit_vectors(item_content_vectors(self.catalog)))
         self.store = SQLiteEventStore(store or layout.root / "events.sqlite")
         self.cold = ColdStart(layout, self.n_items, self.genres)
-        if self.store.count() == 0:  # first start: the training interactions are everybody's history
-            self._import_training(layout)
+        self._import_training(layout)
         self.batcher = Batcher(self.model, max_batch)
 
     # -- loading ------------------------------------------------------------------------------------
     def _import_training(self, layout: Layout) -> None:
-        """The training positives and the low ratings before each user's test period (``training_events``)."""
+        """On first start, the training positives and the low ratings before each user's test period
+        (``training_events``): everybody's history, and what they have seen.
+
+        A store whose import predates the low ratings (no ``LOW_RATINGS_IMPORTED`` note) gets them once.
+        """
+        if self.store.meta(LOW_RATINGS_IMPORTED) is not None:
+            return
         train_file, users_file = layout.split / SPLIT_FILES["train"], layout.clean / "users.parquet"
+        fresh = self.store.count() == 0
         if not (train_file.exists() and users_file.exists()):
+            self.store.set_meta(LOW_RATINGS_IMPORTED, "nothing to import")
             return
         events, users = training_events(layout), pd.read_parquet(users_file)
+        if not fresh:  # the positives are there from the earlier import, with whatever came since
+            events = events[~events["positive"].to_numpy(bool)]
         frame = events.merge(users[["user", "user_id"]], on="user", sort=False)
         frame["item_id"] = self.item_ids[frame["item"].to_numpy()]
         frame["user_id"] = frame["user_id"].astype(str)
         frame["rating"] = frame["rating"].astype(object).where(frame["rating"].notna(), None)
         self.store.import_frame(frame[["user_id", "item_id", "timestamp", "rating"]])
+        self.store.set_meta(LOW_RATINGS_IMPORTED, "1")
 
     # -- requests -----------------------------------------------------------------------------------
     def indices(self, ids: list[str], what: str) -> list[int]:

@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS events (
     timestamp INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_user ON events (user_id, timestamp, seq);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -115,6 +116,16 @@ class SQLiteEventStore:
                 "SELECT item_id FROM events WHERE user_id = ? GROUP BY item_id ORDER BY MIN(seq)", (user_id,)
             ).fetchall()
         return [str(item) for (item,) in rows]
+
+    def meta(self, key: str) -> str | None:
+        """A note the store keeps about itself (e.g. which imports it has had), None when unset."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def count(self) -> int:
         with self._lock:
