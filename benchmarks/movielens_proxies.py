@@ -78,7 +78,7 @@ def write_ml1m(folder: Path, ratings: pd.DataFrame, movies: pd.DataFrame, users:
     users = users[users["user"].isin(ratings["user"].unique())]
     codes = {name: code for code, name in enumerate(sorted(users["occupation"].unique()))}
     lines = [
-        f"{u.user}::{u.gender}::{max(a for a in ML1M_AGE_GROUPS if u.age >= a or a == 1)}::"
+        f"{u.user}::{u.gender}::{max(a for a in ML1M_AGE_GROUPS if a <= max(u.age, 1))}::"
         f"{codes[u.occupation]}::{u.zip}"
         for u in users.itertuples(index=False)
     ]

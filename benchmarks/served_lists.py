@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
+from fuserec.data.dataset import interactions_matrix
 from fuserec.layout import Layout
 from fuserec.manifest import read_json
 from fuserec.metrics import evaluate_rankings
@@ -65,18 +65,13 @@ def served_lists(outputs: Path, k: int) -> dict:
     user_ids = users.set_index("user")["user_id"].astype(str)[test_users].tolist()
     row = np.full(len(users), -1)
     row[test_users] = np.arange(len(test_users))
-    truth = sp.csr_matrix(
-        (np.ones(len(test)), (row[test["user"].to_numpy()], test["item"].to_numpy())),
-        shape=(len(test_users), n_items),
-    )
+    truth = interactions_matrix(test.assign(user=row[test["user"].to_numpy()]), len(test_users), n_items)
     events = training_events(layout)
     positives = events[events["positive"].to_numpy(bool)]
     popularity = np.bincount(positives["item"].to_numpy(), minlength=n_items)
     low = events[~events["positive"].to_numpy(bool)]
-    low = low[row[low["user"].to_numpy()] >= 0]  # test users' low ratings only
-    rated_low = sp.csr_matrix(
-        (np.ones(len(low)), (row[low["user"].to_numpy()], low["item"].to_numpy())), shape=truth.shape
-    )
+    low = low.assign(user=row[low["user"].to_numpy()])
+    rated_low = interactions_matrix(low[low["user"] >= 0], len(test_users), n_items)  # test users' only
     served = training_histories(layout, user_ids, int(manifest["max_history"]), NOW)
     results = {"outputs": str(outputs), "model": manifest["algorithm"]["name"], "users": len(user_ids)}
     rules = {
