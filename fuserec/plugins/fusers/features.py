@@ -24,6 +24,10 @@ Training is on the validation carve only (components fitted on train', validatio
 listwise softmax loss over the full catalogue and the early stopping of
 :mod:`fuserec.plugins.fusers.gating`, seeded.
 
+``scorer: mlp`` learns one hidden layer over ``[u; x_i; u * x_i]`` instead, optionally over an
+autoencoder's code of the joined blocks (``autoencoder``), with contributions kept exact by the rescale
+rule (:mod:`fuserec.plugins.fusers.feature_mlp`).
+
 Factor spaces are not identifiable: ALS refitted on full train returns factors in another basis than ALS
 on train', and ``W_b`` was learned in the train' basis. With ``item_vectors: aligned`` (the default), the
 bound components' blocks are rotated onto the fitted ones by orthogonal Procrustes over the catalogue
@@ -36,10 +40,20 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fuserec.api import Algorithm, FloatRange, IntRange, SearchDim
 from fuserec.fusion import Fuser, ValidationScores
+from fuserec.plugins.fusers.feature_mlp import (
+    ENCODER_KEYS,
+    MLP_KEYS,
+    block_slices,
+    code_parts,
+    init_mlp,
+    mlp_parts,
+    mlp_score,
+    train_autoencoder,
+)
 from fuserec.plugins.fusers.gating import (
     ListwiseConfig,
     fit_listwise,
@@ -78,6 +92,26 @@ class FeatureFusionConfig(ListwiseConfig):
     item_vectors: Literal["aligned", "fitted"] = Field(
         "aligned", description="serve the bound components' item vectors (Procrustes-aligned) or train''s"
     )
+    scorer: Literal["bilinear", "mlp"] = Field(
+        "bilinear", description="the block-additive bilinear form, or an MLP over [u; x; u * x] (feature_mlp)"
+    )
+    hidden: int = Field(32, ge=1, description="units of the mlp scorer's hidden layer")
+    autoencoder: int = Field(
+        0,
+        ge=0,
+        description="mlp only: the scorer reads a one-layer autoencoder's code of this size of the joined "
+        "blocks (0 = the joined blocks themselves)",
+    )
+    autoencoder_steps: int = Field(500, ge=1, description="full-batch Adam steps of the autoencoder")
+
+    @model_validator(mode="after")
+    def _autoencoder_needs_mlp(self) -> FeatureFusionConfig:
+        if self.autoencoder and self.scorer != "mlp":
+            raise ValueError(
+                f"features.autoencoder is {self.autoencoder} but features.scorer is {self.scorer!r}: the "
+                "autoencoder's code feeds the MLP scorer; set features.scorer: mlp or features.autoencoder: 0"
+            )
+        return self
 
 
 class FeatureFusion(Fuser):
@@ -114,8 +148,14 @@ class FeatureFusion(Fuser):
 
     def bind(self, components: Mapping[str, Algorithm], data: Dataset | None = None) -> FeatureFusion:
         super().bind(components, data)
-        self.tables_ = self._serving_tables()
+        self._use_tables(self._serving_tables())
         return self
+
+    def _use_tables(self, tables: list[np.ndarray]) -> None:
+        """Serve these blocks; with the autoencoder, also their code's parts (fixed until the next bind)."""
+        self.tables_ = tables
+        if self.config.autoencoder:
+            self.item_parts_ = code_parts(tables, self.encoder_)
 
     def _serving_tables(self) -> list[np.ndarray]:
         if self.config.item_vectors == "fitted":
@@ -130,7 +170,10 @@ class FeatureFusion(Fuser):
 
     @property
     def block_weights(self) -> dict[str, float]:
-        """The learned weight ``a_b`` of each block (times the score scale), by component name."""
+        """The learned weight ``a_b`` of each block (times the score scale), by component name.
+
+        The MLP scorer has no per-block weight: there it is the configured ``block_weights`` multiplier.
+        """
         return dict(zip(self.blocks_, self.block_scale_.tolist(), strict=True))
 
     # -- the combination ----------------------------------------------------------------------------
@@ -150,13 +193,33 @@ class FeatureFusion(Fuser):
             out.append((user @ matrix) @ table.t() + (table @ bias).unsqueeze(0))
         return out
 
+    def mlp_block_scores(self, seen: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+        """Per block ``[B, n]``: its exact share of the MLP's score (:func:`feature_mlp.mlp_parts`)."""
+        hot = seen.to(torch.float32)
+        count = torch.clamp(hot.sum(dim=1, keepdim=True), min=1.0)
+        mlp = {k: torch.from_numpy(v).to(device) for k, v in self.mlp_.items()}
+        if self.config.autoencoder:  # parts of one code: one per block, then the encoder bias's
+            items = [torch.from_numpy(p).to(device) for p in self.item_parts_]
+            slices = None
+        else:
+            items = [torch.from_numpy(t).to(device) for t in self.tables_]
+            slices = block_slices(self.tables_)
+        users = [(hot @ item) / count for item in items]
+        _, parts, shared = mlp_parts(users, items, mlp, slices)
+        n_blocks = len(self.blocks_)
+        spread = (shared + parts[n_blocks:].sum(dim=0)) / n_blocks  # the biases' share, evenly
+        return [parts[b] + spread for b in range(n_blocks)]
+
     def combine(self, scores: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         def tensors(arrays: list[np.ndarray]) -> list[torch.Tensor]:
             return [torch.from_numpy(a).to(scores.device) for a in arrays]
 
-        blocks = self.block_scores(
-            seen, tensors(self.tables_), tensors(self.matrices_), tensors(self.biases_)
-        )
+        if self.config.scorer == "mlp":
+            blocks = self.mlp_block_scores(seen, scores.device)
+        else:
+            blocks = self.block_scores(
+                seen, tensors(self.tables_), tensors(self.matrices_), tensors(self.biases_)
+            )
         by_name = dict(zip(self.blocks_, blocks, strict=True))
         zero = torch.zeros_like(scores[0])
         parts = torch.stack([by_name.get(name, zero) for name in self._check_fitted_names()])
@@ -166,8 +229,11 @@ class FeatureFusion(Fuser):
     def fit_combination(self, data: Dataset, truth: pd.DataFrame) -> None:
         cfg = self.config
         self.blocks_, self.reference_ = self.item_blocks(self.components_)
-        self.tables_ = self.reference_
         val = ValidationScores(self, data, truth, cfg.max_users, cfg.seed, cfg.cold_copies)
+        if cfg.scorer == "mlp":
+            self.fit_mlp(val)
+            return
+        self.tables_ = self.reference_
         tables = [torch.from_numpy(t) for t in self.reference_]
         dims = [t.shape[1] for t in tables]
 
@@ -217,6 +283,44 @@ class FeatureFusion(Fuser):
         self.matrices_ = [m.numpy().astype(np.float32) for m in matrices]
         self.biases_ = [v.numpy().astype(np.float32) for v in biases]
 
+    def fit_mlp(self, val: ValidationScores) -> None:
+        """The MLP scorer on the validation carve, after the autoencoder (if any) learned the catalogue."""
+        cfg = self.config
+        self.autoencoder_error_ = float("nan")
+        if cfg.autoencoder:
+            self.encoder_, self.autoencoder_error_ = train_autoencoder(
+                np.concatenate(self.reference_, axis=1),
+                cfg.autoencoder,
+                cfg.autoencoder_steps,
+                cfg.learning_rate,
+                cfg.seed,
+            )
+        self._use_tables(self.reference_)
+        joined = self.item_parts_.sum(axis=0) if cfg.autoencoder else np.concatenate(self.reference_, axis=1)
+        item = torch.from_numpy(np.ascontiguousarray(joined, dtype=np.float32))
+
+        def fused(module: torch.nn.ParameterDict, rows: np.ndarray) -> torch.Tensor:
+            hot = val.seen[torch.from_numpy(rows)].to(torch.float32)
+            user = (hot @ item) / torch.clamp(hot.sum(dim=1, keepdim=True), min=1.0)
+            return mlp_score(user, item, dict(module.items()))
+
+        def loss(module: torch.nn.ParameterDict, rows: np.ndarray) -> torch.Tensor:
+            penalty = sum(module[k].square().sum() for k in MLP_KEYS if k != "mlp_bias")
+            exclude = val.exclude[torch.from_numpy(rows)]
+            listwise = listwise_loss(fused(module, rows), exclude, truth_rows(val, rows))
+            return listwise + cfg.weight_decay * penalty
+
+        module, self.training_ = fit_listwise(
+            lambda: init_mlp(item.shape[1], cfg.hidden, cfg.seed),
+            loss,
+            lambda mod, rows: val.ndcg(fused(mod, rows), rows=rows),
+            val.origin,
+            cfg,
+        )
+        self.training_ |= holdout_baselines(val, self.training_["holdout_rows"])
+        self.mlp_ = {k: v.detach().numpy().astype(np.float32) for k, v in module.items()}
+        self.block_scale_ = np.asarray([cfg.block_weights.get(b, 1.0) for b in self.blocks_], np.float32)
+
     # -- persistence --------------------------------------------------------------------------------
     @property
     def holdout_ndcg(self) -> dict[str, float]:
@@ -229,8 +333,13 @@ class FeatureFusion(Fuser):
         state = {"blocks": np.asarray([names.index(n) for n in self.blocks_], dtype=np.int64)}
         state["block_scale"] = self.block_scale_
         for b in range(len(self.blocks_)):
-            state |= {f"reference_{b}": self.reference_[b], f"matrix_{b}": self.matrices_[b]}
-            state[f"bias_{b}"] = self.biases_[b]
+            state[f"reference_{b}"] = self.reference_[b]
+            if self.config.scorer == "bilinear":
+                state |= {f"matrix_{b}": self.matrices_[b], f"bias_{b}": self.biases_[b]}
+        if self.config.scorer == "mlp":
+            state |= self.mlp_ | {"autoencoder_error": np.asarray(self.autoencoder_error_)}
+            if self.config.autoencoder:
+                state |= self.encoder_
         return state | training_state(self.training_)
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
@@ -239,9 +348,15 @@ class FeatureFusion(Fuser):
         self.block_scale_ = state["block_scale"]
         count = len(self.blocks_)
         self.reference_ = [state[f"reference_{b}"] for b in range(count)]
-        self.matrices_ = [state[f"matrix_{b}"] for b in range(count)]
-        self.biases_ = [state[f"bias_{b}"] for b in range(count)]
-        self.tables_ = self.reference_  # until bound: bind() aligns the bound components' vectors
+        if self.config.scorer == "bilinear":
+            self.matrices_ = [state[f"matrix_{b}"] for b in range(count)]
+            self.biases_ = [state[f"bias_{b}"] for b in range(count)]
+        else:
+            self.mlp_ = {k: state[k] for k in MLP_KEYS}
+            self.autoencoder_error_ = float(state["autoencoder_error"])
+            if self.config.autoencoder:
+                self.encoder_ = {k: state[k] for k in ENCODER_KEYS}
+        self._use_tables(self.reference_)  # until bound: bind() aligns the bound components' vectors
         self.training_ = restore_training(state)
 
 
