@@ -3,7 +3,8 @@
 Each variant of the ``features`` fuser learns on the validation carve of a finished run (components fitted
 on train', as in the fuse stage) and prints its held-out validation NDCG@10 beside the best component's,
 the choice's evidence. It is then bound to the components refitted on full train and scored once on test
-(NDCG@10 under the protocol, for the record, not for choosing), with its fit time.
+(NDCG@10 under the protocol, for the record, not for choosing), with its fit time: the scorer itself, and
+what is served (the best component alone when the scorer lost to it on held-out users: ``fallback``).
 
 Usage (after a `fuserec run` on ML-100k, whose outputs hold the train' fits in ``inner_models/``):
     python benchmarks/feature_scorers.py --outputs outputs --seed 42
@@ -78,13 +79,18 @@ def main() -> None:
         fuser = FeatureFusion({**base, **VARIANTS[variant]}).fit(inner_models, inner, valid)
         fit_s = time.perf_counter() - start
         fuser.bind(models, train)
+        fallback = fuser.fallback_
+        served = test_ndcg(fuser, train, test)
+        fuser.fallback_ = -1  # the scorer itself, whether or not it is served
         record = {
             "variant": variant,
             "seed": args.seed,
             "holdout_ndcg@10": {k: round(v, 4) for k, v in fuser.holdout_ndcg.items()},
             "steps": fuser.training_["steps"],
             "autoencoder_error": round(getattr(fuser, "autoencoder_error_", float("nan")), 4),
-            "test_ndcg@10": round(test_ndcg(fuser, train, test), 4),
+            "fallback_to": fuser.names_[fallback] if fallback >= 0 else None,
+            "test_ndcg@10_scorer": round(test_ndcg(fuser, train, test), 4),
+            "test_ndcg@10_served": round(served, 4),
             "fit_s": round(fit_s, 1),
         }
         print(json.dumps(record), flush=True)

@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+import torch
 
 from fuserec.plugins.ease import EASE
 from fuserec.plugins.fusers.features import FeatureFusion, _align
@@ -14,7 +15,7 @@ from fuserec.registry import FUSERS_GROUP, available
 from fuserec.testing import FuserTests
 from fuserec.testing.fusers import default_case
 
-FAST = {"steps": 60, "eval_every": 5, "patience": 4, "dims": 16}
+FAST = {"steps": 60, "eval_every": 5, "patience": 4, "dims": 16, "fallback": False}
 
 
 class TestFeatureFusion(FuserTests):
@@ -92,3 +93,34 @@ def test_validation_record_survives_save_and_load(fitted: FeatureFusion, tmp_pat
     assert set(record) == {"fused", "uniform", "best_single"} and all(0 <= v <= 1 for v in record.values())
     back = FeatureFusion.load(fitted.save(tmp_path), fitted.components_)
     assert back.holdout_ndcg == record and back.blocks_ == fitted.blocks_
+
+
+def test_falls_back_to_the_best_component_when_the_scorer_loses_on_held_out_users(tmp_path) -> None:
+    case = default_case()
+    fuser = FeatureFusion({**FAST, "fallback": True, "seed": 0})
+    fuser.fit(case.inner_models, case.inner.fit, case.inner.truth).bind(case.models, case.train)
+    record = fuser.holdout_ndcg
+    assert (fuser.fallback_ >= 0) == (record["fused"] <= record["best_single"])
+    fuser.fallback_ = fuser.names_.index("itemknn")  # the branch a losing scorer takes
+    np.testing.assert_allclose(fuser.score(case.probe), case.models["itemknn"].score(case.probe), rtol=1e-6)
+    back = FeatureFusion.load(fuser.save(tmp_path), fuser.components_)
+    assert back.fallback_ == fuser.fallback_
+
+
+def test_the_fallback_rule_picks_the_best_component_on_the_held_out_rows_only() -> None:
+    from fuserec.plugins.fusers.gating import fallback_component
+
+    class Val:  # two components, four users: the first is better on rows 0-1, the second on rows 2-3
+        scores = torch.zeros(2, 4, 3)
+
+        @staticmethod
+        def ndcg(scores: torch.Tensor, rows: np.ndarray) -> float:
+            return float(scores.sum())
+
+    Val.scores[0, :2] = 5.0
+    Val.scores[1, 2:] = 1.0
+    lost = {"holdout_rows": np.array([2, 3]), "holdout_fused": 0.1, "holdout_best_single": 0.2}
+    assert fallback_component(Val, lost, enabled=True) == 1
+    assert fallback_component(Val, lost, enabled=False) == -1
+    assert fallback_component(Val, {**lost, "holdout_fused": 0.3}, enabled=True) == -1
+    assert fallback_component(Val, {**lost, "holdout_rows": np.array([], np.int64)}, enabled=True) == -1

@@ -21,7 +21,15 @@ from fuserec.plugins.fusers.features import FeatureFusion
 from fuserec.testing import FuserTests
 from fuserec.testing.fusers import default_case
 
-FAST = {"steps": 60, "eval_every": 5, "patience": 4, "dims": 16, "scorer": "mlp", "hidden": 8}
+FAST = {
+    "steps": 60,
+    "eval_every": 5,
+    "patience": 4,
+    "dims": 16,
+    "hidden": 8,
+    "fallback": False,
+    "scorer": "mlp",
+}
 
 
 class TestFeatureFusionAutoencoder(FuserTests):

@@ -43,7 +43,7 @@ import torch
 from pydantic import Field, model_validator
 
 from fuserec.api import Algorithm, FloatRange, IntRange, SearchDim
-from fuserec.fusion import Fuser, ValidationScores
+from fuserec.fusion import Fuser, ValidationScores, single_component
 from fuserec.plugins.fusers.feature_mlp import (
     ENCODER_KEYS,
     MLP_KEYS,
@@ -56,6 +56,7 @@ from fuserec.plugins.fusers.feature_mlp import (
 )
 from fuserec.plugins.fusers.gating import (
     ListwiseConfig,
+    fallback_component,
     fit_listwise,
     holdout_baselines,
     listwise_loss,
@@ -103,6 +104,9 @@ class FeatureFusionConfig(ListwiseConfig):
         "blocks (0 = the joined blocks themselves)",
     )
     autoencoder_steps: int = Field(500, ge=1, description="full-batch Adam steps of the autoencoder")
+    fallback: bool = Field(
+        True, description="serve the best component alone when the scorer does not beat it on held-out users"
+    )
 
     @model_validator(mode="after")
     def _autoencoder_needs_mlp(self) -> FeatureFusionConfig:
@@ -214,6 +218,8 @@ class FeatureFusion(Fuser):
         def tensors(arrays: list[np.ndarray]) -> list[torch.Tensor]:
             return [torch.from_numpy(a).to(scores.device) for a in arrays]
 
+        if getattr(self, "fallback_", -1) >= 0:  # lost to a component on held-out users: serve it alone
+            return single_component(scores, self.fallback_)
         if self.config.scorer == "mlp":
             blocks = self.mlp_block_scores(seen, scores.device)
         else:
@@ -274,6 +280,7 @@ class FeatureFusion(Fuser):
             build, loss, lambda mod, rows: val.ndcg(fused(mod, rows), rows=rows), val.origin, cfg
         )
         self.training_ |= holdout_baselines(val, self.training_["holdout_rows"])
+        self.fallback_ = fallback_component(val, self.training_, cfg.fallback)
         with torch.no_grad():
             matrices, biases = weights(module)
             scale = float(torch.exp(module["log_scale"]))
@@ -318,6 +325,7 @@ class FeatureFusion(Fuser):
             cfg,
         )
         self.training_ |= holdout_baselines(val, self.training_["holdout_rows"])
+        self.fallback_ = fallback_component(val, self.training_, cfg.fallback)
         self.mlp_ = {k: v.detach().numpy().astype(np.float32) for k, v in module.items()}
         self.block_scale_ = np.asarray([cfg.block_weights.get(b, 1.0) for b in self.blocks_], np.float32)
 
@@ -340,10 +348,11 @@ class FeatureFusion(Fuser):
             state |= self.mlp_ | {"autoencoder_error": np.asarray(self.autoencoder_error_)}
             if self.config.autoencoder:
                 state |= self.encoder_
-        return state | training_state(self.training_)
+        return state | training_state(self.training_) | {"fallback": np.asarray(self.fallback_, np.int64)}
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         names = self._check_fitted_names()
+        self.fallback_ = int(state["fallback"]) if "fallback" in state else -1  # saved before it existed
         self.blocks_ = [names[int(i)] for i in state["blocks"]]
         self.block_scale_ = state["block_scale"]
         count = len(self.blocks_)

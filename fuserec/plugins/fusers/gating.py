@@ -234,17 +234,7 @@ class Gating(Fuser):
             build, loss, lambda mod, rows: val.ndcg(fused(mod, rows), rows=rows), val.origin, cfg
         )
         self.training_ |= holdout_baselines(val, self.training_["holdout_rows"])
-        # Never worse than the best component on held-out validation users (as stacking's fallback).
-        self.fallback_ = -1
-        hold = self.training_["holdout_rows"]
-        if (
-            cfg.fallback
-            and len(hold)
-            and self.training_["holdout_fused"] <= self.training_["holdout_best_single"]
-        ):
-            idx = torch.from_numpy(hold)
-            single = [val.ndcg(val.scores[i, idx], rows=hold) for i in range(m)]
-            self.fallback_ = int(np.argmax(single))
+        self.fallback_ = fallback_component(val, self.training_, cfg.fallback)
         self.gate_ = {k: module[k].detach().numpy().astype(np.float32) for k in ("w1", "b1", "w2", "b2")}
         self.gate_ |= {"mean": mean.numpy().astype(np.float32), "std": std.numpy().astype(np.float32)}
 
@@ -369,6 +359,20 @@ def holdout_baselines(val: ValidationScores, rows: np.ndarray) -> dict[str, floa
     uniform = val.ndcg(masked_zscore(scores, seen).sum(dim=0), rows=rows)
     single = max(val.ndcg(scores[m], rows=rows) for m in range(len(scores)))
     return {"holdout_uniform": uniform, "holdout_best_single": single}
+
+
+def fallback_component(val: ValidationScores, record: dict, enabled: bool) -> int:
+    """The component to serve alone when the fuser did not beat it on held-out users, else -1.
+
+    So a learned fuser is never worse than its best part on held-out validation users (as stacking's
+    fallback), and the same configuration does not lose to that part on new data by learning noise.
+    """
+    hold = record["holdout_rows"]
+    if not enabled or not len(hold) or record["holdout_fused"] > record["holdout_best_single"]:
+        return -1
+    idx = torch.from_numpy(hold)
+    single = [val.ndcg(val.scores[i, idx], rows=hold) for i in range(len(val.scores))]
+    return int(np.argmax(single))
 
 
 def training_state(record: dict) -> dict[str, np.ndarray]:
