@@ -87,6 +87,17 @@ class Fuser(ABC):
     def fit_combination(self, data: Dataset, truth: pd.DataFrame) -> None:
         """Set the combination's parameters; ``self.components_`` are fitted on ``data``."""
 
+    @property
+    def served_alone(self) -> str | None:
+        """The component served alone instead of the combination, if the fuser fell back to one.
+
+        Learned fusers that lose to their best component on held-out validation users set ``fallback_`` to
+        its index (gating, stacking, features); the fuse stage's manifest and the report say so, so a
+        "fuser" row that is really one model is never read as a fusion result.
+        """
+        index = getattr(self, "fallback_", -1)
+        return self._check_fitted_names()[index] if index >= 0 else None
+
     def observe(self, data: Dataset) -> None:  # noqa: B027 - optional hook
         """Refresh what the combination reads from data (item popularity, first-seen times) from ``data``.
 

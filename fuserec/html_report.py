@@ -27,7 +27,9 @@ def _fmt(value: Any) -> str:
     return html.escape(str(value))
 
 
-def comparison_table(metrics: dict[str, Any]) -> str:
+def comparison_table(metrics: dict[str, Any], served_alone: dict[str, str] | None = None) -> str:
+    """Every model and fuser by NDCG@10; a fuser that fell back says which component it serves alone."""
+    served_alone = served_alone or {}
     rows = [("model", name, v) for name, v in metrics.get("models", {}).items()]
     rows += [("fuser", name, v) for name, v in metrics.get("fusers", {}).items()]
     rows.sort(key=lambda r: -float(r[2].get("ndcg@10", 0.0)))
@@ -39,6 +41,8 @@ def comparison_table(metrics: dict[str, Any]) -> str:
         cls = ' class="fuser"' if kind == "fuser" else ""
         mark = ' class="best"' if values.get("ndcg@10") == best else ""
         cells = "".join(f"<td>{_fmt(values.get(c, '-'))}</td>" for c in cols)
+        if kind == "fuser" and name in served_alone:
+            kind = f"fuser, serves {html.escape(served_alone[name])} alone (lost to it on validation)"
         body.append(f"<tr{cls}><td{mark}>{html.escape(name)}</td><td>{kind}</td>{cells}</tr>")
     return f"<table>{head}{''.join(body)}</table>"
 
@@ -174,8 +178,12 @@ def rerank_table(curve: list[dict[str, Any]]) -> str:
     return f"<table><tr>{head}</tr>{rows}</table>"
 
 
-def render(metrics: dict[str, Any], gating: dict[str, dict[str, float]] | None = None) -> str:
-    """The whole report as one HTML string."""
+def render(
+    metrics: dict[str, Any],
+    gating: dict[str, dict[str, float]] | None = None,
+    served_alone: dict[str, str] | None = None,
+) -> str:
+    """The whole report as one HTML string; ``served_alone``: fuser -> the component it fell back to."""
     protocol = metrics.get("protocol", {})
     segments = {
         seg: {name: float(v.get("ndcg@10", 0.0)) for name, v in values.items() if v.get("n_users", 0)}
@@ -197,7 +205,7 @@ def render(metrics: dict[str, Any], gating: dict[str, dict[str, float]] | None =
 <h1>fuserec report</h1>
 <p class="note">Split {html.escape(str(protocol.get("split")))}, {protocol.get("test_users")} test users,
 {protocol.get("n_items")} items; ranking: {html.escape(str(protocol.get("ranking")))}.</p>
-<h2>Every model and fuser on test</h2>{comparison_table(metrics)}
+<h2>Every model and fuser on test</h2>{comparison_table(metrics, served_alone)}
 <h2>Best fuser against the best single model</h2>{significance_block(metrics.get("significance", {}))}
 <h2>NDCG@10 by segment</h2>{bar_chart(segments, "NDCG@10 per segment")}
 <h2>Accuracy and diversity as the re-ranking weights move</h2>

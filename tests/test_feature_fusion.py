@@ -101,7 +101,9 @@ def test_falls_back_to_the_best_component_when_the_scorer_loses_on_held_out_user
     fuser.fit(case.inner_models, case.inner.fit, case.inner.truth).bind(case.models, case.train)
     record = fuser.holdout_ndcg
     assert (fuser.fallback_ >= 0) == (record["fused"] <= record["best_single"])
+    assert fuser.served_alone == (fuser.names_[fuser.fallback_] if fuser.fallback_ >= 0 else None)
     fuser.fallback_ = fuser.names_.index("itemknn")  # the branch a losing scorer takes
+    assert fuser.served_alone == "itemknn"
     np.testing.assert_allclose(fuser.score(case.probe), case.models["itemknn"].score(case.probe), rtol=1e-6)
     back = FeatureFusion.load(fuser.save(tmp_path), fuser.components_)
     assert back.fallback_ == fuser.fallback_

@@ -57,6 +57,24 @@ def test_curve_table_says_change_against_no_re_ranking_or_a_dash_without_it() ->
     assert rerank_table([]) == ""
 
 
+def test_a_fuser_that_fell_back_says_which_component_it_serves() -> None:
+    page = render(METRICS, served_alone={"stacking": "als"})
+    assert "serves als alone (lost to it on validation)" in page
+    assert "alone" not in render(METRICS)
+
+
+def test_the_report_stage_reads_the_fallbacks_from_the_fusers_manifests(tmp_path) -> None:
+    from fuserec.layout import Layout
+    from fuserec.manifest import write_manifest
+    from fuserec.tasks.report import served_alone
+
+    layout = Layout(tmp_path)
+    for name, served in (("gating", "sasrec"), ("stacking", None)):
+        (layout.fuser(name)).mkdir(parents=True)
+        write_manifest(layout.fuser(name), kind="fuser", name=name, served_alone=served)
+    assert served_alone(layout) == {"gating": "sasrec"}
+
+
 def test_report_without_fusers_or_curve_still_renders() -> None:
     page = render({"protocol": {}, "models": {"ease": {"ndcg@10": 0.1}}})
     assert "ease" in page and "No fuser" in page and "No gating" in page

@@ -42,6 +42,9 @@ def test_stages_in_order_write_what_the_next_reads(small_params) -> None:
     weighted = read_json(layout.fuser("weighted") / "manifest.json")
     components = weighted["components"]
     assert weighted["kind"] == "fuser" and components == sorted(components)
+    for folder in (layout.fusers).iterdir():  # what each fuser serves is on record, fallback or not
+        served = read_json(folder / "manifest.json")["served_alone"]
+        assert served == load_fuser(folder, layout).served_alone and served in (None, *components)
     evaluate.fn(small_params)
     metrics = read_json(layout.metrics)
     from fuserec.registry import FUSERS_GROUP, available

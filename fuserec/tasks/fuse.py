@@ -8,6 +8,7 @@ through the same arithmetic that was learned.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from collections.abc import Mapping
@@ -27,6 +28,8 @@ from fuserec.memory import release_freed_memory
 from fuserec.registry import FUSERS_GROUP, get_fuser, plugin_info, resolve_names
 from fuserec.tasks.split import SPLIT_FILES
 from fuserec.tasks.train import fused_components, load_algorithm, trained_models
+
+log = logging.getLogger(__name__)
 
 
 def component_names(params: Params, layout: Layout) -> list[str]:
@@ -110,11 +113,21 @@ def fuse(params: Params) -> str:
             api_version=info.api_version,
             config=config.model_dump(mode="json"),
             components=fuser.names_,
+            served_alone=fuser.served_alone,  # the component served instead, when the fuser fell back
             dropped_components=[n for n in components if n not in fuser.names_],  # e.g. pruned by stacking
             data_sha256=file_sha256(inner_file),
             components_fit_seconds=round(components_s, 3),
             fit_seconds=round(seconds, 3),
         )
+        if fuser.served_alone is not None:
+            log.warning(
+                "fuser %s did not beat %s on held-out validation users; it serves %s alone (set "
+                "fusers.%s.fallback: false to serve the combination anyway)",
+                name,
+                fuser.served_alone,
+                fuser.served_alone,
+                name,
+            )
         del fuser
         release_freed_memory()  # the last fuser's freed arrays must not sit under the next one's peak
     return str(layout.fusers)

@@ -41,6 +41,14 @@ def gating_weights(layout: Layout, data: Dataset, test: pd.DataFrame) -> dict[st
     return out
 
 
+def served_alone(layout: Layout) -> dict[str, str]:
+    """Fuser -> the component it serves alone, for the fusers that fell back (their manifests say)."""
+    from fuserec.tasks.fuse import fitted_fusers
+
+    manifests = [read_json(folder / "manifest.json") for folder in fitted_fusers(layout)]
+    return {m["name"]: m["served_alone"] for m in manifests if m.get("served_alone")}
+
+
 @task(name="report")
 def report(params: Params) -> str:
     layout = Layout(params.outputs_dir)
@@ -51,5 +59,5 @@ def report(params: Params) -> str:
     frame = pd.DataFrame(gating).T.rename_axis("segment").reset_index()
     frame.to_csv(layout.root / GATING_FILE, index=False)  # a DVC plot (empty without a gating fuser)
     path = layout.root / REPORT_FILE
-    path.write_text(render(metrics, gating), encoding="utf-8")
+    path.write_text(render(metrics, gating, served_alone(layout)), encoding="utf-8")
     return str(path)
