@@ -115,6 +115,9 @@ def significance_block(sig: dict[str, Any]) -> str:
     if not sig:
         return "<p>No fuser and single model to compare.</p>"
     rows = []
+    fuser = html.escape(sig["best_fuser"])
+    if sig.get("best_fuser_served_alone"):
+        fuser += f" (serves {html.escape(sig['best_fuser_served_alone'])} alone)"
     labels = (
         ("all test users", "all_users"),
         ("cold users", "cold_users"),
@@ -127,7 +130,7 @@ def significance_block(sig: dict[str, Any]) -> str:
         other = s.get("best_single_on_segment", sig["best_single"])
         ci = s.get("ci95", [float("nan")] * 2)
         rows.append(
-            f"<tr><td>{label}</td><td>{html.escape(sig['best_fuser'])} vs {html.escape(other)}</td>"
+            f"<tr><td>{label}</td><td>{fuser} vs {html.escape(other)}</td>"
             f"<td>{s.get('n_users')}</td><td>{_fmt(s.get('candidate_mean'))}</td>"
             f"<td>{_fmt(s.get('baseline_mean'))}</td><td>{_fmt(s.get('mean_difference'))}</td>"
             f"<td>[{ci[0]:.4f}, {ci[1]:.4f}]</td><td>{s.get('p_value', float('nan')):.2e}</td>"

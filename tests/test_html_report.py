@@ -61,6 +61,8 @@ def test_a_fuser_that_fell_back_says_which_component_it_serves() -> None:
     page = render(METRICS, served_alone={"stacking": "als"})
     assert "serves als alone (lost to it on validation)" in page
     assert "alone" not in render(METRICS)
+    sig = {**METRICS["significance"], "best_fuser_served_alone": "ease"}
+    assert "stacking (serves ease alone) vs als" in render({**METRICS, "significance": sig})
 
 
 def test_the_report_stage_reads_the_fallbacks_from_the_fusers_manifests(tmp_path) -> None:

@@ -69,6 +69,8 @@ def test_stages_in_order_write_what_the_next_reads(small_params) -> None:
     assert by_k["k"].tolist() == [5, 10] and (np.diff(by_k["recall"]) >= 0).all()
     significance = metrics["significance"]
     assert significance["best_fuser"] in metrics["fusers"]
+    best = read_json(layout.fuser(significance["best_fuser"]) / "manifest.json")
+    assert significance["best_fuser_served_alone"] == best["served_alone"]
     assert significance["best_single"] in metrics["models"]
     low, high = significance["all_users"]["ci95"]
     assert low <= significance["all_users"]["mean_difference"] <= high

@@ -274,6 +274,8 @@ def evaluate(params: Params) -> str:
             by_segment.setdefault(segment, {})[name] = rounded(values)
         metrics_by_k(scores, params.evaluate.ks).to_csv(layout.plots / f"{name}.csv", index=False)
     sig = significance(results, per_user)
+    if sig:  # a best "fuser" that fell back is one model: say which
+        sig["best_fuser_served_alone"] = scorers[sig["best_fuser"]][1].served_alone
     cold = simulated_cold_metrics(params, scorers, data, test, hist, train_mat)
     if cold is not None:
         by_segment[SIMULATED_COLD], cold_per_user = cold
