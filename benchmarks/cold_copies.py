@@ -18,18 +18,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from fuserec.config import load_params
-from fuserec.data.dataset import Dataset, interactions_matrix
+from fuserec.data.dataset import interactions_matrix
 from fuserec.histories import Histories
 from fuserec.layout import Layout
-from fuserec.manifest import file_sha256
 from fuserec.metrics import ndcg_at_k, top_k
 from fuserec.registry import get_fuser
 from fuserec.segments import simulated_cold
-from fuserec.tasks.fuse import component_names, load_inner_models
-from fuserec.tasks.split import SPLIT_FILES
+from fuserec.tasks.fuse import component_names, validation_carve
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -46,10 +43,7 @@ def main() -> None:
     overrides = [f"data.source={args.source}", f"outputs={args.outputs}", f"train.seed={args.seed}"]
     params = load_params(PARAMS, overrides)
     layout = Layout(args.outputs)
-    inner_file = layout.split / SPLIT_FILES["train_inner"]
-    inner = Dataset.load(layout.clean, interactions=inner_file)
-    valid = pd.read_parquet(layout.split / SPLIT_FILES["valid"])
-    models = load_inner_models(component_names(params, layout), layout, file_sha256(inner_file))
+    inner, valid, models = validation_carve(layout, component_names(params, layout))
     hist, seen = inner.histories(), inner.matrix()
     truth = interactions_matrix(valid, inner.n_users, inner.n_items)
 

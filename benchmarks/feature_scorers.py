@@ -23,10 +23,9 @@ import pandas as pd
 from fuserec.config import load_params
 from fuserec.data.dataset import Dataset, interactions_matrix
 from fuserec.layout import Layout
-from fuserec.manifest import file_sha256
 from fuserec.metrics import evaluate_rankings
 from fuserec.plugins.fusers.features import FeatureFusion
-from fuserec.tasks.fuse import component_names, load_inner_models
+from fuserec.tasks.fuse import component_names, validation_carve
 from fuserec.tasks.split import SPLIT_FILES
 from fuserec.tasks.train import load_algorithm, trained_models
 
@@ -65,13 +64,10 @@ def main() -> None:
         PARAMS, [f"data.source={args.source}", f"outputs={args.outputs}", f"train.seed={args.seed}"]
     )
     layout = Layout(args.outputs)
-    inner_file = layout.split / SPLIT_FILES["train_inner"]
-    inner = Dataset.load(layout.clean, interactions=inner_file)
-    valid = pd.read_parquet(layout.split / SPLIT_FILES["valid"])
+    names = component_names(params, layout)
+    inner, valid, inner_models = validation_carve(layout, names)
     train = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES["train"])
     test = pd.read_parquet(layout.split / SPLIT_FILES["test"])
-    names = component_names(params, layout)
-    inner_models = load_inner_models(names, layout, file_sha256(inner_file))
     models = {p.name: load_algorithm(p) for p in trained_models(layout) if p.name in names}
     base = {"seed": args.seed, **params.fuser_config("features")}
     for variant in args.variants:

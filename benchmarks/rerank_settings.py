@@ -18,17 +18,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from fuserec.config import load_params
-from fuserec.data.dataset import Dataset, interactions_matrix
+from fuserec.data.dataset import interactions_matrix
 from fuserec.features import item_content_vectors
 from fuserec.layout import Layout
-from fuserec.manifest import file_sha256
 from fuserec.registry import FUSERS_GROUP, available, get_fuser
 from fuserec.rerank import DiversityCurve, Rerank
-from fuserec.tasks.fuse import component_names, load_inner_models
-from fuserec.tasks.split import SPLIT_FILES
+from fuserec.tasks.fuse import component_names, validation_carve
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -50,10 +47,7 @@ def main() -> None:
         PARAMS, [f"data.source={args.source}", f"outputs={args.outputs}", f"train.seed={args.seed}"]
     )
     layout = Layout(args.outputs)
-    inner_file = layout.split / SPLIT_FILES["train_inner"]
-    inner = Dataset.load(layout.clean, interactions=inner_file)
-    valid = pd.read_parquet(layout.split / SPLIT_FILES["valid"])
-    models = load_inner_models(component_names(params, layout), layout, file_sha256(inner_file))
+    inner, valid, models = validation_carve(layout, component_names(params, layout))
     users = np.random.default_rng(args.split).permutation(np.unique(valid["user"].to_numpy()))
     half_a, half_b = np.sort(users[: len(users) // 2]), np.sort(users[len(users) // 2 :])
     name = params.export.algorithm

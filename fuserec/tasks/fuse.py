@@ -57,6 +57,14 @@ def load_inner_models(names: list[str], layout: Layout, data_sha256: str) -> dic
     return fitted
 
 
+def validation_carve(layout: Layout, names: list[str]) -> tuple[Dataset, pd.DataFrame, dict[str, Algorithm]]:
+    """What a fuser learns from: train' (a ``Dataset``), the validation truth, train' fits of ``names``."""
+    inner_file = layout.split / SPLIT_FILES["train_inner"]
+    inner = Dataset.load(layout.clean, interactions=inner_file)
+    valid = pd.read_parquet(layout.split / SPLIT_FILES["valid"])
+    return inner, valid, load_inner_models(names, layout, file_sha256(inner_file))
+
+
 def fitted_fusers(layout: Layout) -> list[Path]:
     """Fuser folders the fuse stage wrote (those with a manifest), sorted by name."""
     if not layout.fusers.exists():
@@ -88,11 +96,9 @@ def fuse(params: Params) -> str:
     components = component_names(params, layout)
     if not names or not components:
         return str(layout.fusers)
-    inner_file = layout.split / SPLIT_FILES["train_inner"]
-    inner = Dataset.load(layout.clean, interactions=inner_file)
-    valid = pd.read_parquet(layout.split / SPLIT_FILES["valid"])
+    inner, valid, fitted = validation_carve(layout, components)
+    inner_sha256 = file_sha256(layout.split / SPLIT_FILES["train_inner"])
     train = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES["train"])
-    fitted = load_inner_models(components, layout, file_sha256(inner_file))
     components_s = sum(read_json(layout.inner_model(n) / "manifest.json")["fit_seconds"] for n in components)
     for name in names:
         cls = get_fuser(name)
@@ -115,7 +121,7 @@ def fuse(params: Params) -> str:
             components=fuser.names_,
             served_alone=fuser.served_alone,  # the component served instead, when the fuser fell back
             dropped_components=[n for n in components if n not in fuser.names_],  # e.g. pruned by stacking
-            data_sha256=file_sha256(inner_file),
+            data_sha256=inner_sha256,
             components_fit_seconds=round(components_s, 3),
             fit_seconds=round(seconds, 3),
         )
