@@ -222,6 +222,29 @@ def test_filters_diversity_and_low_ratings(outputs: Path, tmp_path: Path) -> Non
     assert ild(varied) > ild(plain)
 
 
+def test_request_diversity_keeps_the_exports_head(outputs: Path, tmp_path: Path) -> None:
+    """A request's diversity re-ranks as the export says: with ``keep`` 10 a top-10 is not touched."""
+    import json
+    import shutil
+
+    items = _catalog(outputs)
+    lists = {}
+    for keep in (0, 10):
+        copy = tmp_path / f"keep{keep}"
+        shutil.copytree(outputs, copy)
+        manifest = Layout(copy).export / "manifest.json"
+        data = json.loads(manifest.read_text())
+        data["rerank"] = data["rerank"] | {"keep": keep}
+        manifest.write_text(json.dumps(data))
+        with TestClient(create_app(copy, tmp_path / f"e{keep}.sqlite")) as client:
+            _post_events(client, "critic", items[:6])
+            for d in (0.0, 0.9):
+                body = {"user_id": "critic", "k": 10, "diversity": d}
+                lists[keep, d] = [x["item_id"] for x in client.post("/recommend", json=body).json()["items"]]
+    assert lists[10, 0.9] == lists[10, 0.0] == lists[0, 0.0]
+    assert lists[0, 0.9] != lists[0, 0.0]  # keep 0: the whole list is open to MMR
+
+
 def test_concurrent_requests_share_onnxruntime_runs(outputs: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 

@@ -44,7 +44,7 @@ MAX_EVENTS_REQUEST = 1_000
 MAX_GENRES = 50
 EXPLAIN_DRIVERS = 50  # latest history items tried one by one when explaining a score
 DRIVERS_SHOWN = 3
-DIVERSITY_POOL = 100  # a diversified list is re-ranked from the top 100 unseen items
+DIVERSITY_POOL = 100  # a diversified list is re-ranked from the top 100 unseen items (old manifests)
 
 Id = Annotated[str, Field(min_length=1, max_length=128)]
 Genre = Annotated[str, Field(min_length=1, max_length=64)]
@@ -149,6 +149,15 @@ class Service:
         self.components: list[str] = self.manifest.get("components") or [self.manifest["algorithm"]["name"]]
         self.genres = genre_sets(self.catalog)
         self.vectors = torch.from_numpy(unit_vectors(item_content_vectors(self.catalog)))
+        # A request's diversity re-ranks with the export's pool, head and order, so it moves along the
+        # same curve as the served graph's own re-ranking (manifests from before these keys: defaults).
+        shape = self.manifest.get("rerank") or {}
+        default = Rerank()
+        self.rerank_shape = {
+            "depth": int(shape.get("depth", DIVERSITY_POOL)),
+            "keep": int(shape.get("keep", default.keep)),
+            "order": str(shape.get("order", default.order)),
+        }
         self.store = SQLiteEventStore(store or layout.root / "events.sqlite")
         self.cold = ColdStart(layout, self.n_items, self.genres)
         self._import_training(layout)
@@ -256,7 +265,7 @@ class Service:
     def rank(self, scores: np.ndarray, blocked: np.ndarray, k: int, diversity: float | None) -> list[int]:
         """Top ``k`` unblocked items: by score (ties to the lower index), or diversified by MMR."""
         if diversity:
-            rerank = Rerank(diversity=diversity, depth=DIVERSITY_POOL)
+            rerank = Rerank(diversity=diversity, **self.rerank_shape)
             with torch.no_grad():
                 picked = mmr_top_k(
                     torch.from_numpy(scores.astype(np.float32))[None],
