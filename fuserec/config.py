@@ -134,8 +134,6 @@ class EvaluateConfig(_Section):
     rerank_novelty: list[float] = Field(
         default_factory=lambda: [0.1, 0.2, 0.4], description="novelty weights added to the curve"
     )
-    rerank_keep: int = Field(5, ge=0, description="leading slots of each list the re-ranking leaves alone")
-    rerank_order: Literal["score", "greedy"] = Field("score", description=RERANK_ORDER_HELP)
     simulated_cold_users: int = Field(
         2000,
         ge=0,
@@ -143,6 +141,18 @@ class EvaluateConfig(_Section):
         "items: the segment cold_simulated, a cold-start measure on more users than the real cold ones "
         "(0 = off)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_export(cls, data: Any) -> Any:
+        """The curve re-ranks with the served shape; a second copy of it here could drift from it."""
+        moved = sorted(k for k in ("rerank_keep", "rerank_order") if isinstance(data, dict) and k in data)
+        if moved:
+            raise ValueError(
+                f"evaluate.{moved[0]} moved to export.{moved[0]}: the curve re-ranks as the served model "
+                "does (export.rerank_depth, rerank_keep, rerank_order); set it there instead"
+            )
+        return data
 
     @field_validator("ks")
     @classmethod

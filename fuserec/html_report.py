@@ -161,6 +161,17 @@ def _change(value: Any, base: Any) -> str:
     return f"{100.0 * (value / base - 1.0):+.1f}%"
 
 
+def rerank_shape(shape: dict[str, Any] | None) -> str:
+    """The pool, head and order the curve (and the served model) re-rank with; absent in old metrics."""
+    if not shape:
+        return ""
+    order = "the scorer's order" if shape.get("order") == "score" else "the order they were picked"
+    return html.escape(
+        f"Re-ranked from each user's top {shape.get('depth')} unseen items; the first {shape.get('keep')} "
+        f"slots stay as scored; the chosen items are listed in {order}."
+    )
+
+
 def rerank_table(curve: list[dict[str, Any]]) -> str:
     """The curve's points, each with its diversity and NDCG@10 change against no re-ranking.
 
@@ -213,7 +224,8 @@ def render(
 <h2>NDCG@10 by segment</h2>{bar_chart(segments, "NDCG@10 per segment")}
 <h2>Accuracy and diversity as the re-ranking weights move</h2>
 <p class="note">Scorer: {html.escape(str(metrics.get("rerank", {}).get("scorer", "-")))}. MMR over content
-vectors (diversity weight) and a self-information bonus (novelty weight), applied after the scorer.</p>
+vectors (diversity weight) and a self-information bonus (novelty weight), applied after the scorer.
+{rerank_shape(metrics.get("rerank", {}).get("shape"))}</p>
 {line_chart(points, "intra-list diversity@10", "NDCG@10")}{curve_table}
 <h2>Learned gating weights by user segment</h2>{gating_table(gating or {})}
 </body></html>"""

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from pydantic import ValidationError
@@ -43,3 +44,21 @@ def test_unknown_keys_and_bad_values_are_rejected(tmp_path: Path) -> None:
         load_params(path, ["split.methd=x"])
     with pytest.raises(ValidationError, match="ks"):
         load_params(path, ["evaluate.ks=[0]"])
+
+
+def test_rerank_shape_lives_in_export_only(tmp_path: Path) -> None:
+    """The curve re-ranks as the served model does; the old evaluate keys say where they went."""
+    from fuserec.rerank import DiversityCurve
+    from fuserec.tasks.evaluate import rerank_curve
+    from fuserec.testing import planted_dataset
+
+    path = write_params(tmp_path)
+    for key in ("rerank_keep=3", "rerank_order=greedy"):
+        with pytest.raises(ValidationError, match=r"moved to export\.rerank_"):
+            load_params(path, [f"evaluate.{key}"])
+    shape = ["export.rerank_keep=2", "export.rerank_depth=30", "export.rerank_order=greedy"]
+    params = load_params(path, shape)
+    data = planted_dataset()
+    curve = rerank_curve(params, data, np.eye(data.n_items, dtype=np.float32))
+    assert isinstance(curve, DiversityCurve) and curve.settings
+    assert {(s.keep, s.depth, s.order) for s in curve.settings} == {(2, 30, "greedy")}

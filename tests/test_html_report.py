@@ -57,6 +57,14 @@ def test_curve_table_says_change_against_no_re_ranking_or_a_dash_without_it() ->
     assert rerank_table([]) == ""
 
 
+def test_the_curve_says_how_it_re_ranks_when_metrics_record_it() -> None:
+    shape = {"depth": 50, "keep": 4, "order": "score"}
+    page = render({**METRICS, "rerank": {**METRICS["rerank"], "shape": shape}}, {})
+    assert "top 50 unseen items; the first 4 slots stay as scored" in page
+    assert "in the scorer&#x27;s order" in page
+    assert "unseen items" not in render(METRICS, {})  # metrics from before the shape was recorded
+
+
 def test_a_fuser_that_fell_back_says_which_component_it_serves() -> None:
     page = render(METRICS, served_alone={"stacking": "als"})
     assert "serves als alone (lost to it on validation)" in page

@@ -119,6 +119,9 @@ def test_stages_in_order_write_what_the_next_reads(small_params) -> None:
         assert mine["diversity@10"] == pytest.approx(theirs["diversity@10"], abs=1e-6)
     curve = metrics["rerank"]["curve"]
     assert metrics["rerank"]["scorer"] == "stacking" and len(curve) == 12
+    served = small_params.export  # the curve re-ranks with the served graph's pool, head and order
+    shape = {"depth": served.rerank_depth, "keep": served.rerank_keep, "order": served.rerank_order}
+    assert metrics["rerank"]["shape"] == shape
     assert curve[-4]["diversity@10"] >= curve[0]["diversity@10"]  # the strongest MMR weight diversifies
     export.fn(small_params)
     manifest = read_json(layout.export / "manifest.json")
