@@ -89,3 +89,36 @@ def test_kit_catches_contributions_that_the_served_graph_misattributes() -> None
     fitted = fuser.fit(case.inner_models, case.inner.fit, case.inner.truth).bind(case.models, case.train)
     with pytest.raises(ConformanceError, match="ONNX contributions"):
         checks.check_onnx_parity(fitted, case.probe)
+
+
+def test_kit_catches_misattributed_shares_of_a_rank_based_fuser() -> None:
+    """Rank-based fusers may serve another score where tied items swap; never other shares of one score."""
+    import torch
+
+    from fuserec.plugins.fusers.voting import Borda
+    from fuserec.testing.fusers import default_case
+
+    class _SwappedBorda(Borda):
+        def combine(self, scores: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            fused, parts = super().combine(scores, seen)
+            if torch.onnx.is_in_onnx_export():
+                parts = parts.flip(0)
+            return fused, parts
+
+    case = default_case()
+    with pytest.raises(ConformanceError, match="ONNX contributions"):
+        checks.check_onnx_parity(case.fit(_SwappedBorda, None), case.probe)
+    checks.check_onnx_parity(case.fit(Borda, None), case.probe)  # the same fuser, shares as in Python
+
+
+def test_rank_based_shares_may_move_with_the_score_but_must_add_up() -> None:
+    from fuserec.tasks.export import contributions_agree
+
+    moved = {
+        "contributions_match_at_top": False,
+        "contributions_match_where_scores_match": True,
+        "contributions_add_up": True,
+    }
+    assert contributions_agree(moved, exact=False) and not contributions_agree(moved, exact=True)
+    assert not contributions_agree(moved | {"contributions_add_up": False}, exact=False)
+    assert not contributions_agree(moved | {"contributions_match_where_scores_match": False}, exact=False)
