@@ -112,6 +112,7 @@ class Content(Algorithm):
         vocab, fields, idf, vectors = _fit_tfidf(data.items, self.config, n_items)
         self.vocab_, self.term_fields_, self.idf_ = vocab, fields, idf
         self.item_vectors_ = self._with_embeddings(data.items, vectors)
+        self._index_distinct_vectors()
         counts = data.item_popularity().astype(np.float64)
         top = math.log1p(counts.max()) if len(counts) and counts.max() > 0 else 1.0
         self.log_scale_ = np.float32(1.0 / top)
@@ -209,16 +210,29 @@ class Content(Algorithm):
         return (rows, users[rows]) if len(rows) else None
 
     # -- scoring ------------------------------------------------------------------------------------
+    def _index_distinct_vectors(self) -> None:
+        """Items with the same content share one row, so they get bit-identical scores.
+
+        A BLAS product gave two of 20 identical vectors scores 1 ulp apart on an AVX2 CPU while the
+        exported graph tied them: rank-based fusers then ranked them apart in Python only.
+        """
+        distinct, inverse = np.unique(self.item_vectors_, axis=0, return_inverse=True)
+        self.distinct_vectors_ = np.ascontiguousarray(distinct, dtype=np.float32)
+        self.distinct_index_ = np.asarray(inverse, dtype=np.int64).reshape(-1)
+
+    def _cosines(self, profiles: np.ndarray) -> np.ndarray:
+        return (profiles @ self.distinct_vectors_.T)[:, self.distinct_index_]
+
     def score(self, histories: Histories) -> np.ndarray:
         self._check_fitted()
         profiles = self.user_representation(histories)
-        scores = profiles @ self.item_vectors_.T
+        scores = self._cosines(profiles)
         empty = histories.lengths == 0
         scores[empty] = self.prior_
         cold = self._attribute_rows(histories)
         if cold is not None:
             rows, users = cold
-            scores[rows] = self.config.cold_content_weight * (profiles[rows] @ self.item_vectors_.T)
+            scores[rows] = self.config.cold_content_weight * self._cosines(profiles[rows])
             scores[rows] += (
                 self.attribute_prior(users) if self.config.cold_prior == "attributes" else self.prior_
             )
@@ -287,7 +301,11 @@ class Content(Algorithm):
     def to_torch(self) -> torch.nn.Module:
         self._check_fitted()
         return _ContentModule(
-            torch.from_numpy(self.item_vectors_), torch.from_numpy(self.prior_), self.config.half_life
+            torch.from_numpy(self.item_vectors_),
+            torch.from_numpy(self.prior_),
+            self.config.half_life,
+            torch.from_numpy(self.distinct_vectors_),
+            torch.from_numpy(self.distinct_index_),
         )
 
     # -- persistence --------------------------------------------------------------------------------
@@ -311,6 +329,7 @@ class Content(Algorithm):
         self.term_fields_ = state["term_fields"].astype(np.int8)
         self.idf_ = state["idf"].astype(np.float32)
         self.item_vectors_ = state["item_vectors"].astype(np.float32)
+        self._index_distinct_vectors()
         self.prior_ = state["prior"].astype(np.float32)
         self.user_features_ = state["user_features"].astype(np.float32)
         self.ridge_weights_ = state["ridge_weights"].astype(np.float32)
@@ -323,9 +342,18 @@ class Content(Algorithm):
 class _ContentModule(torch.nn.Module):
     """Padded history -> recency-weighted profile -> cosine with every item; empty -> popularity prior."""
 
-    def __init__(self, vectors: torch.Tensor, prior: torch.Tensor, half_life: float | None) -> None:
+    def __init__(
+        self,
+        vectors: torch.Tensor,
+        prior: torch.Tensor,
+        half_life: float | None,
+        distinct: torch.Tensor,
+        distinct_index: torch.Tensor,
+    ) -> None:
         super().__init__()
         self.register_buffer("vectors", vectors)
+        self.register_buffer("distinct", distinct)  # one row per distinct item vector: ties stay exact
+        self.register_buffer("distinct_index", distinct_index)
         self.register_buffer("prior", prior)
         self.decay = 0.0 if half_life is None else math.log(2.0) / half_life
         self.n_items = vectors.shape[0]
@@ -343,7 +371,7 @@ class _ContentModule(torch.nn.Module):
         profile = dense @ self.vectors
         norm = torch.sqrt((profile * profile).sum(dim=1, keepdim=True))
         profile = profile / torch.clamp(norm, min=_EPS)
-        scores = profile @ self.vectors.T
+        scores = (profile @ self.distinct.T).index_select(1, self.distinct_index)
         return torch.where(length > 0, scores, self.prior.unsqueeze(0).expand(batch, -1))
 
 
