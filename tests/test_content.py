@@ -166,3 +166,23 @@ def test_brand_new_item_with_a_liked_genre_outranks_one_without(tmp_path: Path) 
     loaded = Content.load(algo.save(tmp_path / "content"))  # the vocabulary survives save/load
     np.testing.assert_allclose(loaded.score_items(horror_fan, new), scores, rtol=1e-6)
     assert algo.explain(horror_fan.items, 2)["terms"]
+
+
+def test_items_with_the_same_content_tie_exactly_in_python_and_onnx(tmp_path: Path) -> None:
+    """Rank-based fusers rank tied items by index: a 1-ulp split in one runtime only reorders them there."""
+    from fuserec.onnx_model import OnnxRecommender, export_onnx
+
+    data = planted_dataset()
+    model = Content({"title_weight": 0.0, "year_weight": 0.0}).fit(data)
+    _, group = np.unique(model.item_vectors_, axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    shared = [g for g in np.unique(group) if (group == g).sum() > 1]
+    assert shared  # the planted catalog gives whole clusters the same genres
+    hist = data.histories().select(np.arange(40))
+    served = OnnxRecommender(export_onnx(model, tmp_path / "m.onnx", k=10)).run_with_contributions(
+        hist.to_padded(), None
+    )[0]
+    for scores in (model.score(hist), served):
+        for g in shared:
+            cols = scores[:, group == g]
+            assert (cols == cols[:, :1]).all()
