@@ -213,7 +213,7 @@ class Content(Algorithm):
     def _index_distinct_vectors(self) -> None:
         """Items with the same content share one row, so they get bit-identical scores.
 
-        A BLAS product gave two of 20 identical vectors scores 1 ulp apart on an AVX2 CPU while the
+        A BLAS product split 20 identical vectors into two scores 1 ulp apart on an AVX2 CPU while the
         exported graph tied them: rank-based fusers then ranked them apart in Python only.
         """
         distinct, inverse = np.unique(self.item_vectors_, axis=0, return_inverse=True)
