@@ -182,6 +182,11 @@ class ExportConfig(_Section):
     rerank_keep: int = Field(5, ge=0, description="leading slots of each list the re-ranking leaves alone")
     rerank_order: Literal["score", "greedy"] = Field("score", description=RERANK_ORDER_HELP)
 
+    @property
+    def rerank_shape(self) -> dict[str, Any]:
+        """Pool, head and order of every re-ranking: the served graph, the report's curve, the API."""
+        return {"depth": self.rerank_depth, "keep": self.rerank_keep, "order": self.rerank_order}
+
 
 class FuseConfig(_Section):
     """The fuse stage: which fuser plugins to learn, over which trained algorithms."""

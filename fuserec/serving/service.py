@@ -44,7 +44,6 @@ MAX_EVENTS_REQUEST = 1_000
 MAX_GENRES = 50
 EXPLAIN_DRIVERS = 50  # latest history items tried one by one when explaining a score
 DRIVERS_SHOWN = 3
-DIVERSITY_POOL = 100  # a diversified list is re-ranked from the top 100 unseen items (old manifests)
 
 Id = Annotated[str, Field(min_length=1, max_length=128)]
 Genre = Annotated[str, Field(min_length=1, max_length=64)]
@@ -151,10 +150,9 @@ class Service:
         self.vectors = torch.from_numpy(unit_vectors(item_content_vectors(self.catalog)))
         # A request's diversity re-ranks with the export's pool, head and order, so it moves along the
         # same curve as the served graph's own re-ranking (manifests from before these keys: defaults).
-        shape = self.manifest.get("rerank") or {}
-        default = Rerank()
+        shape, default = self.manifest.get("rerank") or {}, Rerank()
         self.rerank_shape = {
-            "depth": int(shape.get("depth", DIVERSITY_POOL)),
+            "depth": int(shape.get("depth", default.depth)),
             "keep": int(shape.get("keep", default.keep)),
             "order": str(shape.get("order", default.order)),
         }

@@ -193,8 +193,7 @@ def rerank_curve(
     Filled during the evaluation pass, from the scores the exported scorer keeps of each batch.
     ``train_mat``: ``data.matrix()`` when the caller has it already (at 10^7 it is 10M entries to rebuild).
     """
-    cfg, served = params.evaluate, params.export  # the served graph's pool, head and order: one curve
-    shape = {"depth": served.rerank_depth, "keep": served.rerank_keep, "order": served.rerank_order}
+    cfg, shape = params.evaluate, params.export.rerank_shape  # the served graph's: one curve
     settings = [Rerank(diversity=d, **shape) for d in cfg.rerank_diversity]
     settings += [Rerank(novelty=v, **shape) for v in cfg.rerank_novelty]
     train_mat = data.matrix() if train_mat is None else train_mat
@@ -211,10 +210,9 @@ def curve_summary(
     users = np.unique(test["user"].to_numpy())
     points = curve.result(interactions_matrix(test, data.n_users, data.n_items)[users])
     pd.DataFrame(points).to_csv(layout.root / "rerank_curve.csv", index=False)
-    served = params.export
     return {
-        "scorer": served.algorithm,
-        "shape": {"depth": served.rerank_depth, "keep": served.rerank_keep, "order": served.rerank_order},
+        "scorer": params.export.algorithm,
+        "shape": params.export.rerank_shape,
         "curve": [rounded(point) for point in points],
     }
 

@@ -79,8 +79,8 @@ def parity_check(
     at = np.maximum(items, 0)[None].repeat(parts.shape[0], axis=0)
     served, reference = np.take_along_axis(parts, at, 2), np.take_along_axis(expected_parts, at, 2)
     shares_close = np.isclose(served, reference, atol=CONTRIBUTION_ATOL, rtol=CONTRIBUTION_ATOL)
-    # Rank-based fusers (exact_scores False) may serve another score where a component's tied items swap
-    # under onnxruntime; there the shares move with the score, but they must still add up to it.
+    # Rank-based fusers (exact_scores False) may serve another score where float noise between runtimes
+    # swaps a component's near-tied items; there the shares move with the score but must still add up to it.
     same_score = np.isclose(
         top, np.take_along_axis(expected, np.maximum(items, 0), 1), atol=PARITY_ATOL, rtol=PARITY_RTOL
     )
@@ -148,13 +148,7 @@ def export(params: Params) -> str:
     out = layout.export
     data = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES["train"])
     test = pd.read_parquet(layout.split / SPLIT_FILES["test"])
-    rerank = Rerank(
-        cfg.rerank_diversity,
-        cfg.rerank_novelty,
-        cfg.rerank_depth,
-        keep=cfg.rerank_keep,
-        order=cfg.rerank_order,
-    )
+    rerank = Rerank(cfg.rerank_diversity, cfg.rerank_novelty, **cfg.rerank_shape)
     reranker = None
     if rerank.active:
         with_history = int((data.histories().lengths > 0).sum())
