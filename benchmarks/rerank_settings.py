@@ -16,11 +16,13 @@ import argparse
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from fuserec.config import load_params
-from fuserec.data.dataset import interactions_matrix
+from fuserec.data.dataset import Dataset, interactions_matrix
 from fuserec.features import item_content_vectors
 from fuserec.layout import Layout
 from fuserec.registry import FUSERS_GROUP, available, get_fuser
@@ -43,20 +45,7 @@ def main() -> None:
     parser.add_argument("--weights", type=float, nargs="+", default=[round(0.1 * i, 1) for i in range(10)])
     parser.add_argument("--max-loss", type=float, default=0.05, help="largest relative NDCG@10 loss")
     args = parser.parse_args()
-    params = load_params(
-        PARAMS, [f"data.source={args.source}", f"outputs={args.outputs}", f"train.seed={args.seed}"]
-    )
-    layout = Layout(args.outputs)
-    inner, valid, models = validation_carve(layout, component_names(params, layout))
-    users = np.random.default_rng(args.split).permutation(np.unique(valid["user"].to_numpy()))
-    half_a, half_b = np.sort(users[: len(users) // 2]), np.sort(users[len(users) // 2 :])
-    name = params.export.algorithm
-    if name in available(FUSERS_GROUP):
-        cls = get_fuser(name)
-        scorer = cls(cls.Config.model_validate({"seed": args.seed, **params.fuser_config(name)}))
-        scorer.fit(models, inner, valid[valid["user"].isin(half_a)])
-    else:
-        scorer = models[name]
+    name, scorer, inner, valid, half_b = scorer_on_half_b(args.outputs, args.seed, args.split, args.source)
     weights = sorted({0.0, *args.weights})
     grid = list(itertools.product(args.keep, args.depth, args.relevance, args.order))
     settings = [
@@ -96,6 +85,27 @@ def main() -> None:
             "order": order,
         }
         print(json.dumps(head | {"best_under_max_loss": best, "curve": rows}), flush=True)
+
+
+def scorer_on_half_b(
+    outputs: Path, seed: int, split: int, source: str
+) -> tuple[str, Any, Dataset, pd.DataFrame, np.ndarray]:
+    """The exported scorer learned on half A of the validation users, and half B's users to re-rank.
+
+    Returns its name, the scorer, the train' dataset, the validation truth and half B's user indices.
+    """
+    params = load_params(PARAMS, [f"data.source={source}", f"outputs={outputs}", f"train.seed={seed}"])
+    layout = Layout(outputs)
+    inner, valid, models = validation_carve(layout, component_names(params, layout))
+    users = np.random.default_rng(split).permutation(np.unique(valid["user"].to_numpy()))
+    half_a, half_b = np.sort(users[: len(users) // 2]), np.sort(users[len(users) // 2 :])
+    name = params.export.algorithm
+    if name not in available(FUSERS_GROUP):
+        return name, models[name], inner, valid, half_b
+    cls = get_fuser(name)
+    scorer = cls(cls.Config.model_validate({"seed": seed, **params.fuser_config(name)}))
+    scorer.fit(models, inner, valid[valid["user"].isin(half_a)])
+    return name, scorer, inner, valid, half_b
 
 
 if __name__ == "__main__":
