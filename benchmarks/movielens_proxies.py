@@ -8,6 +8,10 @@ by time. ``fuserec run -s data.source=movielens-1m -s data.path=<folder>`` then 
 ML-1M loader with no per-dataset file in ``configs/datasets/`` (there is none for ``movielens-1m``), i.e.
 with the settings an unknown MovieLens release would get.
 
+``--format latest`` writes them in ml-latest-small's layout instead (``ratings.csv``, ``movies.csv``, no
+users file, so no demographics), plus ``all``: every rating. ``fuserec run -s data.source=movielens-latest``
+reads those, again with no per-dataset settings.
+
 They are not independent of ML-100k (same users, films and months), so they check robustness to a
 different sample, not to a different population. The data is not redistributable: write it outside the
 repository.
@@ -24,6 +28,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
@@ -85,6 +90,27 @@ def write_ml1m(folder: Path, ratings: pd.DataFrame, movies: pd.DataFrame, users:
     (folder / "users.dat").write_text("\n".join(lines) + "\n", encoding="latin-1")
 
 
+def write_latest(folder: Path, ratings: pd.DataFrame, movies: pd.DataFrame) -> None:
+    """ml-latest-small's layout: ratings.csv and movies.csv with headers, ratings as "4.0", no users file.
+
+    No demographics reach the run, so the fusers learn without user attributes, as on every "latest" release.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "ratings.csv").open("w", newline="", encoding="utf-8") as out:
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["userId", "movieId", "rating", "timestamp"])
+        writer.writerows(
+            (r.user, r.item, f"{float(r.rating):.1f}", r.timestamp) for r in ratings.itertuples()
+        )
+    movies = movies[movies["item"].isin(ratings["item"].unique())]
+    with (folder / "movies.csv").open("w", newline="", encoding="utf-8") as out:
+        writer = csv.writer(out, lineterminator="\n")  # quotes titles that hold commas, as GroupLens does
+        writer.writerow(["movieId", "title", "genres"])
+        for m in movies.itertuples(index=False):
+            genres = m.genres if m.genres != "unknown" else "(no genres listed)"
+            writer.writerow([m.item, m.title, genres])
+
+
 def summarize(outputs: Path) -> dict:
     """One finished run: the best single plugin, every fuser, and the paired tests, from its metrics.json."""
     metrics = json.loads((outputs / "metrics.json").read_text())
@@ -111,6 +137,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, help="the ml-100k folder")
     parser.add_argument("--out", type=Path, help="where to write one folder per subset")
+    parser.add_argument(
+        "--format",
+        choices=["ml-1m", "latest"],
+        default="ml-1m",
+        help="ML-1M's '::' files with users.dat, or ml-latest-small's CSVs (no users; adds 'all')",
+    )
     parser.add_argument("--summarize", type=Path, nargs="+", help="finished runs' outputs folders to report")
     parser.add_argument(
         "--json", type=Path, default=None, help="with --summarize: write the summary here too"
@@ -130,9 +162,13 @@ def main() -> None:
     if args.source is None or args.out is None:
         parser.error("give --source and --out to write the subsets, or --summarize with finished runs")
     ratings, movies, users = read_ml100k(args.source)
-    for name, (what, share, seed) in SUBSETS.items():
+    subsets = SUBSETS if args.format == "ml-1m" else {"all": ("users", 1.0, 0), **SUBSETS}
+    for name, (what, share, seed) in subsets.items():
         part = subset(ratings, what, share, seed)
-        write_ml1m(args.out / name, part, movies, users)
+        if args.format == "ml-1m":
+            write_ml1m(args.out / name, part, movies, users)
+        else:
+            write_latest(args.out / name, part, movies)
         print(f"{name}: {len(part)} ratings, {part['user'].nunique()} users, {part['item'].nunique()} items")
 
 

@@ -52,7 +52,14 @@ class GenericFiles(_Section):
 
 
 Source = Literal[
-    "synthetic", "movielens-100k", "movielens-1m", "movielens-10m", "movielens-latest", "csv", "parquet"
+    "synthetic",
+    "movielens-100k",
+    "movielens-1m",
+    "movielens-10m",
+    "movielens-latest",
+    "movielens-latest-small",  # the same files as movielens-latest; its own name picks its download
+    "csv",
+    "parquet",
 ]
 
 

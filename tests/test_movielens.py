@@ -197,3 +197,24 @@ def test_empty_files_give_empty_tables(tmp_path: Path) -> None:
     raw = load_movielens_dat(tmp_path)
     assert raw.interactions.empty and raw.items.empty
     assert isinstance(raw.malformed, pd.DataFrame) and raw.malformed.empty
+
+
+def test_every_downloadable_release_is_a_data_source() -> None:
+    from typing import get_args
+
+    from fuserec.config import Source
+    from fuserec.data.download import ARCHIVES
+
+    assert set(ARCHIVES) <= set(get_args(Source))
+
+
+def test_latest_small_is_read_by_the_latest_loader(tmp_path: Path) -> None:
+    from fuserec.config import DataConfig
+    from fuserec.data.sources import load_source
+
+    _write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n7,3,4.5,964982703\n")
+    _write(tmp_path / "movies.csv", 'movieId,title,genres\n3,"Grumpier Old Men, The (1995)",Comedy\n')
+    raw = load_source(DataConfig(source="movielens-latest-small", path=str(tmp_path)))
+    assert raw.interactions[["user_id", "item_id", "rating"]].values.tolist() == [["7", "3", "4.5"]]
+    assert raw.items.set_index("item_id").loc["3", "year"] == "1995"
+    assert raw.users is None

@@ -36,7 +36,7 @@ def load_source(cfg: DataConfig) -> RawSource:
         from fuserec.data.movielens import load_movielens_dat
 
         return load_movielens_dat(path)
-    if cfg.source == "movielens-latest":
+    if cfg.source in ("movielens-latest", "movielens-latest-small"):
         from fuserec.data.movielens import load_movielens_latest
 
         return load_movielens_latest(path)
