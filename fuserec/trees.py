@@ -140,6 +140,35 @@ def predict_trees(tables: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[tor
     return summed[:, 0], summed[:, 1:]
 
 
+def average_arrays(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One ensemble that outputs the mean of several :func:`booster_arrays` over the same features.
+
+    Averaging boosters fitted with different bagging seeds lowers the variance that a small validation set
+    leaves in any one of them. The trees are stacked (padded to one width with unreachable, self-pointing
+    zero leaves, as :func:`booster_arrays` pads its own) and every value divided by their number, so the
+    leaves, the attributions and the ONNX export need nothing new.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p["feature"].shape[1] for p in parts)
+    fills: dict[str, Any] = {"feature": 0, "threshold": np.inf, "value": 0.0, "is_leaf": True}
+
+    def padded(table: np.ndarray, key: str) -> np.ndarray:
+        n, w = table.shape
+        if key in ("left", "right"):
+            extra = np.tile(np.arange(w, width, dtype=table.dtype), (n, 1))
+        else:
+            extra = np.full((n, width - w), fills[key], dtype=table.dtype)
+        return np.concatenate([table, extra], axis=1)
+
+    out = {
+        key: np.concatenate([padded(p[key], key) for p in parts]) for key in fills.keys() | {"left", "right"}
+    }
+    out["value"] = out["value"] / len(parts)
+    out["depth"] = np.asarray(max(int(p["depth"]) for p in parts), dtype=np.int64)
+    return out
+
+
 def base_value(arrays: dict[str, Any]) -> Any:
     """Sum of the trees' root values: the output before any split is read."""
     return arrays["value"][:, 0].sum()

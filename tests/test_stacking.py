@@ -14,7 +14,7 @@ from fuserec.histories import Histories
 from fuserec.plugins.fusers.stacking import CONTEXT_FEATURES, NEVER, Stacking
 from fuserec.testing import FuserTests
 from fuserec.testing.fusers import default_case
-from fuserec.trees import base_value, booster_arrays, leaf_tables, predict_trees
+from fuserec.trees import average_arrays, base_value, booster_arrays, leaf_tables, predict_trees
 
 FAST = {"n_estimators": 60, "folds": 3, "min_child_samples": 10, "early_stopping": 10}
 
@@ -62,6 +62,38 @@ def test_tree_walk_equals_lightgbm_predictions() -> None:
     onehot[np.arange(len(x))[:, None], np.arange(leaf.shape[1]) * slots + leaf] = 1.0
     chosen = (torch.from_numpy(onehot).float() @ tables["leaf"])[:, 0].numpy()
     np.testing.assert_allclose(out.numpy(), chosen, rtol=1e-6, atol=1e-6)
+    base = base_value({k: torch.from_numpy(v) for k, v in arrays.items()}).item()
+    np.testing.assert_allclose(base + attributions.sum(1).numpy(), out.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_averaged_boosters_predict_their_mean_with_attributions_that_add_up() -> None:
+    import lightgbm as lgb
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 4)).astype(np.float32)
+    y = (x[:, 0] - x[:, 1] * x[:, 2] > 0.2).astype(float)
+    boosters = [
+        lgb.train(
+            {
+                "objective": "lambdarank",
+                "num_leaves": leaves,
+                "bagging_fraction": 0.7,
+                "bagging_freq": 1,
+                "seed": seed,
+                "verbose": -1,
+                "min_child_samples": 5,
+            },
+            lgb.Dataset(x, y, group=[20] * 20),
+            num_boost_round=rounds,
+        )
+        for seed, leaves, rounds in ((0, 7, 12), (1, 4, 20), (2, 9, 5))  # unequal widths and tree counts
+    ]
+    arrays = average_arrays([booster_arrays(b, 4) for b in boosters])
+    assert arrays["value"].shape[0] == 12 + 20 + 5
+    tables = {k: torch.from_numpy(v) for k, v in leaf_tables(arrays, 4).items()}
+    out, attributions = predict_trees(tables, torch.from_numpy(x))
+    expected = np.mean([b.predict(x) for b in boosters], axis=0)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
     base = base_value({k: torch.from_numpy(v) for k, v in arrays.items()}).item()
     np.testing.assert_allclose(base + attributions.sum(1).numpy(), out.numpy(), rtol=1e-5, atol=1e-5)
 
