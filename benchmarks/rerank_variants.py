@@ -1,9 +1,9 @@
 """Re-ranking objectives that `fuserec.rerank.mmr_top_k` does not implement, against it. Validation only.
 
 Each answers one question about the accuracy/diversity frontier of the exported scorer:
-- ``swaps``: does a better search help? Greedy picks, then up to three passes that swap a listed item
-  (outside the kept head) for a pool item whenever that raises ``(1 - w) * sum of relevance - w * c *
-  sum of pairwise cosines`` of the list (``c`` = 1/9 and 2/9);
+- ``swaps``: does a better search help? Greedy picks, then up to 15 swaps (3 per tail slot), each the
+  single swap of a listed item (outside the kept head) for a pool item that most raises ``(1 - w) * sum of
+  relevance - w * c * sum of pairwise cosines`` of the list, while one does (``c`` = 1/9 and 2/9);
 - ``log``, ``inv_sqrt``, ``inv``: does relevance shaped like a hit rate falling with rank help?
   Greedy with relevance ``1 / log2(p + 2)``, ``1 / sqrt(p + 1)`` or ``1 / (p + 1)`` of pool position p;
 - ``calibration``: does mirroring the history's genre mix (Steck 2018) help? Each greedy step pays ``w``
@@ -89,7 +89,8 @@ def greedy(pool: Pool, relevance: torch.Tensor, weight: float, penalty: Penalty)
 
 
 def swapped(pool: Pool, weight: float, c: float, passes: int = 3) -> torch.Tensor:
-    """Greedy picks improved by single swaps under ``(1-w) sum rel - w c sum of pairwise cosines``."""
+    """Greedy picks improved by up to ``passes`` x tail-size best single swaps under ``(1-w) sum rel - w c
+    sum of pairwise cosines``."""
     taken = greedy(pool, pool.minmax, weight, mean_cosine)
     rows = torch.arange(len(taken))
     for _ in range(passes * (K - KEEP)):
