@@ -45,14 +45,16 @@ RESULTS = Path(__file__).resolve().parent / "results" / "rerank-variants-ml100k.
 class Pool:
     """One batch of users' top-``DEPTH`` unseen items, in score order, and what the variants read."""
 
-    def __init__(self, scores: torch.Tensor, seen: torch.Tensor, vectors: np.ndarray) -> None:
+    def __init__(
+        self, scores: torch.Tensor, seen: torch.Tensor, vectors: np.ndarray, unit: torch.Tensor
+    ) -> None:
         masked = scores.masked_fill(seen, float("-inf"))
         self.items = top_in_protocol_order(masked, DEPTH)
         values = masked.gather(1, self.items)
         low, high = values.amin(1, keepdim=True), values.amax(1, keepdim=True)
         self.minmax = (values - low) / torch.clamp(high - low, min=1e-12)
-        unit = torch.from_numpy(unit_vectors(vectors))[self.items]
-        self.sims = unit @ unit.transpose(1, 2)  # [B, DEPTH, DEPTH]
+        listed = unit[self.items]  # ``unit``: the catalogue's L2-normalised content vectors
+        self.sims = listed @ listed.transpose(1, 2)  # [B, DEPTH, DEPTH]
         mix = torch.from_numpy(np.abs(vectors) / np.maximum(np.abs(vectors).sum(1, keepdims=True), 1e-12))
         self.mix = mix.float()[self.items]  # each pool item's genre mix
         history = seen.float() @ mix.float()
@@ -148,18 +150,17 @@ def split_rows(args: argparse.Namespace, split: int) -> list[dict[str, Any]]:
     seen = sp.csr_matrix(matrix[half_b])
     n_with_history = int((np.diff(matrix.indptr) > 0).sum())
     truth = interactions_matrix(valid, inner.n_users, inner.n_items)[half_b]
+    hist = inner.histories()
     scores = np.concatenate(
         [
-            np.asarray(scorer.score(inner.histories().select(half_b[s : s + 256])), np.float32)
+            np.asarray(scorer.score(hist.select(half_b[s : s + 256])), np.float32)
             for s in range(0, len(half_b), 256)
         ]
     )
     scores_t, seen_t = torch.from_numpy(scores), torch.from_numpy(seen.toarray() > 0)
-    pool = Pool(scores_t, seen_t, vectors)
-    unit, bonus = (
-        torch.from_numpy(unit_vectors(vectors)),
-        torch.from_numpy(novelty_bonus(popularity, n_with_history)),
-    )
+    unit = torch.from_numpy(unit_vectors(vectors))
+    bonus = torch.from_numpy(novelty_bonus(popularity, n_with_history))
+    pool = Pool(scores_t, seen_t, vectors, unit)
 
     def measure(topk: np.ndarray) -> tuple[float, float]:
         ndcg = evaluate_rankings(topk, truth, [K], popularity)[f"ndcg@{K}"]
