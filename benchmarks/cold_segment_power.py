@@ -15,7 +15,8 @@ can show, from a finished run and test users only, without fitting anything:
   plugin's mean *on that draw* (or positive where every plugin's is 0).
 
 It prints the pass rate per size beside the whole pool's gain: what a segment of the real size can show
-when the fuser's expected gain is the pool's.
+when the fuser's expected gain is the pool's. As a control, the pool's best plugin takes the fuser's place
+against the other plugins: how often a model with a small gain passes.
 
 Usage (after `fuserec run` or `benchmarks/fusion_seeds.py`):
     python benchmarks/cold_segment_power.py --outputs /tmp/fusion/seed42 /tmp/fusion/seed1 \\
@@ -125,6 +126,11 @@ def measure(outputs: Path, seed: int, args: argparse.Namespace) -> dict:
         "pool_gain": round(float(fused.mean()) / means[best] - 1.0, 4),
         "gain_asked": args.gain,
         "pass_rate_by_size": pass_rates(fused, ndcg, args.sizes, args.draws, args.gain, seed),
+        # control: the pool's best plugin in the fuser's place, against the eleven others
+        "control_pool_gain": round(means[best] / max(v for k, v in means.items() if k != best) - 1.0, 4),
+        "control_pass_rate_by_size": pass_rates(
+            ndcg[best], {k: v for k, v in ndcg.items() if k != best}, args.sizes, args.draws, args.gain, seed
+        ),
         "real_cold_segment": sig.get("cold_users"),
     }
     print(json.dumps(result, indent=1))
