@@ -18,7 +18,7 @@ repository.
 
 Usage:
     python benchmarks/movielens_proxies.py --source ../shared/data/ml-100k --out /tmp/proxies
-    for p in users-a users-b items early; do
+    for p in users-a users-b items items-b items-c early; do
         fuserec run -s data.source=movielens-1m -s data.path=/tmp/proxies/$p -s outputs=/tmp/proxy-runs/$p
     done
     python benchmarks/movielens_proxies.py --summarize /tmp/proxy-runs/* \
@@ -40,6 +40,8 @@ SUBSETS = {  # name: (what is sampled, share kept, seed)
     "users-a": ("users", 0.67, 11),
     "users-b": ("users", 0.67, 12),
     "items": ("items", 0.6, 13),
+    "items-b": ("items", 0.6, 14),  # more draws of the films: each leaves ~60 real cold test users
+    "items-c": ("items", 0.6, 15),
     "early": ("time", 0.6, 0),
 }
 
