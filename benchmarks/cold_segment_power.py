@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,33 @@ from fuserec.tasks.split import SPLIT_FILES
 from fuserec.tasks.train import load_algorithm, trained_models
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+@dataclass
+class Run:
+    """A finished run's training split, test split, metrics and fitted models, ready to score."""
+
+    metrics: dict
+    data: Dataset
+    test: pd.DataFrame
+    models: dict[str, SharedScores]
+    fusers: dict[str, SharedScores]
+
+
+def load_run(outputs: Path, fusers: list[str] | None) -> Run:
+    """Load a run's plugins and its fusers (``None``: the best one in metrics.json; ``[]``: every one)."""
+    layout = Layout(outputs)
+    metrics = json.loads(layout.metrics.read_text())
+    wanted = [metrics["significance"]["best_fuser"]] if fusers is None else fusers
+    data = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES["train"])
+    test = pd.read_parquet(layout.split / SPLIT_FILES["test"])
+    models = {f.name: SharedScores(load_algorithm(f)) for f in trained_models(layout)}
+    fitted = {
+        f.name: SharedScores(load_fuser(f, layout, models))
+        for f in fitted_fusers(layout)
+        if not wanted or f.name in wanted
+    }
+    return Run(metrics, data, test, models, fitted)
 
 
 def earliest_test_item(test: pd.DataFrame) -> pd.DataFrame:
@@ -93,14 +121,9 @@ def measure(outputs: Path, seed: int, args: argparse.Namespace) -> dict:
     """One run's pool of cut users, scored by every plugin and the best fuser, and the pass rates."""
     overrides = [f"data.source={args.source}", f"outputs={outputs}", f"train.seed={seed}"]
     params = load_params(PARAMS, overrides)
-    layout = Layout(outputs)
-    metrics = json.loads(layout.metrics.read_text())
-    sig = metrics["significance"]
-    data = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES["train"])
-    test = pd.read_parquet(layout.split / SPLIT_FILES["test"])
-    models = {f.name: SharedScores(load_algorithm(f)) for f in trained_models(layout)}
-    fuser_folder = next(f for f in fitted_fusers(layout) if f.name == sig["best_fuser"])
-    fuser = SharedScores(load_fuser(fuser_folder, layout, models))
+    run = load_run(outputs, fusers=None)
+    sig, data, test, models = run.metrics["significance"], run.data, run.test, run.models
+    fuser = run.fusers[sig["best_fuser"]]
     hist, train_mat = data.histories(), data.matrix()
     users = np.unique(test["user"].to_numpy())
     cold = simulated_cold(hist, users, params.evaluate.simulated_cold_users, params.train.seed)
