@@ -18,7 +18,7 @@ repository.
 
 Usage:
     python benchmarks/movielens_proxies.py --source ../shared/data/ml-100k --out /tmp/proxies
-    for p in users-a users-b items items-b items-c early; do
+    for p in users-a users-b items items-[b-i] early; do
         fuserec run -s data.source=movielens-1m -s data.path=/tmp/proxies/$p -s outputs=/tmp/proxy-runs/$p
     done
     python benchmarks/movielens_proxies.py --summarize /tmp/proxy-runs/* \
@@ -42,6 +42,7 @@ SUBSETS = {  # name: (what is sampled, share kept, seed)
     "items": ("items", 0.6, 13),
     "items-b": ("items", 0.6, 14),  # more draws of the films: each leaves ~60 real cold test users
     "items-c": ("items", 0.6, 15),
+    **{f"items-{c}": ("items", 0.6, seed) for c, seed in zip("defghi", range(16, 22), strict=True)},
     "early": ("time", 0.6, 0),
 }
 
