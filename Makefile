@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fuserec-installed
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint typecheck docs clean
 
 $(STAMP): pyproject.toml examples/external-plugin/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,11 +23,23 @@ run: install
 
 test: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -q tests examples/external-plugin/tests
+	$(DOCS_BUILD)
+
+# `make docs`: the documentation site (MkDocs, Material, mkdocstrings), offline, warnings are errors.
+DOCS_BUILD := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
+docs: install
+	$(DOCS_BUILD)
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# `make typecheck`: mypy --strict (less warn_return_any) over fuserec/, settings in pyproject.toml [tool.mypy].
+typecheck: install
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf outputs .prefect

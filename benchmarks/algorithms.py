@@ -6,7 +6,7 @@ Usage:
 
 Stages validate/clean/split run once into a scratch outputs folder; then each algorithm is fitted on
 train and scored on test in its own subprocess (peak RSS is that process's own), with the settings that
-``fuserec run`` would use for that dataset (params.yaml + configs/datasets/<source>.yaml).
+``fuserec run`` would use for that dataset (params.yaml + fuserec/dataset_settings/<source>.yaml).
 """
 
 from __future__ import annotations
@@ -38,11 +38,10 @@ def _overrides(args: argparse.Namespace, outputs: Path) -> list[str]:
 def _run_one(name: str, params_file: str, overrides: list[str], queue: mp.Queue) -> None:
     import numpy as np
 
+    from fuserec.artifacts import seed_everything
     from fuserec.config import load_params
-    from fuserec.evaluation import load_carve
+    from fuserec.evaluation import evaluate_model, load_carve
     from fuserec.registry import get_algorithm
-    from fuserec.tasks.evaluate import evaluate_model
-    from fuserec.tasks.train import seed_everything
 
     params = load_params(params_file, overrides)
     carve = load_carve(params.outputs_dir, "test")
@@ -84,10 +83,9 @@ def _run_implicit(params_file: str, overrides: list[str], queue: mp.Queue) -> No
     from threadpoolctl import threadpool_limits
 
     from fuserec.config import load_params
-    from fuserec.evaluation import load_carve
+    from fuserec.evaluation import evaluate_model, load_carve
     from fuserec.histories import Histories
     from fuserec.plugins.als import ALS
-    from fuserec.tasks.evaluate import evaluate_model
 
     params = load_params(params_file, overrides)
     carve = load_carve(params.outputs_dir, "test")

@@ -38,8 +38,8 @@ def _dataset(n: int, scratch: Path) -> Dataset:
 
     from fuserec.config import CleanConfig, SyntheticConfig, ValidateConfig
     from fuserec.data.synthetic import generate
-    from fuserec.tasks.clean import build_dataset
-    from fuserec.tasks.validate import validate_source
+    from fuserec.stages.clean import build_dataset
+    from fuserec.stages.validate import validate_source
 
     out = scratch / f"synthetic-{n}"
     validate_source(generate(SyntheticConfig(n_interactions=n)), ValidateConfig(), out)

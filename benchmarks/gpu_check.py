@@ -29,10 +29,9 @@ CUDA = "CUDAExecutionProvider"
 
 
 def _fit_and_score(name: str, params: Any, device: str) -> tuple[float, float, Any]:
-    from fuserec.evaluation import load_carve
+    from fuserec.artifacts import seed_everything
+    from fuserec.evaluation import evaluate_model, load_carve
     from fuserec.registry import get_algorithm
-    from fuserec.tasks.evaluate import evaluate_model
-    from fuserec.tasks.train import seed_everything
 
     carve = load_carve(params.outputs_dir, "test")
     cls = get_algorithm(name)

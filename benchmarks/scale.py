@@ -10,7 +10,7 @@ item per 30 interactions would give 333k items at 10^7, which no dense item-item
 the resident set of the flow process and all its children, sampled every 0.2 s (shared pages of Dask
 workers count twice: the figure errs high). Stage times come from the stage cache's journal (when each
 task finished). ``--resume`` keeps the outputs folder, so a run cut short continues from its cached stages
-(``docs/scaling.md``); the timings then cover only what ran this time and the row says so.
+(``docs/how-to/scale-with-dask.md``); the timings then cover only what ran this time and the row says so.
 """
 
 from __future__ import annotations

@@ -78,6 +78,7 @@ class Algorithm(ABC):
     scikit-learn); fitted state lives in attributes ending in ``_``.
 
     Shapes and dtypes:
+
     - ``score(histories)`` -> ``float32 [len(histories), n_items]``, finite; higher is better. It does not
       exclude seen items: callers do (evaluation, export), so fusion can still read those scores.
     - ``to_torch()`` -> ``torch.nn.Module`` whose ``forward(history)`` takes ``int64 [B, L]`` item indices
@@ -154,7 +155,7 @@ class Algorithm(ABC):
         bad = [k for k, v in state.items() if not isinstance(v, np.ndarray) or v.dtype == object]
         if bad:
             raise TypeError(f"{type(self).__name__}.get_state() returned non-numeric arrays for {bad}")
-        np.savez(path / STATE_FILE, **state)
+        np.savez(path / STATE_FILE, **state)  # type: ignore[arg-type]  # stub: **kwds may hit allow_pickle
         return path
 
     @classmethod

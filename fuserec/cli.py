@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-import fuserec._env  # noqa: F401
-from fuserec.tasks import STAGES
+import fuserec.flows.environment  # noqa: F401
+from fuserec.stages.table import STAGE_NAMES
+
+if TYPE_CHECKING:
+    from fuserec.config import Params
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -30,28 +33,46 @@ def run(
     user: Annotated[str | None, typer.Option(help="raw user id to show the top-10 for")] = None,
 ) -> None:
     """Run the whole pipeline as a Prefect flow, then print the metrics and one user's top-10."""
-    from fuserec.config import load_params
+    overrides = list(set_ or [])
+    loaded = _load_params(params, overrides)  # fails fast on bad settings, before Prefect is imported
     from fuserec.flows.pipeline import train_pipeline
 
-    overrides = list(set_ or [])
     train_pipeline(str(params), overrides)
-    _show(load_params(params, overrides).outputs_dir, user)
+    _show(loaded.outputs_dir, user)
 
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(STAGES)}")],
+    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(STAGE_NAMES)}")],
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
     """Run one stage's code without the Prefect engine (dvc.yaml calls this)."""
-    from fuserec.config import load_params
-
-    if name not in STAGES:
-        raise typer.BadParameter(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
-    module = importlib.import_module(f"fuserec.tasks.{name}")
-    out = getattr(module, name).fn(load_params(params, list(set_ or [])))
+    if name not in STAGE_NAMES:
+        raise typer.BadParameter(f"unknown stage {name!r}; choose one of {', '.join(STAGE_NAMES)}")
+    loaded = _load_params(params, set_)
+    module = importlib.import_module(f"fuserec.stages.{name}")
+    out = getattr(module, name)(loaded)
     console.print(f"[green]{name}[/green] -> {out}")
+
+
+@app.command("dvc-yaml")
+def dvc_yaml(
+    path: Annotated[Path, typer.Option(help="where to write it")] = Path("dvc.yaml"),
+    check: Annotated[bool, typer.Option("--check", help="only say whether the file is current")] = False,
+) -> None:
+    """Write dvc.yaml from the stage table (fuserec/stages/table.py), or check that it is current."""
+    from fuserec.stages.table import dvc_yaml as generate
+
+    text = generate()
+    if check:
+        if not path.exists() or path.read_text() != text:
+            console.print(f"[red]{path} differs from the stage table[/red]; run `fuserec dvc-yaml`")
+            raise typer.Exit(1)
+        console.print(f"{path} is current")
+        return
+    path.write_text(text)
+    console.print(f"wrote {path}")
 
 
 @app.command()
@@ -59,20 +80,19 @@ def tune(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
-    """Search hyper-parameters on the validation carve; write the best into configs/datasets/<source>.yaml.
+    """Search hyper-parameters on the validation carve; write the best into <data.settings_dir>/<source>.yaml.
 
     Trials run as Prefect tasks on train.task_runner, train.workers at a time (threads, or Dask)."""
-    from fuserec.config import DATASET_SETTINGS_DIR, load_params
+    loaded = _load_params(params, set_)
     from fuserec.flows.tuning import run_tune
-    from fuserec.tasks.clean import clean
-    from fuserec.tasks.split import split
-    from fuserec.tasks.validate import validate
+    from fuserec.stages.clean import clean
+    from fuserec.stages.split import split
+    from fuserec.stages.validate import validate
 
-    loaded = load_params(params, list(set_ or []))
-    for stage_task in (validate, clean, split):
-        stage_task.fn(loaded)
+    for run_stage in (validate, clean, split):
+        run_stage(loaded)
     table = Table("plugin", "metric", "validation", "best setting", "trials")
-    for name, record in run_tune(loaded, DATASET_SETTINGS_DIR).items():
+    for name, record in run_tune(loaded, loaded.data.settings_path).items():
         best = {k: v for k, v in record["best"].items() if k != "seed"}
         table.add_row(
             name, record["metric"], f"{record['best_value']:.4f}", str(best), str(len(record["trials"]))
@@ -205,10 +225,10 @@ def deploy(
     ] = True,
 ) -> None:
     """Deploy prefect.yaml locally: start a Prefect server if none answers, create the process work pool,
-    `prefect deploy`, then run a worker. Offline, no cloud account (docs/orchestration.md)."""
+    `prefect deploy`, then run a worker. Offline, no cloud account (docs/how-to/schedule-with-prefect.md)."""
     from rich.markup import escape
 
-    from fuserec.deploy import run as run_deploy
+    from fuserec.flows.deploy import run as run_deploy
 
     try:
         run_deploy(host, port, names, worker, echo=lambda text: console.print(escape(text)))
@@ -224,9 +244,21 @@ def show(
     user: Annotated[str | None, typer.Option(help="raw user id")] = None,
 ) -> None:
     """Print the last run's metrics table and a user's top-10 from the exported ONNX model."""
+    _show(_load_params(params, set_).outputs_dir, user)
+
+
+def _load_params(params: Path, overrides: list[str] | None) -> Params:
+    """``load_params``, with a bad params file, override or plugin setting reported without a traceback."""
+    from pydantic import ValidationError
+    from rich.markup import escape
+
     from fuserec.config import load_params
 
-    _show(load_params(params, list(set_ or [])).outputs_dir, user)
+    try:
+        return load_params(params, list(overrides or []))
+    except (ValidationError, ValueError, FileNotFoundError) as exc:  # PluginSettingsError is a ValueError
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from exc
 
 
 def _show(outputs: Path, user: str | None) -> None:

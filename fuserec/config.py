@@ -1,20 +1,28 @@
 """Typed view of ``params.yaml``: the one place configuration lives.
 
 Each stage reads only its own section, so DVC can declare exactly the params a stage depends on.
-Per-dataset settings (tuned hyper-parameters) live in ``configs/datasets/<data.source>.yaml`` and are
-merged under ``params.yaml``'s values, so selecting a dataset also selects its tuned settings.
+Per-dataset settings (tuned hyper-parameters) live in ``<data.settings_dir>/<data.source>.yaml`` (by
+default the files shipped in ``fuserec/dataset_settings``) and are merged under ``params.yaml``'s values,
+so selecting a dataset also selects its tuned settings.
+
+:func:`load_params` fails fast: besides the sections below, every ``algorithms.<name>`` and
+``fusers.<name>`` entry is checked against its plugin's typed ``Config`` before any stage runs.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DATASET_SETTINGS_DIR = Path(__file__).resolve().parent.parent / "configs" / "datasets"
+#: The per-dataset settings shipped with fuserec (package data): the default of ``data.settings_dir``.
+DATASET_SETTINGS_DIR = Path(__file__).resolve().parent / "dataset_settings"
 
 
 class _Section(BaseModel):
@@ -24,31 +32,53 @@ class _Section(BaseModel):
 class SyntheticConfig(_Section):
     """Size and shape of the embedded synthetic dataset."""
 
-    n_interactions: int = Field(20_000, ge=1_000, le=10_000_000)
-    n_users: int | None = Field(None, ge=10, description="default: derived from n_interactions")
-    n_items: int | None = Field(None, ge=10, description="default: derived from n_interactions")
-    n_clusters: int = Field(8, ge=1)
-    seed: int = 42
+    n_interactions: int = Field(
+        default=20_000, ge=1_000, le=10_000_000, description="interactions generated (1,000 to 10,000,000)"
+    )
+    n_users: int | None = Field(
+        default=None, ge=10, description="users; null = derived from n_interactions (about 50 events each)"
+    )
+    n_items: int | None = Field(
+        default=None, ge=10, description="items; null = derived from n_interactions (about 30 events each)"
+    )
+    n_clusters: int = Field(
+        default=8, ge=1, description="taste clusters users and items are drawn from (at most n_items)"
+    )
+    seed: int = Field(default=42, description="random seed: the same settings give identical data")
 
 
 class ColumnMap(_Section):
     """Maps canonical column names to the columns of a generic CSV/Parquet source."""
 
-    user_id: str = "user_id"
-    item_id: str = "item_id"
-    rating: str | None = "rating"
-    timestamp: str | None = "timestamp"
+    user_id: str = Field(default="user_id", description="column of the interactions file holding user ids")
+    item_id: str = Field(default="item_id", description="column of the interactions file holding item ids")
+    rating: str | None = Field(
+        default="rating", description="column holding ratings; null = none (every row is a positive)"
+    )
+    timestamp: str | None = Field(
+        default="timestamp", description="column holding event times in unix seconds; null = none"
+    )
 
 
 class GenericFiles(_Section):
     """File names (relative to ``data.path``) of a generic source; items and users are optional."""
 
-    interactions: str = "interactions.csv"
-    items: str | None = None
-    users: str | None = None
-    item_columns: dict[str, str] = Field(default_factory=dict, description="canonical -> source column")
-    user_columns: dict[str, str] = Field(default_factory=dict, description="canonical -> source column")
-    separator: str = ","
+    interactions: str = Field(
+        default="interactions.csv", description="interactions file, relative to data.path (required)"
+    )
+    items: str | None = Field(
+        default=None, description="item metadata file relative to data.path; null = none"
+    )
+    users: str | None = Field(
+        default=None, description="user metadata file relative to data.path; null = none"
+    )
+    item_columns: dict[str, str] = Field(
+        default_factory=dict, description="item columns to rename: canonical name -> column in the file"
+    )
+    user_columns: dict[str, str] = Field(
+        default_factory=dict, description="user columns to rename: canonical name -> column in the file"
+    )
+    separator: str = Field(default=",", description="field separator of CSV files (one character)")
 
 
 Source = Literal[
@@ -64,55 +94,115 @@ Source = Literal[
 
 
 class DataConfig(_Section):
-    source: Source = "synthetic"
-    path: str | None = None
-    download: bool = Field(
-        False, description="fetch a MovieLens archive into data.cache_dir when path is unset"
+    """Where the interactions (and item / user metadata) come from."""
+
+    source: Source = Field(
+        default="synthetic",
+        description="the loader: synthetic (generated), a MovieLens release, or csv / parquet files "
+        "described by data.files and data.columns; also picks <settings_dir>/<source>.yaml",
     )
-    cache_dir: str = "~/.cache/fuserec"
-    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
-    columns: ColumnMap = Field(default_factory=ColumnMap)
-    files: GenericFiles = Field(default_factory=GenericFiles)
+    path: str | None = Field(
+        default=None,
+        description="folder holding the source's files; null = data.cache_dir when data.download is set",
+    )
+    download: bool = Field(
+        default=False, description="fetch a MovieLens archive into data.cache_dir when path is unset"
+    )
+    cache_dir: str = Field(
+        default="~/.cache/fuserec", description="folder of downloaded archives (~ is expanded)"
+    )
+    settings_dir: str | None = Field(
+        default=None,
+        description="folder of per-dataset settings, <source>.yaml, layered over params.yaml; "
+        "null = the ones shipped with fuserec (fuserec/dataset_settings); relative to the working folder",
+    )
+    synthetic: SyntheticConfig = Field(
+        default_factory=SyntheticConfig, description="the generated dataset (data.source: synthetic)"
+    )
+    columns: ColumnMap = Field(
+        default_factory=ColumnMap, description="interaction columns of a csv / parquet source"
+    )
+    files: GenericFiles = Field(default_factory=GenericFiles, description="files of a csv / parquet source")
+
+    @property
+    def settings_path(self) -> Path:
+        """The folder of per-dataset settings: ``settings_dir``, else the packaged one."""
+        return Path(self.settings_dir).expanduser() if self.settings_dir else DATASET_SETTINGS_DIR
+
+    @property
+    def settings_file(self) -> Path:
+        """``<settings_dir>/<source>.yaml``: read by :func:`load_params`, written by ``fuserec tune``."""
+        return self.settings_path / f"{self.source}.yaml"
 
 
 class ValidateConfig(_Section):
-    max_reject_share: float = Field(0.05, ge=0.0, le=1.0)
-    rating_min: float = 0.5
-    rating_max: float = 5.0
-    timestamp_min: int = Field(0, description="unix seconds")
-    timestamp_max: int = Field(4_102_444_800, description="unix seconds (2100-01-01)")
-    sample_rows: int = Field(5, ge=0, description="rejected rows shown per rule in the report")
+    """The validate stage: rules every input row must pass before anything is learned."""
+
+    max_reject_share: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description="fail the stage when a table rejects more than this share of its rows (0 to 1)",
+    )
+    rating_min: float = Field(default=0.5, description="lowest valid rating; lower ones are rejected")
+    rating_max: float = Field(default=5.0, description="highest valid rating; higher ones are rejected")
+    timestamp_min: int = Field(default=0, description="earliest valid event time, unix seconds")
+    timestamp_max: int = Field(
+        default=4_102_444_800, description="latest valid event time, unix seconds (2100-01-01)"
+    )
+    sample_rows: int = Field(default=5, ge=0, description="rejected rows shown per rule in the report")
 
 
 class CleanConfig(_Section):
+    """The clean stage: which interactions count as positives."""
+
     implicit_threshold: float | None = Field(
-        4.0, description="rating >= threshold is a positive; null keeps all"
+        default=4.0, description="rating >= threshold is a positive; null keeps all"
     )
-    kcore: int = Field(0, ge=0, description="iteratively keep users and items with >= kcore positives")
+    kcore: int = Field(
+        default=0, ge=0, description="iteratively keep users and items with >= kcore positives; 0 = off"
+    )
 
 
 class SplitConfig(_Section):
-    method: Literal["temporal_user", "leave_last_out", "global_time"] = "temporal_user"
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    min_user_positives: int = Field(5, ge=1)
+    """The split stage: train / test, and the same cut of train into train' / validation."""
+
+    method: Literal["temporal_user", "leave_last_out", "global_time"] = Field(
+        default="temporal_user",
+        description="temporal_user: each user's latest test_fraction of positives to test; leave_last_out: "
+        "each user's last positive; global_time: every event after one time cut",
+    )
+    test_fraction: float = Field(
+        default=0.2, gt=0.0, lt=1.0, description="share of positives held out (between 0 and 1, exclusive)"
+    )
+    min_user_positives: int = Field(
+        default=5, ge=1, description="users with fewer positives stay train-only (per-user methods)"
+    )
 
 
 class TrainConfig(_Section):
     """The train stage. Only ``seed`` (with each plugin's own config) changes what a plugin learns; the
     rest says how the fits are scheduled, so changing it never invalidates the cache."""
 
-    algorithms: list[str] | Literal["all"] = "all"
-    seed: int = 42
+    algorithms: list[str] | Literal["all"] = Field(
+        default="all", description="algorithm plugins to fit (fuserec.algorithms): all, or a list of names"
+    )
+    seed: int = Field(default=42, description="seed of every plugin that does not set its own")
     task_runner: Literal["threads", "dask"] = Field(
-        "threads",
+        default="threads",
         description="how `fuserec run` fits plugins concurrently (`fuserec stage train`: one by one)",
     )
-    workers: int = Field(2, ge=1, description="plugins fitted at once (threads, or LocalCluster processes)")
+    workers: int = Field(
+        default=2, ge=1, description="plugins fitted at once (threads, or LocalCluster processes)"
+    )
     dask_address: str | None = Field(
-        None, description="scheduler of a running Dask cluster, e.g. tcp://10.0.0.5:8786; null = LocalCluster"
+        default=None,
+        description="scheduler of a running Dask cluster, e.g. tcp://10.0.0.5:8786; null = LocalCluster",
     )
     threads_per_worker: int | None = Field(
-        None, ge=1, description="torch/BLAS threads of each concurrent fit; null = cores // workers (>= 1)"
+        default=None,
+        ge=1,
+        description="torch/BLAS threads of each concurrent fit; null = cores // workers (>= 1)",
     )
 
     @model_validator(mode="after")
@@ -132,8 +222,12 @@ RERANK_ORDER_HELP = (
 
 
 class EvaluateConfig(_Section):
-    ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
-    batch_size: int = Field(1024, ge=1)
+    """The evaluate stage: ranking metrics on the test split."""
+
+    ks: list[int] = Field(
+        default_factory=lambda: [5, 10, 20], description="list lengths every metric is computed at"
+    )
+    batch_size: int = Field(default=1024, ge=1, description="users scored per model call")
     rerank_diversity: list[float] = Field(
         default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
         description="MMR diversity weights of the accuracy/diversity curve (re-ranking the exported scorer)",
@@ -142,7 +236,7 @@ class EvaluateConfig(_Section):
         default_factory=lambda: [0.1, 0.2, 0.4], description="novelty weights added to the curve"
     )
     simulated_cold_users: int = Field(
-        2000,
+        default=2000,
         ge=0,
         description="warm test users (at most this many) also scored from only their latest 1-5 training "
         "items: the segment cold_simulated, a cold-start measure on more users than the real cold ones "
@@ -170,24 +264,40 @@ class EvaluateConfig(_Section):
 
 
 class ExportConfig(_Section):
-    algorithm: str = "stacking"
-    k: int = Field(10, ge=1)
-    max_history: int = Field(
-        512, ge=1, description="longest history the served graph reads (most recent kept)"
+    """The export stage: the ONNX graph that is served."""
+
+    algorithm: str = Field(
+        default="stacking", description="the trained algorithm or fitted fuser to export, by name"
     )
-    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
-    opset: int = 18
+    k: int = Field(default=10, ge=1, description="items the served graph returns per request")
+    max_history: int = Field(
+        default=512, ge=1, description="longest history the served graph reads (most recent kept)"
+    )
+    providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        description="onnxruntime execution providers, in order of preference",
+    )
+    opset: int = Field(default=18, description="ONNX opset version of the exported graph")
     prepack: bool = Field(
-        False,
+        default=False,
         description="let onnxruntime pre-pack weights at load: a second copy of them for a few % speed",
     )
     rerank_diversity: float = Field(
-        0.0, ge=0.0, lt=1.0, description="MMR diversity weight applied inside the served graph (0 = off)"
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="MMR diversity weight applied inside the served graph (0 = off)",
     )
-    rerank_novelty: float = Field(0.0, ge=0.0, description="novelty weight applied inside the served graph")
-    rerank_depth: int = Field(100, ge=1, description="the re-ranked pool: the scorer's top-N unseen items")
-    rerank_keep: int = Field(5, ge=0, description="leading slots of each list the re-ranking leaves alone")
-    rerank_order: Literal["score", "greedy"] = Field("score", description=RERANK_ORDER_HELP)
+    rerank_novelty: float = Field(
+        default=0.0, ge=0.0, description="novelty weight applied inside the served graph"
+    )
+    rerank_depth: int = Field(
+        default=100, ge=1, description="the re-ranked pool: the scorer's top-N unseen items"
+    )
+    rerank_keep: int = Field(
+        default=5, ge=0, description="leading slots of each list the re-ranking leaves alone"
+    )
+    rerank_order: Literal["score", "greedy"] = Field(default="score", description=RERANK_ORDER_HELP)
 
     @property
     def rerank_shape(self) -> dict[str, Any]:
@@ -198,98 +308,144 @@ class ExportConfig(_Section):
 class FuseConfig(_Section):
     """The fuse stage: which fuser plugins to learn, over which trained algorithms."""
 
-    fusers: list[str] | Literal["all"] = Field("all", description="fuser plugins (fuserec.fusers); [] = none")
+    fusers: list[str] | Literal["all"] = Field(
+        default="all", description="fuser plugins (fuserec.fusers); [] = none"
+    )
     components: list[str] | Literal["all"] = Field(
-        "all", description="algorithms fused: every trained one, or a list (each must be in train.algorithms)"
+        default="all",
+        description="algorithms fused: every trained one, or a list (each must be in train.algorithms)",
     )
 
 
 class TuneConfig(_Section):
     """``fuserec tune``: search each plugin's ``search_space`` on the validation carve only."""
 
-    algorithms: list[str] | Literal["all"] = "all"
-    n_trials: int = Field(20, ge=1)
-    timeout_s: float | None = Field(None, gt=0, description="per algorithm; stops after the running trial")
-    metric: str = "ndcg@10"
+    algorithms: list[str] | Literal["all"] = Field(
+        default="all", description="algorithm plugins to tune: all, or a list of names"
+    )
+    n_trials: int = Field(default=20, ge=1, description="settings tried per plugin (the current one first)")
+    timeout_s: float | None = Field(
+        default=None, gt=0, description="seconds per algorithm; stops after the running trial; null = none"
+    )
+    metric: str = Field(
+        default="ndcg@10", description="validation metric maximised, as metric@k (e.g. ndcg@10, recall@20)"
+    )
 
 
 class PromoteConfig(_Section):
     """Promotion of a retrained candidate (``outputs``) over the served model (``served_dir/current``)."""
 
-    served_dir: str = Field("served", description="served model, decision log and rejected candidates")
-    metric: str = Field("ndcg@10", description="a key of metrics.json (higher is better)")
-    algorithm: str | None = Field(None, description="whose metric decides; default: export.algorithm")
-    tolerance: float = Field(
-        0.005, ge=0.0, description="promote unless the candidate is worse than served by more than this"
+    served_dir: str = Field(
+        default="served", description="served model, decision log and rejected candidates"
     )
-    dvc_push: bool = Field(True, description="dvc commit + push after a promotion when a remote is set")
+    metric: str = Field(default="ndcg@10", description="a key of metrics.json (higher is better)")
+    algorithm: str | None = Field(default=None, description="whose metric decides; default: export.algorithm")
+    tolerance: float = Field(
+        default=0.005,
+        ge=0.0,
+        description="promote unless the candidate is worse than served by more than this (absolute)",
+    )
+    dvc_push: bool = Field(
+        default=True, description="dvc commit + push after a promotion when a remote is set"
+    )
 
 
 class DriftConfig(_Section):
     """Drift check of the incoming interactions against the last training set, before retraining."""
 
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="run the drift check before retraining")
     reference: str | None = Field(
-        None, description="reference interactions; default: the served run's, else the last run's"
+        default=None, description="reference interactions; default: the served run's, else the last run's"
     )
-    bins: int = Field(10, ge=2, description="quantile bins of the population stability index")
-    psi_warn: float = Field(0.2, gt=0.0, description="PSI of user activity / item popularity counts")
-    ks_warn: float = Field(0.2, gt=0.0, le=1.0, description="two-sample KS statistic of the same")
-    popularity_tv_warn: float = Field(0.3, gt=0.0, le=1.0, description="TV distance of item shares")
-    rating_tv_warn: float = Field(0.1, gt=0.0, le=1.0, description="TV distance of the rating mix")
-    unknown_users_warn: float = Field(0.5, ge=0.0, le=1.0, description="share of rows with new user ids")
-    unknown_items_warn: float = Field(0.1, ge=0.0, le=1.0, description="share of rows with new item ids")
-    unknown_users_fail: float = Field(0.95, ge=0.0, le=1.0)
-    unknown_items_fail: float = Field(0.5, ge=0.0, le=1.0)
-    min_volume_ratio: float = Field(0.2, ge=0.0, description="fail when rows < this x the reference's")
+    bins: int = Field(default=10, ge=2, description="quantile bins of the population stability index")
+    psi_warn: float = Field(
+        default=0.2, gt=0.0, description="warn above this PSI of user activity / item popularity counts"
+    )
+    ks_warn: float = Field(
+        default=0.2, gt=0.0, le=1.0, description="warn above this two-sample KS statistic of the same"
+    )
+    popularity_tv_warn: float = Field(
+        default=0.3, gt=0.0, le=1.0, description="warn above this TV distance of item shares"
+    )
+    rating_tv_warn: float = Field(
+        default=0.1, gt=0.0, le=1.0, description="warn above this TV distance of the rating mix"
+    )
+    unknown_users_warn: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="warn above this share of rows with new user ids"
+    )
+    unknown_items_warn: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="warn above this share of rows with new item ids"
+    )
+    unknown_users_fail: float = Field(
+        default=0.95, ge=0.0, le=1.0, description="fail above this share of rows with new user ids"
+    )
+    unknown_items_fail: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="fail above this share of rows with new item ids"
+    )
+    min_volume_ratio: float = Field(
+        default=0.2, ge=0.0, description="fail when rows < this x the reference's"
+    )
     max_bad_rating_share: float = Field(
-        0.5, ge=0.0, le=1.0, description="fail when more ratings than this are missing or out of range"
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="fail when more ratings than this share are missing or out of range",
     )
 
 
 class CacheConfig(_Section):
-    """Prefect task caching of ``fuserec run`` (``docs/scaling.md``); ``fuserec stage`` / DVC never read it.
+    """Prefect task caching of ``fuserec run``; ``fuserec stage`` and DVC never read it.
 
     A stage's key is the SHA-256 of the files it reads, the params sections it reads and its plugins'
     distribution versions; a hit also needs the stage's recorded output files unchanged on disk.
     """
 
-    enabled: bool = True
-    dir: str | None = Field(None, description="results and output records; null = <outputs>/.cache")
-    refresh: bool = Field(False, description="recompute every stage and overwrite its cache entry")
+    enabled: bool = Field(default=True, description="reuse a stage's results when its key is unchanged")
+    dir: str | None = Field(default=None, description="results and output records; null = <outputs>/.cache")
+    refresh: bool = Field(default=False, description="recompute every stage and overwrite its cache entry")
 
 
 class RetriesConfig(_Section):
     """Retries of the tasks that read or write storage or a remote (validate, drift, promote, dvc-push).
 
-    Only transient I/O errors retry (:func:`fuserec.retries.is_transient`): a missing file, a permission
+    Only transient I/O errors retry (:func:`fuserec.flows.retries.is_transient`): a missing file, a permission
     error or bad data fails at once, since waiting would not change them.
     """
 
-    attempts: int = Field(3, ge=0, description="retries after the first failure; 0 = none")
-    delay_s: float = Field(2.0, ge=0.0, description="first wait; doubled at every retry (exponential)")
-    jitter: float = Field(0.5, ge=0.0, description="each wait varies by up to this share of it")
+    attempts: int = Field(default=3, ge=0, description="retries after the first failure; 0 = none")
+    delay_s: float = Field(
+        default=2.0, ge=0.0, description="first wait in seconds; doubled at every retry (exponential)"
+    )
+    jitter: float = Field(default=0.5, ge=0.0, description="each wait varies by up to this share of it")
 
 
 class Params(_Section):
     """All of ``params.yaml``."""
 
-    outputs: str = "outputs"
-    data: DataConfig = Field(default_factory=DataConfig)
-    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
-    clean: CleanConfig = Field(default_factory=CleanConfig)
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    fuse: FuseConfig = Field(default_factory=FuseConfig)
-    export: ExportConfig = Field(default_factory=ExportConfig)
-    tune: TuneConfig = Field(default_factory=TuneConfig)
-    cache: CacheConfig = Field(default_factory=CacheConfig)
-    retries: RetriesConfig = Field(default_factory=RetriesConfig)
-    promote: PromoteConfig = Field(default_factory=PromoteConfig)
-    drift: DriftConfig = Field(default_factory=DriftConfig)
-    algorithms: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    fusers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    outputs: str = Field(default="outputs", description="folder every stage writes into (the run folder)")
+    data: DataConfig = Field(default_factory=DataConfig, description="where the data comes from")
+    validate_: ValidateConfig = Field(
+        default_factory=ValidateConfig, alias="validate", description="the validate stage's rules"
+    )
+    clean: CleanConfig = Field(default_factory=CleanConfig, description="what counts as a positive")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="how positives are held out")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="which plugins are fitted, and how")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="metrics on the test split")
+    fuse: FuseConfig = Field(default_factory=FuseConfig, description="which fusers combine which algorithms")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="the served ONNX graph")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="`fuserec tune`'s search")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="task caching of `fuserec run`")
+    retries: RetriesConfig = Field(default_factory=RetriesConfig, description="retries of I/O tasks")
+    promote: PromoteConfig = Field(default_factory=PromoteConfig, description="promotion of a retrained run")
+    drift: DriftConfig = Field(default_factory=DriftConfig, description="drift check before retraining")
+    algorithms: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="each algorithm plugin's config by plugin name, checked against that plugin's Config",
+    )
+    fusers: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="each fuser plugin's config by plugin name, checked against that plugin's Config",
+    )
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -339,26 +495,205 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def dataset_settings(source: str, settings_dir: Path = DATASET_SETTINGS_DIR) -> dict[str, Any]:
-    """Per-dataset settings (e.g. tuned hyper-parameters) selected by ``data.source``; empty if none."""
-    path = settings_dir / f"{source}.yaml"
+class MissingDatasetSettingsWarning(UserWarning):
+    """``data.source`` is a real dataset but ``data.settings_dir`` holds no ``<source>.yaml`` for it."""
+
+
+def settings_file(source: str, settings_dir: str | Path | None = None) -> Path:
+    """``<settings_dir>/<source>.yaml``; ``settings_dir`` None means the packaged settings."""
+    folder = Path(settings_dir).expanduser() if settings_dir else DATASET_SETTINGS_DIR
+    return folder / f"{source}.yaml"
+
+
+def dataset_settings(source: str, settings_dir: str | Path | None = None) -> dict[str, Any]:
+    """Per-dataset settings (e.g. tuned hyper-parameters) selected by ``data.source``; empty if none.
+
+    A real dataset (any source but ``synthetic``) without a settings file is allowed, with a
+    :class:`MissingDatasetSettingsWarning` naming the file looked for: its plugins run on params.yaml's
+    values, untuned for that dataset.
+    """
+    path = settings_file(source, settings_dir)
     if not path.exists():
+        if source != "synthetic":
+            warnings.warn(
+                f"no per-dataset settings for data.source={source!r}: {path} does not exist, so "
+                f"params.yaml's values (untuned for this dataset) are used. Run `fuserec tune` to write "
+                f"that file, or set data.settings_dir to the folder that holds {path.name}",
+                MissingDatasetSettingsWarning,
+                stacklevel=3,
+            )
         return {}
-    return yaml.safe_load(path.read_text()) or {}
+    settings = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(settings, dict):
+        raise ValueError(
+            f"{path} must hold a mapping of params sections (e.g. algorithms: ...), not a "
+            f"{type(settings).__name__}; fix that file or point data.settings_dir elsewhere"
+        )
+    return settings
 
 
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+# -- plugin settings: every algorithms.<name> / fusers.<name> entry against its plugin's Config ------------
+
+
+class PluginSettingsError(ValueError):
+    """Plugin entries (``algorithms.<name>``, ``fusers.<name>``) their plugins reject, and how to fix them."""
+
+
+@dataclass(frozen=True)
+class ParamsLayers:
+    """The layers merged into :class:`Params`, so an error can name the file or ``--set`` to fix."""
+
+    params_file: Path | None = None
+    params_raw: dict[str, Any] = field(default_factory=dict)
+    settings_file: Path | None = None
+    settings_raw: dict[str, Any] = field(default_factory=dict)
+    overrides: tuple[str, ...] = ()
+
+    def origins(self, keys: list[str]) -> list[str]:
+        """Where ``keys`` (e.g. ``["algorithms", "ease", "l22"]``) was set, lowest precedence first."""
+        found = []
+        for file, raw in ((self.params_file, self.params_raw), (self.settings_file, self.settings_raw)):
+            node: Any = raw
+            for key in keys:
+                node = node.get(key) if isinstance(node, dict) else None
+            if node is not None and file is not None:
+                found.append(str(file))
+        for text in self.overrides:
+            path = text.partition("=")[0].strip().split(".")
+            n = min(len(path), len(keys))
+            if path[:n] == keys[:n]:
+                found.append(f"--set {text}")
+        return found
+
+    def where(self, keys: list[str], effective: bool = False) -> str:
+        """The file(s) or ``--set`` to edit for ``keys``; ``effective``: only the layer whose value won."""
+        places = self.origins(keys) or self.origins(keys[:2])
+        if not places:
+            return "params.yaml or your --set"
+        return places[-1] if effective else " and ".join(places)
+
+
+_SECTIONS = (("algorithms", "fuserec.algorithms", "algorithm"), ("fusers", "fuserec.fusers", "fuser"))
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f"; did you mean {close[0]!r}?" if close else "."
+
+
+def _entry_problems(
+    section: str,
+    name: str,
+    entry: dict[str, Any],
+    seed: int,
+    plugin: str,
+    model: type[BaseModel],
+    layers: ParamsLayers,
+) -> list[str]:
+    """What ``model`` (a plugin's Config) rejects in ``entry``, built as the stage builds it."""
+    where = f"{section}.{name}"
+    fields = model.model_fields
+    accepted = set(fields) | {f.alias for f in fields.values() if f.alias}
+    valid = ", ".join(fields)
+    problems = []
+    unknown = [] if model.model_config.get("extra") == "allow" else [k for k in entry if k not in accepted]
+    for key in unknown:
+        problems.append(
+            f"{where}: unknown key {key!r} for {plugin}{_did_you_mean(key, list(fields))} "
+            f"Valid keys of {name!r}: {valid}. To go on, rename or remove {where}.{key} in "
+            f"{layers.where([section, name, key])}"
+        )
+    known = {k: v for k, v in entry.items() if k not in unknown}
+    try:
+        model.model_validate({"seed": seed, **known})
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = [str(part) for part in error["loc"]]
+            at = ".".join([where, *loc])
+            got = f" (got {error['input']!r})" if loc and "input" in error else ""
+            problems.append(
+                f"{at}: {error['msg']}{got}, for {plugin}. To go on, fix {at} in "
+                f"{layers.where([section, name, *loc[:1]], effective=True)}"
+            )
+    except Exception as exc:  # a plugin validator that raises something pydantic does not wrap
+        problems.append(
+            f"{where}: {type(exc).__name__}: {exc}, for {plugin}. To go on, fix {where} in "
+            f"{layers.where([section, name])}"
+        )
+    return problems
+
+
+def check_plugin_settings(params: Params, layers: ParamsLayers | None = None) -> None:
+    """Check every ``algorithms.<name>`` / ``fusers.<name>`` entry against its plugin's ``Config``.
+
+    Only the plugins named there are imported. Each entry is validated as the train / fuse stages build
+    it (``{"seed": train.seed, **entry}``), with unknown keys an error even if a plugin's Config would
+    ignore them. Raises :class:`PluginSettingsError` listing every problem: the key, the plugin (entry
+    point and distribution), its valid keys and where to fix it. A plugin that is registered but cannot
+    be imported is skipped with a warning (the stage that needs it reports why).
+    """
+    from fuserec.registry import find, registered  # lazy: the registry imports the plugin API
+
+    layers = layers or ParamsLayers()
+    problems: list[str] = []
+    for section, group, kind in _SECTIONS:
+        entries: dict[str, dict[str, Any]] = getattr(params, section)
+        for name, entry in entries.items():
+            info = find(name, group)
+            if info is None:
+                names = registered(group)
+                problems.append(
+                    f"{section}.{name}: no {kind} plugin named {name!r} is registered in the entry-point "
+                    f"group {group}{_did_you_mean(name, names)} Registered: {', '.join(names) or 'none'}. "
+                    f"To go on, rename or remove {section}.{name} in {layers.where([section, name])}, "
+                    f"or install the distribution that provides {name!r}"
+                )
+                continue
+            if info.cls is None:
+                warnings.warn(
+                    f"{section}.{name} is not checked: plugin {name!r} from {info.distribution} "
+                    f"{info.version} cannot be loaded ({info.error})",
+                    stacklevel=2,
+                )
+                continue
+            plugin = (
+                f"{kind} plugin {name!r} ({info.target}, distribution {info.distribution} {info.version})"
+            )
+            model: type[BaseModel] = getattr(info.cls, "Config", BaseModel)
+            problems += _entry_problems(section, name, entry, params.train.seed, plugin, model, layers)
+    if len(problems) == 1:
+        raise PluginSettingsError(problems[0])
+    if problems:
+        raise PluginSettingsError(
+            f"{len(problems)} problems in plugin settings:\n" + "\n".join(f"- {p}" for p in problems)
+        )
+
+
+def load_params(
+    path: str | Path = "params.yaml", overrides: list[str] | None = None, check_plugins: bool = True
+) -> Params:
     """Read params.yaml, layer the dataset's settings over it, then apply ``--set`` overrides.
 
-    Precedence (highest first): overrides, ``configs/datasets/<data.source>.yaml``, params.yaml, defaults.
-    The dataset file holds what was tuned for that dataset (``fuserec tune`` writes it), so it beats the
-    generic values in params.yaml; an explicit ``--set`` beats both.
+    Precedence (highest first): overrides, ``<data.settings_dir>/<data.source>.yaml``, params.yaml,
+    defaults. The dataset file holds what was tuned for that dataset (``fuserec tune`` writes it), so it
+    beats the generic values in params.yaml; an explicit ``--set`` beats both. ``data.source`` and
+    ``data.settings_dir`` themselves come from params.yaml and the overrides.
+
+    Then, unless ``check_plugins`` is false, every plugin entry is checked against its plugin's Config
+    (:func:`check_plugin_settings`), so a typo fails here rather than after the stages before train ran.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; run from the project root or pass --params PATH")
     raw = yaml.safe_load(path.read_text()) or {}
-    with_overrides = apply_overrides(raw, overrides or [])
-    source = (with_overrides.get("data") or {}).get("source", "synthetic")
-    merged = apply_overrides(_deep_merge(raw, dataset_settings(source)), overrides or [])
-    return Params.model_validate(merged)
+    overrides = list(overrides or [])
+    with_overrides = apply_overrides(raw, overrides)
+    data = with_overrides.get("data") or {}
+    source = str(data.get("source", "synthetic"))
+    settings_dir = data.get("settings_dir")
+    settings = dataset_settings(source, settings_dir)
+    params = Params.model_validate(apply_overrides(_deep_merge(raw, settings), overrides))
+    if check_plugins:
+        layers = ParamsLayers(path, raw, settings_file(source, settings_dir), settings, tuple(overrides))
+        check_plugin_settings(params, layers)
+    return params

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.npz"
+
+#: ``combine`` of a fuser whose ``uses_time`` is True: ``(scores, seen, last_time)``.
+TimedCombine = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class FuserConfig(BaseModel):
@@ -159,7 +162,8 @@ class Fuser(ABC):
         with torch.no_grad():
             scores = self.component_scores(histories)
             if self.uses_time:
-                return self.combine(scores, seen, torch.from_numpy(self.history_time(histories)))
+                timed = cast(TimedCombine, self.combine)
+                return timed(scores, seen, torch.from_numpy(self.history_time(histories)))
             return self.combine(scores, seen)
 
     def to_torch(self) -> torch.nn.Module:
@@ -192,7 +196,7 @@ class Fuser(ABC):
         path.mkdir(parents=True, exist_ok=True)
         meta = {"config": self.config.model_dump(mode="json"), "components": names, "n_items": self.n_items_}
         (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        np.savez(path / STATE_FILE, **self.get_state())
+        np.savez(path / STATE_FILE, **self.get_state())  # type: ignore[arg-type]  # stub: **kwds may hit allow_pickle
         return path
 
     @classmethod
@@ -254,7 +258,7 @@ class FusedModule(torch.nn.Module):
         if self.fuser.uses_time:
             if last_time is None:
                 raise ValueError(f"{type(self.fuser).__name__} reads time: pass last_time int64 [B]")
-            return self.fuser.combine(scores, seen, last_time)
+            return cast(TimedCombine, self.fuser.combine)(scores, seen, last_time)
         return self.fuser.combine(scores, seen)
 
 

@@ -115,7 +115,7 @@ class Histories:
         starts, ends = self.indptr[rows], self.indptr[rows + 1]
         lengths = ends - starts
         indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        take = _ranges(starts, lengths)
+        take = concat_ranges(starts, lengths)
         ts = None if self.timestamps is None else self.timestamps[take]
         ratings = None if self.ratings is None else self.ratings[take]
         users = None if self.users is None else self.users[rows]
@@ -130,9 +130,9 @@ class Histories:
         keep = np.asarray(keep, dtype=np.int64)
         if keep.shape != (len(self),):
             raise ValueError(f"keep must give one count per history ({len(self)}), got shape {keep.shape}")
-        keep = np.clip(keep, 0, self.lengths)
-        indptr = np.concatenate([[0], np.cumsum(keep)]).astype(np.int64)
-        take = _ranges(self.indptr[1:] - keep, keep)
+        counts = np.clip(keep, 0, self.lengths)
+        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        take = concat_ranges(self.indptr[1:] - counts, counts)
         ts = None if self.timestamps is None else self.timestamps[take]
         ratings = None if self.ratings is None else self.ratings[take]
         return Histories(indptr, self.items[take], self.n_items, ts, ratings, self.users)
@@ -156,13 +156,13 @@ class Histories:
         keep = np.minimum(lengths, width)
         out = np.full((len(self), width), PAD, dtype=np.int64)
         rows = np.repeat(np.arange(len(self)), keep)
-        cols = _ranges(np.zeros(len(self), dtype=np.int64), keep)
-        src = _ranges(self.indptr[1:] - keep, keep)
+        cols = concat_ranges(np.zeros(len(self), dtype=np.int64), keep)
+        src = concat_ranges(self.indptr[1:] - keep, keep)
         out[rows, cols] = self.items[src]
         return out
 
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of ``arange(s, s + n)`` for each pair, vectorised."""
     lengths = np.asarray(lengths, dtype=np.int64)
     total = int(lengths.sum())

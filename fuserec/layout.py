@@ -1,9 +1,28 @@
-"""Where each stage reads and writes under ``params.outputs``; dvc.yaml declares the same paths."""
+"""Where each stage reads and writes under ``params.outputs``: the one place that names those files.
+
+The stage table (:mod:`fuserec.stages.table`) and the service read these names from here, so a path is
+spelled once and a reader (the service, the test kit) never imports a stage to learn it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+SPLIT_FILES = {
+    "train": "train.parquet",
+    "test": "test.parquet",
+    "train_inner": "train_inner.parquet",
+    "valid": "valid.parquet",
+}
+RATINGS_FILE = "ratings.parquet"  # clean/: every deduplicated interaction, positives and not, ids mapped
+MODEL_FILE = "model.onnx"  # model/: the one exported graph
+CATALOG_FILE = "catalog.parquet"  # model/: the exported graph's items, row = item index
+USERS_FILE = "users.parquet"  # model/ and clean/: the users table
+REPORT_FILE = "report.html"
+GATING_FILE = "gating_weights.csv"
+RERANK_CURVE_FILE = "rerank_curve.csv"
+DRIFT_REPORT_FILE = "drift_report.json"
 
 
 @dataclass(frozen=True)
@@ -69,3 +88,19 @@ class Layout:
     @property
     def export(self) -> Path:
         return self.root / "model"
+
+    def split_file(self, part: str) -> Path:
+        """``split/<part>.parquet`` for ``train``, ``test``, ``train_inner`` (train') or ``valid``."""
+        return self.split / SPLIT_FILES[part]
+
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT_FILE
+
+    @property
+    def gating_weights(self) -> Path:
+        return self.root / GATING_FILE
+
+    @property
+    def rerank_curve(self) -> Path:
+        return self.root / RERANK_CURVE_FILE

@@ -1,4 +1,4 @@
-"""Top-k ranking and ranking metrics under the protocol in ``shared/PROTOCOL.md``.
+"""Top-k ranking and ranking metrics under the protocol in ``docs/protocol.md``.
 
 The protocol ranks the whole catalog for every user, excludes the user's own training items, and breaks
 score ties by the LOWER item index. Benchmark numbers must reproduce the anchors exactly, and models such
@@ -217,7 +217,7 @@ def _ndcg(hits: np.ndarray, n_rel: np.ndarray, k: int) -> np.ndarray:
 
 
 def _hit_rate(hits: np.ndarray, n_rel: np.ndarray, k: int) -> np.ndarray:
-    return _with_nan(hits[:, :k].any(axis=1).astype(np.float64), n_rel)
+    return _with_nan(np.asarray(hits[:, :k].any(axis=1)).astype(np.float64), n_rel)
 
 
 def _average_precision(hits: np.ndarray, n_rel: np.ndarray, k: int) -> np.ndarray:

@@ -8,7 +8,7 @@ later every fuser) is served the same way, and new users or fresh events need no
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ import torch
 from fuserec.api import Algorithm, multi_hot
 from fuserec.rerank import Rerank, mmr_top_k, unit_vectors
 from fuserec.trees import TRANSLATIONS
+
+if TYPE_CHECKING:
+    from fuserec.fusion import FusedModule, Fuser
 
 INPUT_NAME = "history"
 TIME_INPUT = "last_time"
@@ -58,7 +61,7 @@ class TopKModel(torch.nn.Module):
         history = torch.where(valid, history, torch.full_like(history, -1))
         args = (history,) if last_time is None else (history, last_time)
         if hasattr(self.scorer, "contributions"):  # a fuser: its components' shares come along
-            scores, parts = self.scorer.contributions(*args)
+            scores, parts = cast("FusedModule", self.scorer).contributions(*args)
         else:
             scores = self.scorer(*args)
             parts = scores.unsqueeze(0)
@@ -74,6 +77,9 @@ class TopKModel(torch.nn.Module):
 
 class Reranker(torch.nn.Module):
     """MMR diversity and novelty re-ranking (see :mod:`fuserec.rerank`) as part of the served graph."""
+
+    vectors: torch.Tensor
+    bonus: torch.Tensor
 
     def __init__(self, rerank: Rerank, vectors: np.ndarray, bonus: np.ndarray) -> None:
         super().__init__()
@@ -93,7 +99,7 @@ class TimedTopKModel(TopKModel):
 
 
 def export_onnx(
-    algo: Algorithm, path: str | Path, k: int, opset: int = 18, reranker: Reranker | None = None
+    algo: Algorithm | Fuser, path: str | Path, k: int, opset: int = 18, reranker: Reranker | None = None
 ) -> Path:
     """Export ``algo``'s scoring as one ONNX graph with dynamic batch and history length.
 
@@ -131,6 +137,7 @@ def export_onnx(
             verbose=False,
             custom_translation_table=TRANSLATIONS,
         )
+    assert program is not None  # dynamo=True always returns the ONNXProgram
     program.save(str(path), external_data=weight_bytes(model) > EXTERNAL_DATA_BYTES)
     return path
 
@@ -159,8 +166,8 @@ class OnnxRecommender:
         idle pool threads sleep instead of busy-waiting, which a server sharing its cores needs.
 
         ``prepack=False`` keeps onnxruntime from re-packing MatMul weights at load, which holds a second
-        copy of them: at the ML-10M shape (3.6 GB of weights) the session peaked at 8.9 GiB with it and
-        4.1 GiB without, and a batch of 256 histories took 5.0 s against 5.2 s (``export.prepack``)."""
+        copy of them: on a large model that roughly doubles the session's memory for no speed that
+        matters (``export.prepack``)."""
         import onnxruntime as ort
 
         providers = providers or ["CPUExecutionProvider"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.metadata as md
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from fuserec.api import API_VERSION, SUPPORTED_API_MAJORS, Algorithm, api_major
 
@@ -80,7 +80,8 @@ def _inspect(ep: md.EntryPoint, group: str) -> PluginInfo:
             f"Upgrade {dist_name} or fuserec so that they match",
             declared,
         )
-    return PluginInfo(ep.name, group, ep.value, dist_name, dist_version, declared, None, obj)
+    plugin = cast("type[Algorithm] | type[Fuser]", obj)
+    return PluginInfo(ep.name, group, ep.value, dist_name, dist_version, declared, None, plugin)
 
 
 @cache
@@ -99,14 +100,33 @@ def available(group: str = ALGORITHMS_GROUP) -> list[str]:
     return [p.name for p in discover(group) if p.ok]
 
 
+def registered(group: str = ALGORITHMS_GROUP) -> list[str]:
+    """Names registered under ``group``, sorted, without importing any plugin (broken ones included)."""
+    return sorted(set(md.entry_points(group=group).names))
+
+
+def find(name: str, group: str = ALGORITHMS_GROUP) -> PluginInfo | None:
+    """The plugin registered as ``name``, importing only its own module; None when nothing registers it.
+
+    As in :func:`discover`, the first working registration of a name wins; when none works, the info
+    of the last broken one is returned (its ``error`` says why).
+    """
+    found = None
+    for ep in md.entry_points(group=group, name=name):
+        found = _inspect(ep, group)
+        if found.ok:
+            break
+    return found
+
+
 def plugin_info(name: str, group: str = ALGORITHMS_GROUP) -> PluginInfo:
-    for info in discover(group):
-        if info.name == name:
-            if not info.ok:
-                raise PluginError(
-                    f"plugin {name!r} from {info.distribution} {info.version} cannot be used: {info.error}"
-                )
-            return info
+    info = find(name, group)
+    if info is not None:
+        if not info.ok:
+            raise PluginError(
+                f"plugin {name!r} from {info.distribution} {info.version} cannot be used: {info.error}"
+            )
+        return info
     raise PluginError(
         f"no plugin named {name!r} in entry-point group {group!r}; available: {available(group)}. "
         f"Install the distribution that provides it, or fix the name in params.yaml "
@@ -117,13 +137,13 @@ def plugin_info(name: str, group: str = ALGORITHMS_GROUP) -> PluginInfo:
 def get_algorithm(name: str) -> type[Algorithm]:
     cls = plugin_info(name).cls
     assert cls is not None
-    return cls
+    return cast("type[Algorithm]", cls)
 
 
 def get_fuser(name: str) -> type[Fuser]:
     cls = plugin_info(name, FUSERS_GROUP).cls
     assert cls is not None
-    return cls  # type: ignore[return-value]
+    return cast("type[Fuser]", cls)
 
 
 def resolve_names(requested: list[str] | str, group: str = ALGORITHMS_GROUP) -> list[str]:

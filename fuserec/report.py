@@ -10,11 +10,9 @@ import pandas as pd
 from rich.table import Table
 
 from fuserec.data.dataset import Dataset
-from fuserec.layout import Layout
+from fuserec.layout import CATALOG_FILE, MODEL_FILE, SPLIT_FILES, Layout
 from fuserec.manifest import read_json
 from fuserec.onnx_model import OnnxRecommender
-from fuserec.tasks.export import CATALOG_FILE, MODEL_FILE
-from fuserec.tasks.split import SPLIT_FILES
 
 SHOWN = ("ndcg@10", "recall@10", "hr@10", "coverage@10", "novelty@10")
 

@@ -95,8 +95,8 @@ def mmr_top_k(
     low = torch.where(valid, pool_scores, torch.full_like(pool_scores, float("inf"))).amin(1, keepdim=True)
     high = finite.amax(1, keepdim=True)
     if rerank.relevance == "rank":  # scale-free, but blind to how far apart the scores are
-        position = torch.arange(depth, dtype=scores.dtype, device=scores.device).unsqueeze(0)
-        relevance = (1.0 - position / depth).expand(b, depth)
+        rank = torch.arange(depth, dtype=scores.dtype, device=scores.device).unsqueeze(0)
+        relevance = (1.0 - rank / depth).expand(b, depth)
     else:
         relevance = (finite - torch.where(torch.isfinite(low), low, 0.0)) / torch.clamp(high - low, min=1e-12)
     gain = (1.0 - rerank.diversity) * relevance + rerank.novelty * bonus[pool]
@@ -167,7 +167,9 @@ def gini_of_exposure(topk: np.ndarray, n_items: int) -> float:
     return float((2 * ranks - n_items - 1) @ counts / (n_items * counts.sum()))
 
 
-def beyond_accuracy(topk: np.ndarray, vectors: np.ndarray, popularity: np.ndarray, n_users: int) -> dict:
+def beyond_accuracy(
+    topk: np.ndarray, vectors: np.ndarray, popularity: np.ndarray, n_users: int
+) -> dict[str, float]:
     """Diversity, Gini of exposure and self-information of top-k lists (one k: the lists' width)."""
     from fuserec.metrics import self_information
 

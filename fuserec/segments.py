@@ -2,7 +2,7 @@
 
 User segments keep all of a user's test items; item segments keep only the test interactions whose item
 falls in the segment (a user counts when at least one remains). Every segment is defined from training
-data only, so it is the same for every model. The thresholds follow the fusion issue: cold users have at
+data only, so it is the same for every model. The thresholds: cold users have at
 most 5 training positives; long-tail items are the bottom 80% by training popularity; rare items have
 fewer than 5 training positives; new items have none.
 """

@@ -2,7 +2,7 @@
 
 Averages hide how often a gain comes from a few users; pairing by user removes the between-user
 variance (some users are just easy), so a real gain of 1-2% is detectable on ~1,000 users. The bootstrap
-interval needs no normality assumption; the paired t-test p-value is the number the issue asks for,
+interval needs no normality assumption; the paired t-test p-value is the headline number,
 and the Wilcoxon signed-rank test is there as a check that a few outliers do not drive it.
 """
 

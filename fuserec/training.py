@@ -4,9 +4,8 @@ Every trainable plugin stops early on the same validation carve as the rest of f
 per-user temporal split applied to the data it is fitted on: fitted on the pipeline's train, that carve
 IS the pipeline's train' / validation), then refits on all of its data for the best number of epochs.
 So no early-stopping decision sees test, and the served model still learns from every training event.
-Each epoch's check scores at most ``validation_users`` of the carve's users (10,000 by default, one fixed
-sample for all epochs): ML-100k and ML-1M are scored whole, while at the ML-10M shape (70k users) the
-check no longer costs as much as the epoch it judges.
+Each epoch's check scores at most ``validation_users`` of the carve's users (one fixed sample for all
+epochs), so on large data the check does not cost as much as the epoch it judges.
 """
 
 from __future__ import annotations
@@ -15,16 +14,15 @@ import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
-import pandas as pd
 import torch
 from pydantic import Field
 
 from fuserec.api import AlgorithmConfig
 from fuserec.histories import Histories
+from fuserec.splitting import Carve, carve_validation
 
 if TYPE_CHECKING:
     from fuserec.data.dataset import Dataset
@@ -74,31 +72,9 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-@dataclass(frozen=True)
-class ValidationCarve:
-    """``fit``: the data minus each user's latest positives; ``truth``: those held-out positives."""
-
-    fit: Dataset
-    truth: pd.DataFrame
-
-
-def validation_carve(
-    data: Dataset, fraction: float = 0.2, min_user_positives: int = 5
-) -> ValidationCarve | None:
-    """The protocol's per-user temporal split of ``data``; None when nothing would be held out."""
-    from fuserec.config import SplitConfig
-    from fuserec.tasks.split import split_frame
-
-    cfg = SplitConfig(method="temporal_user", test_fraction=fraction, min_user_positives=min_user_positives)
-    fit, truth = split_frame(data.interactions, cfg)
-    if truth.empty:
-        return None
-    return ValidationCarve(data.with_interactions(fit), truth)
-
-
 def validation_ndcg(
     score: Callable[[Histories], np.ndarray],
-    carve: ValidationCarve,
+    carve: Carve,
     k: int = 10,
     max_users: int | None = None,
 ) -> float:
@@ -151,7 +127,7 @@ def fit_early_stopped(
     """
     log: list[dict[str, Any]] = []
     n_epochs = config.max_epochs
-    carve = validation_carve(data) if config.early_stopping else None
+    carve = carve_validation(data) if config.early_stopping else None
     if carve is not None:
         trainer = build(carve.fit)
         best, best_epoch, stale = -math.inf, 1, 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -186,8 +187,7 @@ class TreeEnsemble:
     component); without it the row holds all ``F`` attributions. In Python (and torch eager) the leaves
     are found by :func:`leaf_indicator`'s matrix products. In an ONNX export the call becomes one
     ``ai.onnx.ml`` ``TreeEnsembleRegressor`` with ``1 + K`` targets (see :data:`TRANSLATIONS`):
-    onnxruntime's native trees ran the ML-100k ranker (83 trees) over 360 rows in 0.27 ms against 3.9 ms
-    for the same products exported, and over 92,160 rows in 77 ms against 1.34 s.
+    onnxruntime's native trees run a ranker more than ten times faster than the same products exported.
     """
 
     def __init__(
@@ -289,4 +289,6 @@ def _translate(x: Any, key: int) -> Any:
 
 
 #: ``custom_translation_table`` for ``torch.onnx.export``: every :class:`TreeEnsemble` call becomes one node.
-TRANSLATIONS = {torch.ops.fuserec.tree_ensemble.default: _translate}
+TRANSLATIONS: dict[Callable[..., Any], Callable[..., Any]] = {
+    torch.ops.fuserec.tree_ensemble.default: _translate
+}

@@ -1,7 +1,7 @@
 """``fuserec tune``: search each plugin's declared ``search_space`` on the validation carve only.
 
 Every trial fits on train' and scores the validation carve; test is never read. The best setting is
-written into ``configs/datasets/<data.source>.yaml`` so that ``fuserec run`` refits it on full train and
+written into ``<data.settings_dir>/<data.source>.yaml`` so that ``fuserec run`` refits it on full train and
 scores test once; every trial is recorded in ``outputs/tuning/<plugin>.json``.
 
 Trials run in batches: optuna asks for ``batch`` settings at once (TPE with a constant liar, so a batch
@@ -21,11 +21,12 @@ from typing import Any
 import yaml
 
 from fuserec.api import Algorithm, Choice, FloatRange, IntRange, SearchDim
-from fuserec.config import DATASET_SETTINGS_DIR, Params
-from fuserec.evaluation import CarveData, load_carve, score_config
+from fuserec.config import Params
+from fuserec.evaluation import load_carve, score_config
 from fuserec.layout import Layout
 from fuserec.manifest import write_json
 from fuserec.registry import get_algorithm, resolve_names
+from fuserec.splitting import Carve
 
 SETTINGS_HEADER = (
     "# Per-dataset settings, layered over params.yaml when data.source selects this file.\n"
@@ -48,7 +49,7 @@ TrialRunner = Callable[[list[dict[str, Any]]], list[tuple[float, float]]]
 
 
 def run_trial(
-    cls: type[Algorithm], config: dict[str, Any], carve: CarveData, metric: str
+    cls: type[Algorithm], config: dict[str, Any], carve: Carve, metric: str
 ) -> tuple[float, float]:
     """Fit ``config`` on train' and return its ``metric`` on the validation carve, and the seconds taken."""
     start = time.perf_counter()
@@ -59,7 +60,7 @@ def run_trial(
 def tune_algorithm(
     cls: type[Algorithm],
     base: dict[str, Any],
-    carve: CarveData | None,
+    carve: Carve | None,
     params: Params,
     run_trials: TrialRunner | None = None,
     batch: int = 1,
@@ -115,17 +116,18 @@ def write_settings(settings_file: Path, name: str, best: dict[str, Any]) -> None
 
 def tune(
     params: Params,
-    settings_dir: Path = DATASET_SETTINGS_DIR,
+    settings_dir: Path | None = None,
     runner_for: Callable[[str], TrialRunner] | None = None,
     batch: int = 1,
 ) -> dict[str, dict[str, Any]]:
     """Tune every plugin ``tune.algorithms`` names; needs the validate, clean and split outputs.
 
     ``runner_for(name)`` gives the :data:`TrialRunner` of a plugin (default: in this process, in turn).
+    The best settings go to ``<settings_dir>/<data.source>.yaml`` (default: ``data.settings_dir``).
     """
     layout = Layout(params.outputs_dir)
     carve = None if runner_for else load_carve(layout.root, "validation")
-    settings_file = settings_dir / f"{params.data.source}.yaml"
+    settings_file = (settings_dir or params.data.settings_path) / f"{params.data.source}.yaml"
     records = {}
     for name in resolve_names(params.tune.algorithms):
         cls = get_algorithm(name)

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fuserec.config import CleanConfig
-from fuserec.tasks.clean import build_dataset, kcore
+from fuserec.stages.clean import build_dataset, kcore
 
 rows = st.lists(
     st.tuples(

@@ -112,7 +112,7 @@ def test_kit_catches_misattributed_shares_of_a_rank_based_fuser() -> None:
 
 
 def test_rank_based_shares_may_move_with_the_score_but_must_add_up() -> None:
-    from fuserec.tasks.export import contributions_agree
+    from fuserec.parity import contributions_agree
 
     moved = {
         "contributions_match_at_top": False,

@@ -14,9 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from fuserec.deploy import api_url, deploy, ensure_work_pool, free_port, start_server, start_worker, stop
+from fuserec.flows.deploy import (
+    api_url,
+    deploy,
+    ensure_work_pool,
+    free_port,
+    start_server,
+    start_worker,
+    stop,
+)
 from fuserec.manifest import read_json
-from fuserec.tasks.promote import read_log
+from fuserec.stages.promote import read_log
 
 from .conftest import SMALL, write_params
 

@@ -15,7 +15,7 @@ import pytest
 
 from .conftest import REPO
 
-DOCS = sorted([*REPO.glob("docs/*.md"), REPO / "README.md", *REPO.glob("examples/*/README.md")])
+DOCS = sorted([*REPO.glob("docs/**/*.md"), REPO / "README.md", *REPO.glob("examples/*/README.md")])
 FENCE = re.compile(
     r"^(?:<!--\s*not-tested:(?P<why>[^>]*)-->\s*\n)?```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^```[ \t]*$",
     re.MULTILINE | re.DOTALL,
@@ -64,6 +64,6 @@ def test_toml_blocks_parse_and_skips_say_why(doc: Path) -> None:
 
 def test_the_plugin_guide_has_runnable_code() -> None:
     # Guards the extraction itself: a regex that finds nothing would make the tests above pass vacuously.
-    python = [b for b in blocks(REPO / "docs" / "plugins.md") if b.lang == "python"]
+    python = [b for b in blocks(REPO / "docs" / "how-to" / "write-a-plugin.md") if b.lang == "python"]
     assert len(python) >= 4 and all(b.not_tested is None for b in python)
     assert any("class NextItem(Algorithm)" in b.body for b in python)

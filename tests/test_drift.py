@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fuserec.config import DriftConfig, load_params
-from fuserec.tasks.drift import BrokenFeedError, Interactions, check_drift, compare, drift, psi
+from fuserec.stages.drift import BrokenFeedError, Interactions, check_drift, compare, psi
+from fuserec.tasks.drift import drift
 
 from .conftest import write_params
 

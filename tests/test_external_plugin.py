@@ -1,7 +1,7 @@
 """The external example plugin (examples/external-plugin, fuserec-rp3beta) needs no change to fuserec.
 
 `make install` installs it beside fuserec; it is found only through its entry point. On ML-100k under
-../shared/PROTOCOL.md, `fuserec run` trains, evaluates and exports it like a built-in.
+docs/protocol.md, `fuserec run` trains, evaluates and exports it like a built-in.
 """
 
 from __future__ import annotations

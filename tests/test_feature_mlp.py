@@ -9,7 +9,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from fuserec.plugins.fusers.feature_mlp import (
+from fuserec.plugins.fusers.features import FeatureFusion
+from fuserec.plugins.fusers.features.mlp import (
     block_slices,
     code_parts,
     init_mlp,
@@ -17,7 +18,6 @@ from fuserec.plugins.fusers.feature_mlp import (
     mlp_score,
     train_autoencoder,
 )
-from fuserec.plugins.fusers.features import FeatureFusion
 from fuserec.testing import FuserTests
 from fuserec.testing.fusers import default_case
 

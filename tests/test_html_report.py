@@ -76,7 +76,7 @@ def test_a_fuser_that_fell_back_says_which_component_it_serves() -> None:
 def test_the_report_stage_reads_the_fallbacks_from_the_fusers_manifests(tmp_path) -> None:
     from fuserec.layout import Layout
     from fuserec.manifest import write_manifest
-    from fuserec.tasks.report import served_alone
+    from fuserec.stages.report import served_alone
 
     layout = Layout(tmp_path)
     for name, served in (("gating", "sasrec"), ("stacking", None)):

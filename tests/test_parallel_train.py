@@ -82,6 +82,15 @@ def test_unchanged_reruns_hit_and_one_plugins_config_retrains_only_it(
     assert fourth["train[popularity]"] == fourth["train[ease]"] == "Cached"
     assert _run(params_file, changed) == dict.fromkeys(everything, "Cached")
 
+    # A re-ranking setting is read by evaluate (the curve) and export (the graph): both recompute,
+    # the report follows the new metrics, and nothing upstream of them runs.
+    reranked = _run(params_file, [*changed, "export.rerank_keep=3"])
+    assert reranked == {
+        **dict.fromkeys([*UPSTREAM, *TRAIN, "fuse"], "Cached"),
+        **dict.fromkeys(["evaluate", "export", "report"], "Completed"),
+    }
+    assert read_json(outputs / "metrics.json")["rerank"]["shape"]["keep"] == 3
+
 
 def test_dask_workers_train_the_same_models_as_threads(tmp_path: Path, prefect_harness: None) -> None:
     from fuserec.flows.stages import read_journal, run_train

@@ -78,7 +78,7 @@ def test_fuserec_plugins_shows_the_refusal_on_the_plugin_row(versioned: None) ->
 def test_the_message_quoted_in_the_docs_is_the_real_one(tmp_path: Path) -> None:
     with on_path(install_broken_plugins(tmp_path)), pytest.raises(PluginError) as err:
         get_algorithm("future")
-    assert f"\n{err.value}\n" in (REPO / "docs" / "plugins.md").read_text()
+    assert f"\n{err.value}\n" in (REPO / "docs" / "concepts" / "plugins.md").read_text()
 
 
 def test_api_major_parses_major_minor() -> None:

@@ -9,7 +9,8 @@ import pytest
 
 from fuserec.config import load_params
 from fuserec.manifest import read_json, write_json
-from fuserec.tasks.promote import LOG_FILE, promote, promote_candidate, read_log
+from fuserec.stages.promote import LOG_FILE, promote_candidate, read_log
+from fuserec.tasks.promote import promote
 
 from .conftest import SMALL, write_params
 

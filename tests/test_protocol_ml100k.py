@@ -1,4 +1,4 @@
-"""The protocol of ../shared/PROTOCOL.md reproduced on real MovieLens-100k through the real flow."""
+"""The protocol of docs/protocol.md reproduced on real MovieLens-100k through the real flow."""
 
 from __future__ import annotations
 

@@ -155,8 +155,8 @@ def test_curve_takes_read_only_shared_scores_without_a_warning_or_a_write() -> N
 
 def test_the_served_graph_applies_the_configured_re_ranking(tmp_path) -> None:
     from fuserec.onnx_model import OnnxRecommender, Reranker, export_onnx
+    from fuserec.parity import parity_check
     from fuserec.plugins.itemknn import ItemKNN
-    from fuserec.tasks.export import parity_check
     from fuserec.testing import planted_dataset
     from fuserec.testing.checks import probe_histories
 

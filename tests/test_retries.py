@@ -6,7 +6,7 @@ import pytest
 from prefect import task
 
 from fuserec.config import Params, RetriesConfig
-from fuserec.retries import RemoteCommandError, is_transient, with_io_retries
+from fuserec.flows.retries import RemoteCommandError, is_transient, with_io_retries
 
 
 @pytest.mark.parametrize(

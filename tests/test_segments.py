@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from fuserec.evaluation import evaluate_model
 from fuserec.histories import Histories
 from fuserec.segments import head_items, segment_truths, simulated_cold
-from fuserec.tasks.evaluate import evaluate_model
+from fuserec.splitting import carve_validation
 from fuserec.testing import planted_dataset
-from fuserec.training import validation_carve
 
 
 def test_head_items_is_the_top_share_with_ties_to_the_lower_index() -> None:
@@ -39,7 +39,7 @@ class _Scores:
 
 
 def test_evaluate_model_reports_segments_and_a_tail_scorer_wins_there() -> None:
-    carve = validation_carve(planted_dataset())
+    carve = carve_validation(planted_dataset())
     assert carve is not None
     pop = carve.fit.item_popularity().astype(np.float64)
     head = evaluate_model(_Scores(pop), carve.fit, carve.truth, [10], 64)

@@ -385,8 +385,8 @@ def test_a_real_server_serves_events_at_once_and_loses_nothing_when_killed(
 
 
 def test_a_new_item_with_content_only_is_recommended_by_content_aware_models(outputs: Path) -> None:
-    """How a new item enters the catalogue (docs/serving.md): a row in the items table, no interactions;
-    after the next export the content-aware plugins score it from its attributes alone."""
+    """How a new item enters the catalogue (docs/how-to/operate-the-service.md): a row in the items table,
+    no interactions; after the next export the content-aware plugins score it from its attributes alone."""
     from fuserec.data.dataset import Dataset
     from fuserec.histories import Histories
     from fuserec.plugins.content import Content

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fuserec.config import SplitConfig
-from fuserec.tasks.split import split_all, split_frame
+from fuserec.splitting import split_all, split_frame
 
 
 def _frame(lengths: list[int], seed: int = 0) -> pd.DataFrame:

@@ -120,7 +120,7 @@ def _tiny(times: list[int]) -> Dataset:
 
 
 def test_time_features_never_read_later_interactions() -> None:
-    """PROTOCOL.md: a user's features may only use interactions dated at or before their latest event."""
+    """docs/protocol.md: a user's features may only use interactions dated at or before their latest event."""
     day = 86_400
     fuser = Stacking({"recent_days": 2})
     fuser.names_, fuser.n_items_ = ["a"], 4

@@ -6,18 +6,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fuserec.artifacts import load_algorithm, load_fuser
 from fuserec.data.dataset import Dataset, interactions_matrix
+from fuserec.evaluation import evaluate_model
 from fuserec.layout import Layout
 from fuserec.manifest import read_json
 from fuserec.metrics import ndcg_at_k, top_k
 from fuserec.segments import simulated_cold
 from fuserec.tasks.clean import clean
-from fuserec.tasks.evaluate import evaluate, evaluate_model
+from fuserec.tasks.evaluate import evaluate
 from fuserec.tasks.export import export
-from fuserec.tasks.fuse import fuse, load_fuser
+from fuserec.tasks.fuse import fuse
 from fuserec.tasks.report import report as report_stage
 from fuserec.tasks.split import split
-from fuserec.tasks.train import load_algorithm, train
+from fuserec.tasks.train import train
 from fuserec.tasks.validate import validate
 
 
@@ -99,7 +101,7 @@ def test_stages_in_order_write_what_the_next_reads(small_params) -> None:
     # The re-ranking curve, filled from the exported scorer's kept scores, equals scoring it on its own.
     from fuserec.features import item_content_vectors
     from fuserec.rerank import diversity_curve
-    from fuserec.tasks.evaluate import rerank_curve
+    from fuserec.stages.evaluate import rerank_curve
 
     stacking, users = load_fuser(layout.fuser("stacking"), layout), np.unique(test["user"])
     hist = data.histories()

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from fuserec.data.dataset import Dataset
 from fuserec.histories import Histories
-from fuserec.tasks.train import write_training_log
+from fuserec.splitting import carve_validation
+from fuserec.stages.train import write_training_log
 from fuserec.testing import planted_dataset
 from fuserec.training import (
     LOG_COLUMNS,
@@ -21,7 +22,6 @@ from fuserec.training import (
     fit_early_stopped,
     resolve_device,
     torch_threads,
-    validation_carve,
     validation_ndcg,
 )
 
@@ -45,14 +45,14 @@ def test_torch_threads_restores_the_count() -> None:
 
 def test_validation_carve_holds_out_each_users_latest_positives() -> None:
     data = planted_dataset()
-    carve = validation_carve(data)
+    carve = carve_validation(data)
     assert carve is not None
     assert len(carve.fit.interactions) + len(carve.truth) == len(data.interactions)
     last_fit = carve.fit.interactions.groupby("user")["timestamp"].max()
     first_truth = carve.truth.groupby("user")["timestamp"].min()
     assert (first_truth >= last_fit.reindex(first_truth.index)).all()
     tiny = data.with_interactions(data.interactions.groupby("user").head(2))  # < 5 positives each
-    assert validation_carve(tiny) is None
+    assert carve_validation(tiny) is None
 
 
 class _PeakTrainer:
@@ -98,7 +98,7 @@ def test_without_early_stopping_it_trains_max_epochs_on_all_data() -> None:
 
 
 def test_validation_ndcg_prefers_the_better_scorer() -> None:
-    carve = validation_carve(planted_dataset())
+    carve = carve_validation(planted_dataset())
     assert carve is not None
     good, bad = _PeakTrainer(carve.fit, 1), _PeakTrainer(carve.fit, 1)
     good.epoch = 1

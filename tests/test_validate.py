@@ -24,7 +24,7 @@ from fuserec.data.generic import load_generic
 from fuserec.data.movielens import load_movielens_100k
 from fuserec.data.raw import RawSource
 from fuserec.manifest import read_json
-from fuserec.tasks.validate import ValidationError, validate_source
+from fuserec.stages.validate import ValidationError, validate_source
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bad_input"
 GENERIC = FIXTURE / "generic"

@@ -1,6 +1,6 @@
 """Choose RP3beta's defaults on the MovieLens-100k validation carve, then score test once.
 
-Under ../shared/PROTOCOL.md every choice is made on validation (fit on train', score validation); only the
+Under docs/protocol.md every choice is made on validation (fit on train', score validation); only the
 chosen setting is refit on the full train and scored on test. Needs the split stage's outputs of an
 ML-100k run, e.g.::
 
@@ -17,8 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from fuserec.evaluation import CarveData, load_carve
-from fuserec.tasks.evaluate import evaluate_model
+from fuserec.evaluation import CarveData, evaluate_model, load_carve
 
 from fuserec_rp3beta import RP3beta
 

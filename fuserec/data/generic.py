@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fuserec.config import DataConfig
+from fuserec.config import DataConfig, GenericFiles
 from fuserec.data.delimited import read_delimited
 from fuserec.data.raw import (
     LINE_COL,
@@ -105,7 +105,7 @@ def load_generic(path: str | Path, data_cfg: DataConfig) -> RawSource:
     )
 
 
-def _file_names(files) -> dict[str, str]:
+def _file_names(files: GenericFiles) -> dict[str, str]:
     names = {"interactions": files.interactions}
     if files.items is not None:
         names["items"] = files.items

@@ -12,8 +12,8 @@ so that popularity, collaborative and content models each have something of thei
   clusters, and users' off-taste choices follow the clusters in fashion at that time);
 - ratings 1..5, higher when the item's cluster is the user's, with user/item biases and noise.
 
-Everything is vectorised numpy (no Python loop over interactions; draws in chunks of 2^20), so 10^7
-interactions take about ten seconds and under 1 GB. The same config always gives identical frames.
+Everything is vectorised numpy (no Python loop over interactions; draws in chunks of 2^20), so even
+10^7 interactions take seconds, in bounded memory. The same config always gives identical frames.
 Frames are typed (int32 ids, int8 ratings, int64 unix-second timestamps, string text columns);
 validation coerces whatever a source gives, so nothing here has to look like a file.
 """
@@ -582,7 +582,7 @@ def _constant_strings(value: str, n: int) -> pd.api.extensions.ExtensionArray | 
     """A string column holding ``value`` n times, built in Arrow directly.
 
     Assigning the scalar (``frame[col] = value``) goes through an n-element Python object array first:
-    at 10^7 rows that is ~250 MB extra peak memory and half a second, for a constant.
+    at 10^7 rows that is hundreds of MB of extra peak memory, for a constant.
     """
     try:
         import pyarrow as pa

@@ -1,3 +1,3 @@
 """Prefect flows: thin chains of the stages in fuserec.tasks."""
 
-import fuserec._env  # noqa: F401  (opt-outs before Prefect loads)
+import fuserec.flows.environment  # noqa: F401  (opt-outs before Prefect loads)

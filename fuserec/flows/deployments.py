@@ -20,14 +20,15 @@ from typing import Any
 
 from prefect import flow, task
 
-import fuserec._env  # noqa: F401
+import fuserec.flows.environment  # noqa: F401
 from fuserec.config import Params, load_params
-from fuserec.deploy import env_cli
+from fuserec.flows.deploy import env_cli
 from fuserec.flows.pipeline import train_pipeline
-from fuserec.retries import RemoteCommandError, with_io_retries
+from fuserec.flows.retries import RemoteCommandError, with_io_retries
+from fuserec.stages.promote import CURRENT
 from fuserec.tasks.drift import drift
 from fuserec.tasks.evaluate import evaluate as evaluate_stage
-from fuserec.tasks.promote import CURRENT, promote
+from fuserec.tasks.promote import promote
 
 DVC_TRACKED_OUTPUTS = "outputs"  # dvc.yaml's paths assume params.outputs == outputs
 

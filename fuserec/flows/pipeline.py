@@ -1,14 +1,14 @@
 """The training pipeline: validate -> clean -> split -> train -> fuse -> evaluate -> export -> report.
 
-Every stage is cached across runs (``cache`` in params.yaml, ``docs/scaling.md``) and the train stage fits
-its plugins concurrently (``train.task_runner``); see :mod:`fuserec.flows.stages`.
+Every stage is cached across runs (``cache`` in params.yaml, ``docs/how-to/scale-with-dask.md``) and the
+train stage fits its plugins concurrently (``train.task_runner``); see :mod:`fuserec.flows.stages`.
 """
 
 from __future__ import annotations
 
 from prefect import flow
 
-import fuserec._env  # noqa: F401
+import fuserec.flows.environment  # noqa: F401
 from fuserec.config import Params, load_params
 from fuserec.flows.stages import run_stage
 

@@ -1,9 +1,9 @@
 """The stages as the Prefect flow runs them: cached across runs, and the train stage fanned out.
 
-Each stage declares here what it reads (files, params sections, plugins) and writes; the key is built by
-:mod:`fuserec.caching` (``docs/scaling.md``). Results go to ``cache.dir`` (default ``<outputs>/.cache``),
+What each stage reads (files, params) and writes comes from the stage table (:mod:`fuserec.stages.table`);
+the key is built by :mod:`fuserec.caching`. Results go to ``cache.dir`` (default ``<outputs>/.cache``),
 never to the Prefect home, so a cache lives and travels with the outputs it vouches for. Only
-``fuserec run`` uses this module: ``fuserec stage`` (and so DVC) calls the plain ``task.fn``.
+``fuserec run`` uses this module: ``fuserec stage`` (and so DVC) calls the plain stage functions.
 """
 
 from __future__ import annotations
@@ -33,19 +33,21 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from fuserec.caching import StageSpec, cache_key, outputs_intact, write_record
 from fuserec.config import Params, TrainConfig
 from fuserec.data.dataset import ITEMS_FILE, USERS_FILE
-from fuserec.layout import Layout
+from fuserec.flows.retries import with_io_retries
+from fuserec.layout import SPLIT_FILES, Layout
 from fuserec.manifest import read_json
 from fuserec.registry import FUSERS_GROUP, plugin_info, resolve_names
-from fuserec.retries import with_io_retries
-from fuserec.tasks.split import SPLIT_FILES
-from fuserec.tasks.train import limited_threads, threads_per_fit, train_plugin, training_jobs
+from fuserec.stages.table import Stage, param_value
+from fuserec.stages.table import stage as table_stage
+from fuserec.stages.train import CARVES, limited_threads, threads_per_fit, training_jobs
+from fuserec.tasks.train import train_plugin
 
 logger = logging.getLogger(__name__)
 JOURNAL_FILE = "journal.jsonl"
 IO_STAGES = ("validate",)  # reads the data source (a network mount, an export being rewritten)
 
 # --------------------------------------------------------------------------------------------------
-# What each stage reads and writes (mirrors dvc.yaml, but per plugin and by content)
+# What each stage reads and writes: the stage table, per plugin for train
 
 
 def _dump(section: Any) -> Any:
@@ -75,91 +77,51 @@ def _manifest_names(folder: Path) -> list[str]:
     )
 
 
-def _data_inputs(layout: Layout, *, test: bool = True, carve: str = "train") -> dict[str, Path]:
-    inputs = {
-        f"clean/{ITEMS_FILE}": layout.clean / ITEMS_FILE,
-        f"clean/{USERS_FILE}": layout.clean / USERS_FILE,
-        f"split/{carve}": layout.split / SPLIT_FILES[carve],
-    }
-    if test:
-        inputs["split/test"] = layout.split / SPLIT_FILES["test"]
-    return inputs
+def _declared(decl: Stage, params: Params, root: Path) -> tuple[dict[str, Path], dict[str, Any]]:
+    """A stage's declared inputs (label -> path) and params (dotted key -> value) under ``params``."""
+    raw = params.model_dump(mode="json", by_alias=True)
+    inputs = {label: root / label for label in decl.inputs}
+    return inputs, {key: param_value(raw, key) for key in decl.params}
 
 
 def stage_spec(stage: str, params: Params, plugin: str | None = None, carve: str = "train") -> StageSpec:
-    """What ``stage`` (``train-plugin`` with ``plugin`` and ``carve``) reads and writes under ``params``."""
-    layout = Layout(params.outputs_dir)
-    root = layout.root
-    if stage == "validate":
-        inputs: dict[str, Path] = {}
-        if params.data.source != "synthetic":
-            from fuserec.data.sources import source_path
+    """What ``stage`` (``train-plugin`` with ``plugin`` and ``carve``) reads and writes under ``params``.
 
-            inputs["data"] = source_path(params.data)
-        return StageSpec(
-            stage, inputs, {"data": _dump(params.data), "validate": _dump(params.validate_)}, _code(),
-            ("validated", "rejects", "validation_report.json"), root,
-        )  # fmt: skip
-    if stage == "clean":
-        return StageSpec(
-            stage, {"validated": layout.validated}, {"clean": _dump(params.clean)}, _code(), ("clean",), root
-        )
-    if stage == "split":
-        inputs = {"clean/interactions.parquet": layout.clean / "interactions.parquet"}
-        return StageSpec(stage, inputs, {"split": _dump(params.split)}, _code(), ("split",), root)
+    Everything comes from the stage table (:mod:`fuserec.stages.table`), which dvc.yaml is generated from.
+    Two refinements that only a cache per run can make: the validate stage also hashes the raw files
+    ``data.source`` names, and the train stage is keyed per plugin and carve (one plugin's config change
+    refits that plugin only); the codes are those of the plugins the stage runs.
+    """
+    root = Layout(params.outputs_dir).root
     if stage == "train-plugin":
         if plugin is None:
             raise ValueError("stage_spec('train-plugin') needs the plugin's name")
-        outputs = (f"inner_models/{plugin}",)
+        if carve not in CARVES:
+            raise ValueError(f"carve must be one of {CARVES}, not {carve!r}")
+        # the train stage's declaration narrowed to one fit: its data, seed and config
+        inputs = {
+            f"clean/{ITEMS_FILE}": root / "clean" / ITEMS_FILE,
+            f"clean/{USERS_FILE}": root / "clean" / USERS_FILE,
+            f"split/{carve}": root / "split" / SPLIT_FILES[carve],
+        }
+        read = {"train.seed": params.train.seed, f"algorithms.{plugin}": params.algorithm_config(plugin)}
+        outputs: tuple[str, ...] = (f"inner_models/{plugin}",)
         if carve == "train":
             outputs = (f"models/{plugin}", f"curves/{plugin}.csv")
-        return StageSpec(
-            f"{carve}[{plugin}]",
-            _data_inputs(layout, test=False, carve=carve),
-            {"train.seed": params.train.seed, f"algorithms.{plugin}": params.algorithm_config(plugin)},
-            _code([plugin]),
-            outputs,
-            root,
-        )
-    models = _manifest_names(layout.models)
-    if stage == "fuse":
-        # The components come fitted (inner_models/, keyed by content): no algorithm config is read here,
-        # so a change to one plugin refits that plugin only, and fuse just learns again.
+        return StageSpec(f"{carve}[{plugin}]", inputs, read, _code([plugin]), outputs, root)
+    decl = table_stage(stage)
+    inputs, read = _declared(decl, params, root)
+    code = _code()
+    if stage == "validate" and params.data.source != "synthetic":
+        from fuserec.data.sources import source_path
+
+        inputs["data"] = source_path(params.data)
+    elif stage == "fuse":
         fusers = resolve_names(params.fuse.fusers, FUSERS_GROUP)
-        inner = _manifest_names(layout.inner_models)
-        inputs = {
-            **_data_inputs(layout, test=False),
-            "models": layout.models,  # which models exist decides fuse.components: all
-            "inner_models": layout.inner_models,
-            "split/train_inner": layout.split / SPLIT_FILES["train_inner"],
-            "split/valid": layout.split / SPLIT_FILES["valid"],
-        }
-        read = {
-            "fuse": _dump(params.fuse),
-            "train.seed": params.train.seed,
-            **{f"fusers.{n}": params.fuser_config(n) for n in fusers},
-        }
-        return StageSpec(stage, inputs, read, _code(inner, fusers), ("fusers",), root)
-    fitted = _manifest_names(layout.fusers)
-    scored = {**_data_inputs(layout), "models": layout.models, "fusers": layout.fusers}
-    if stage == "evaluate":
-        read = {
-            "evaluate": _dump(params.evaluate),
-            "export.algorithm": params.export.algorithm,
-            "split": _dump(params.split),  # written into metrics.json's protocol
-            "clean.implicit_threshold": params.clean.implicit_threshold,
-        }
-        outputs = ("metrics.json", "plots", "rerank_curve.csv")
-        return StageSpec(stage, scored, read, _code(models, fitted), outputs, root)
-    if stage == "export":
-        read = {"export": _dump(params.export), "clean.implicit_threshold": params.clean.implicit_threshold}
-        return StageSpec(stage, scored, read, _code(models, fitted), ("model",), root)
-    if stage == "report":
-        inputs = {**scored, "metrics.json": layout.metrics}
-        return StageSpec(
-            stage, inputs, {}, _code(models, fitted), ("report.html", "gating_weights.csv"), root
-        )
-    raise ValueError(f"no cache spec for stage {stage!r}; add one to fuserec/flows/stages.py:stage_spec")
+        code = _code(_manifest_names(root / "inner_models"), fusers)
+    elif stage in ("evaluate", "export", "report"):
+        code = _code(_manifest_names(root / "models"), _manifest_names(root / "fusers"))
+    return StageSpec(stage, inputs, read, code, decl.output_paths, root)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,7 +176,7 @@ def _after_run(task: Task[..., Any], task_run: Any, state: Any) -> None:
     ran = state.name != "Cached" and started is not None
     entry = {
         "time": round(now, 3),
-        "seconds": round(now - started.timestamp(), 3) if ran else None,  # None for a cache hit
+        "seconds": round(now - started.timestamp(), 3) if ran and started else None,  # None for a cache hit
         "flow_run": str(task_run.flow_run_id),
         "task": spec.stage,
         "state": state.name,
@@ -272,7 +234,7 @@ def make_task_runner(cfg: TrainConfig) -> TaskRunner[Any]:
     if cfg.task_runner == "threads":
         return ThreadPoolTaskRunner(max_workers=cfg.workers)
     try:
-        from prefect_dask import DaskTaskRunner
+        from prefect_dask.task_runners import DaskTaskRunner
     except ImportError as exc:
         raise RuntimeError(
             "train.task_runner is dask but prefect-dask is not installed; run "

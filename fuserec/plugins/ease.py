@@ -38,6 +38,7 @@ class EASEConfig(AlgorithmConfig):
 
 class EASE(Algorithm):
     Config = EASEConfig
+    config: EASEConfig
 
     def fit(self, data: Dataset) -> Self:
         n_items = data.n_items
@@ -81,6 +82,8 @@ class EASE(Algorithm):
 
 
 class _EASEModule(torch.nn.Module):
+    weights: torch.Tensor
+
     def __init__(self, weights: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("weights", weights)

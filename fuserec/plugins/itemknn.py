@@ -36,6 +36,7 @@ class ItemKNNConfig(AlgorithmConfig):
 
 class ItemKNN(Algorithm):
     Config = ItemKNNConfig
+    config: ItemKNNConfig
 
     def fit(self, data: Dataset) -> Self:
         x = data.matrix().tocsc().astype(np.float32)
@@ -116,6 +117,8 @@ def _top_k_rows(sim: np.ndarray, k: int) -> np.ndarray:
 
 
 class _DenseKNN(torch.nn.Module):
+    sim: torch.Tensor
+
     def __init__(self, sim: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("sim", sim)
@@ -125,6 +128,9 @@ class _DenseKNN(torch.nn.Module):
 
 
 class _GatherKNN(torch.nn.Module):
+    neighbours: torch.Tensor
+    weights: torch.Tensor
+
     def __init__(self, neighbours: torch.Tensor, weights: torch.Tensor, n_items: int) -> None:
         super().__init__()
         self.register_buffer("neighbours", neighbours)

@@ -30,25 +30,21 @@ targets over the whole catalog with the inputs masked out (as seen items are at 
 with logit adjustment: ``tau * log prior_i`` is added to the logits during training only, so the
 embeddings need not encode popularity (Menon et al. 2021, long-tail learning). Epochs are chosen by
 :func:`fuserec.training.fit_early_stopped` (validation NDCG@10), then the model is refit on all data.
-On ML-100k (NDCG@10 on the early-stopping carve inside the validation fit, 50 epochs, no logit
-adjustment): a random 20% split of each history with uniform weights scored 0.128, the cut with
-``half_life`` 20 scored 0.161. On the validation carve (full fit, seed 42, no tail slot): uniform
-history weights 0.158, ``half_life`` 20: 0.163; EASE: 0.152; logit adjustment 0.25: 0.158, 1.0: unstable.
+Cutting each history in time (rather than holding out a random share of it) and weighting the input by
+recency were both chosen on validation: they train the model on the question the protocol asks.
+``logit_adjust`` (tau) is kept moderate: a full-weight prior made training unstable.
 
-Tail slot: a softmax-trained model ranks items with few training positives far down (on validation the
-median rank of a rare held-out item was ~700), because they are rarely chosen. With ``tail_rank`` = p the
+Tail slot: a softmax-trained model ranks items with few training positives far down, because they are
+rarely chosen. With ``tail_rank`` = p the
 scores of the tail items (fewer than ``tail_below`` training positives) are lifted together, by the
 amount that puts the best unseen tail item just above the p-th best unseen familiar item; tail items
 keep their order among themselves, so which one is shown is the graph's choice. The slot is gated: only
 histories whose tail affinity (mean ``log(1 + training popularity)`` of their items) is among the lowest
 ``tail_users`` share of the training users' get it, because those users hold most of the rare held-out
-items (on validation, the lowest fifth held 310 of 591) and their best tail pick hits three times as
-often as the average user's. Measured on the validation carve (NDCG@10, means over seeds 42, 1, 2;
-rare = held-out items with fewer than 5 training positives): no slot 0.161 / rare 0.0001; an ungated slot
-at rank 10 0.155 / 0.0054, at rank 7 0.151 / 0.0099; gated to 10% of users at rank 1 (the default,
-chosen as the largest rare-item NDCG with overall NDCG >= 0.153) 0.154 / 0.0108; gated to 35% at rank 5
-0.155 / 0.0103. With the entity edges removed the ungated rank-7 slot fell from 0.0099 to 0.0060 rare.
-It is part of ``score`` and of the exported graph; ``tail_rank`` 0 turns it off.
+items and their best tail pick hits far more often than the average user's. The default (a slot at rank
+1 for the lowest tenth) was chosen on the validation carve as the largest rare-item NDCG@10 for a small
+loss of overall NDCG@10; the entity edges are what make the tail picks good. It is part of ``score`` and
+of the exported graph; ``tail_rank`` 0 turns it off.
 
 Explanations walk the graph: each history item's exact share of the score (``u`` is linear in the
 history) is spread over its two-hop paths to the item (through a shared entity, or through the users
@@ -57,9 +53,8 @@ is ``best_path``. Cost: an epoch is ``users / user_batch`` steps, each a sparse 
 graph and a dense ``[user_batch, n_items]`` softmax, about one second on ML-100k on one core. A step's
 propagation costs the same whatever its batch, so with more users than ``user_batch * max_steps`` the
 batch grows instead of the step count: an epoch then costs ``max_steps`` propagations plus a softmax
-over every user, linear in the data. (At the ML-10M shape, 70k users, 546 steps of 128 users took
-about 1,200 s per epoch on one core.) ML-100k and ML-1M have fewer users than 128 x 64 and are
-unaffected.
+over every user, linear in the data, instead of hundreds of full propagations per epoch at the ML-10M
+shape. ML-100k and ML-1M have fewer users than 128 x 64 and are unaffected.
 """
 
 from __future__ import annotations
@@ -73,8 +68,7 @@ import torch
 from pydantic import Field
 
 from fuserec.api import Algorithm, FloatRange, Histories, IntRange, SearchDim, multi_hot
-from fuserec.features import item_entities, user_attribute_matrix
-from fuserec.plugins.content import _field_tokens
+from fuserec.features import field_tokens, item_entities, user_attribute_matrix
 from fuserec.segments import RARE_ITEM_BELOW
 from fuserec.training import TorchConfig, fit_early_stopped, resolve_device, torch_threads
 
@@ -152,7 +146,7 @@ class _Graph:
     def build(cls, data: Dataset, cfg: KGConfig) -> _Graph:
         ents = item_entities(data.items)
         if cfg.year_entities:
-            for row, years in zip(ents, _field_tokens(data.items, "year", "year"), strict=True):
+            for row, years in zip(ents, field_tokens(data.items, "year", "year"), strict=True):
                 row.extend(f"year:{y}" for y in years if f"year:{y}" not in row)
         names = sorted({e for row in ents for e in row})
         index = {e: k for k, e in enumerate(names)}
@@ -223,6 +217,7 @@ class KnowledgeGraph(Algorithm):
 
     Config = KGConfig
     config: KGConfig
+    _module: _KGModule | None  # built lazily from the fitted state
 
     def fit(self, data: Dataset) -> Self:
         cfg = self.config
@@ -255,14 +250,23 @@ class KnowledgeGraph(Algorithm):
 
     # -- scoring ------------------------------------------------------------------------------------
     def _scorer(self) -> _KGModule:
-        if getattr(self, "_module", None) is None:
+        module: _KGModule | None = getattr(self, "_module", None)
+        if module is None:
             s = self.state_
-            self._module = _KGModule(
-                *(torch.from_numpy(s[k]) for k in MODULE_ARRAYS),
+            context, item_vectors, attr_context, tail, log_popularity, tail_gate = (
+                torch.from_numpy(s[k]) for k in MODULE_ARRAYS
+            )
+            module = self._module = _KGModule(
+                context,
+                item_vectors,
+                attr_context,
+                tail,
+                log_popularity,
+                tail_gate,
                 self.config.half_life,
                 self.config.tail_rank,
             ).eval()
-        return self._module
+        return module
 
     def _blocks(self, histories: Histories) -> Any:
         """Per block of histories: rows, recency-weighted multi-hot, seen mask, attribute rows (or None)."""
@@ -275,13 +279,13 @@ class KnowledgeGraph(Algorithm):
             weights = sp.csr_matrix(
                 (recency_weights(sub, self.config.half_life), sub.items, sub.indptr), shape
             )
-            attrs = None
+            attrs: torch.Tensor | None = None
             if sub.users is not None and user_attr.shape[1]:
                 users = np.asarray(sub.users, dtype=np.int64)
                 known = (users >= 0) & (users < len(user_attr))
-                attrs = np.zeros((len(rows), user_attr.shape[1]), dtype=np.float32)
-                attrs[known] = user_attr[users[known]]
-                attrs = torch.from_numpy(attrs)
+                attr_rows = np.zeros((len(rows), user_attr.shape[1]), dtype=np.float32)
+                attr_rows[known] = user_attr[users[known]]
+                attrs = torch.from_numpy(attr_rows)
             yield (
                 rows,
                 torch.from_numpy(weights.toarray()),
@@ -463,6 +467,13 @@ def _tail_gate(seen: sp.csr_matrix, log_popularity: np.ndarray, share: float) ->
 
 class _KGModule(torch.nn.Module):
     """Fitted constants and scoring; ``forward`` (padded history -> scores) is the exported graph."""
+
+    context: torch.Tensor
+    item_vectors: torch.Tensor
+    attr_context: torch.Tensor
+    tail: torch.Tensor
+    log_popularity: torch.Tensor
+    tail_gate: torch.Tensor
 
     def __init__(
         self,

@@ -15,34 +15,26 @@ Why it fits the history-scored contract: the encoder IS a fold-in. Scoring takes
 fresh events, with no per-user parameters. The exported graph is
 ``multi_hot(history) -> L2-normalise -> encoder -> mu -> decoder -> logits``.
 
-Training on a small dataset is noisy: with ~4 optimiser steps per epoch on ML-100k, validation NDCG@10
-moved by +-0.005 from one epoch to the next, which made early stopping pick lucky or unlucky epochs. The
-weights that score (validation, and the fitted model) are therefore an exponential moving average of the
-trained weights (``ema_decay``); on the ML-100k validation carve this flattened the curve and, with larger
-batches, raised NDCG@10 from about 0.140 to 0.145 (dropout 0.5), and heavy input dropout (0.7) added
-about 0.002 more (mean over 4 seeds 0.147; EASE gets 0.152 there).
+Training on a small dataset is noisy: with a handful of optimiser steps per epoch, validation NDCG@10
+moves from one epoch to the next, so early stopping would pick lucky or unlucky epochs. The weights that
+score (validation, and the fitted model) are therefore an exponential moving average of the trained
+weights (``ema_decay``), which flattens the curve; heavy input dropout regularises further.
 
 Cost: an epoch is two dense ``[batch, n_items] x [n_items, hidden]`` products per step (forward and
 back), about ``6 x users x n_items x hidden`` flops: on ML-100k (943 users, 1,682 items, hidden 600)
 well under a second per epoch on one core. Memory is ``2 x n_items x hidden`` weights (plus Adam's
 state). Epochs are chosen by :func:`fuserec.training.fit_early_stopped` (validation NDCG@10), then the
-model is refit on all data for that many epochs. A fit on ML-100k took 40-100 s on one core (40 s on a quiet
-machine); it defaults to one torch thread: two threads on a busy 2-core machine took 400 s.
+model is refit on all data for that many epochs. It defaults to one torch thread: these small steps run
+slower on two threads of a busy machine.
 
-Defaults, re-chosen on the ML-100k validation carve only (2026-11-29, NDCG@10, seeds 42 / 1 / 2): the
-earlier setting (KL cap 0.5 over 150 steps, batch 256, dropout 0.7) scored 0.1455 / 0.1454 / 0.1474
-(mean 0.1461); no KL term (``anneal_cap`` 0, a Mult-DAE-like model that keeps the sampling noise),
-batch 512 and input dropout 0.85 scored 0.1516 / 0.1504 / 0.1483 (mean 0.1501), the best of the 28
-settings tried (42 validation runs), on each seed. A KL cap of 0.05-0.1, lr 1e-3 / 3e-3, weight decay,
-latent 100 / 300, batch 128 / 1024 and EMA 0.9 / 0.98 were no better.
+The defaults were chosen on the validation carve only, over several seeds: no KL term (``anneal_cap`` 0,
+a Mult-DAE-like model that keeps the sampling noise), batch 512 and input dropout 0.85 beat the
+paper-like setting (an annealed KL cap, smaller batches, less dropout) on every seed.
 
-With those settings and a binary input, ML-100k test NDCG@10 was 0.1315 / 0.1364 / 0.1265 (seeds 42 / 1 /
-2): below the issue's 0.135 at seed 42. A temporal split asks what comes next, so the input now weighs
-recent items more (``recency_boost``, ``recency_half_life``: weight ``1 + boost * 0.5 ** (age / half_life)``,
-age 0 = the latest item; the same weights are the reconstruction target). On the validation carve (seed
-42): boost 0 scored 0.1516; boost/half-life 2/10 0.1696, 5/10 0.1743, 2/30 0.1634, 10/10 0.1788,
-**10/5 0.1810** (chosen), 20/3 0.1713, 20/5 0.1776, 10/7 0.1804. Measured once on test with the chosen
-defaults: 0.1533 (seed 42, fit 45.2 s), 0.1546 (seed 1, 40.4 s), 0.1543 (seed 2, 38.9 s), on 2 shared cores.
+A temporal split asks what comes next, so the input weighs recent items more (``recency_boost``,
+``recency_half_life``: weight ``1 + boost * 0.5 ** (age / half_life)``, age 0 = the latest item; the same
+weights are the reconstruction target; ``recency_boost`` 0 is the paper's binary input). The boost and
+half-life were chosen on the validation carve; the measurements are in ``research/FINDINGS.md``.
 """
 
 from __future__ import annotations
@@ -120,6 +112,7 @@ class MultVAEConfig(TorchConfig):
 class MultVAE(Algorithm):
     Config = MultVAEConfig
     config: MultVAEConfig
+    _module: _VAEModule | None  # built lazily from the fitted state
 
     def fit(self, data: Dataset) -> Self:
         cfg = self.config
@@ -133,11 +126,12 @@ class MultVAE(Algorithm):
 
     # -- scoring ------------------------------------------------------------------------------------
     def _scorer(self) -> _VAEModule:
-        if getattr(self, "_module", None) is None:
+        module: _VAEModule | None = getattr(self, "_module", None)
+        if module is None:
             cfg = self.config
-            self._module = _VAEModule.from_state(self.state_, cfg.hidden).eval()
-            self._module.recency = (cfg.recency_boost, cfg.recency_half_life)
-        return self._module
+            module = self._module = _VAEModule.from_state(self.state_, cfg.hidden).eval()
+            module.recency = (cfg.recency_boost, cfg.recency_half_life)
+        return module
 
     def _run(self, histories: Histories, what: str, width: int) -> np.ndarray:
         self._check_fitted()

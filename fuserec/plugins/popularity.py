@@ -19,6 +19,7 @@ class PopularityConfig(AlgorithmConfig):
 
 class Popularity(Algorithm):
     Config = PopularityConfig
+    config: PopularityConfig
 
     def fit(self, data: Dataset) -> Self:
         self.counts_ = data.item_popularity().astype(np.float32)
@@ -44,6 +45,8 @@ class Popularity(Algorithm):
 
 
 class _PopularityModule(torch.nn.Module):
+    counts: torch.Tensor
+
     def __init__(self, counts: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("counts", counts)

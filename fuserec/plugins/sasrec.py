@@ -100,6 +100,7 @@ class SASRecConfig(TorchConfig):
 class SASRec(Algorithm):
     Config = SASRecConfig
     config: SASRecConfig
+    _module: _SASRecModule | None  # built lazily from the fitted state
 
     def fit(self, data: Dataset) -> Self:
         cfg = self.config
@@ -113,9 +114,10 @@ class SASRec(Algorithm):
 
     # -- scoring ------------------------------------------------------------------------------------
     def _scorer(self) -> _SASRecModule:
-        if getattr(self, "_module", None) is None:
-            self._module = _SASRecModule.from_state(self.state_, self.config.heads).eval()
-        return self._module
+        module: _SASRecModule | None = getattr(self, "_module", None)
+        if module is None:
+            module = self._module = _SASRecModule.from_state(self.state_, self.config.heads).eval()
+        return module
 
     def _run(self, histories: Histories, what: str, width: int) -> np.ndarray:
         self._check_fitted()

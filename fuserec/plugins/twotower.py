@@ -8,7 +8,7 @@ to carry signal on its own.
 
 Item tower: ``e_i = P(c_i) + k_i E_i + (1 - k0_i) e0`` and bias ``b_i = w . c_i + k_i beta_i + (1 - k0_i)
 (b0 + cold_offset)``. ``c_i`` is the item's TF-IDF content vector (genres, tags, year, text: a fitted
-:class:`fuserec.plugins.content.Content` is kept in the state, so a catalog row added later is embedded
+:class:`fuserec.features.TfidfVocabulary` is kept in the state, so a catalog row added later is embedded
 with the same vocabulary), ``P`` a linear map or a small ReLU MLP, ``E``/``beta`` the id embedding and
 bias. The id part is switched off
 - for items with fewer than ``id_min_count`` training positives (``k0_i = 0``), and for brand-new items
@@ -20,7 +20,7 @@ bias. The id part is switched off
   everything and ``P`` stays weak.
 ``cold_offset`` (scoring only) lifts the id-less items: the model is trained to be calibrated, and a
 calibrated model ranks an item with 2 training positives below the head for nearly everyone, so without a
-lift no rare item reaches a top-10 list (validation rare-item NDCG@10 was 0.000 at offset 0).
+lift no rare item reaches a top-10 list.
 
 User tower: the history's item-tower vectors (``history="shared"``; ``"separate"`` learns its own id
 embeddings and content map) pooled as ``p = (sum_j w_j h_j) / (sum_j w_j) ** alpha`` with recency weights
@@ -33,16 +33,15 @@ user's history with the target LEFT OUT (as in ``bpr.py``: the model must not fi
 input). ``folds=0`` is exact leave-one-out (one softmax row per positive); ``folds=k`` splits each user's
 positives into k random folds per epoch and predicts every positive of a fold from the other folds (one
 row per fold: several times cheaper, same validation accuracy). Adam; the scoring weights are an
-exponential moving average of the trained ones (``ema_decay``: epoch-to-epoch validation NDCG moved by
-+-0.005 without it); epochs chosen by :func:`fuserec.training.fit_early_stopped` on validation NDCG@10,
+exponential moving average of the trained ones (``ema_decay``: without it validation NDCG jumps from
+epoch to epoch); epochs chosen by :func:`fuserec.training.fit_early_stopped` on validation NDCG@10,
 then a refit on all data.
 
-On the ML-100k validation carve (NDCG@10, 3 seeds) the defaults score 0.142 overall (0.148 at
-``cold_offset=0``) and 0.010 on rare items (< 5 training positives; 0.000 at offset 0, the collaborative
-plugins ~0.001). Choices that mattered (one seed each; seeds alone move NDCG by +-0.005): recency
-``half_life=20`` (0.141 vs 0.130 without), ``history="shared"`` (0.157 vs 0.147 with separate history
-embeddings), ``id_min_count=5`` (with id vectors, rare items stay at 0 whatever the offset), an MLP
-content map (``content_hidden=64``: less overall NDCG lost per rare-item gain than a linear one).
+The defaults were chosen on the validation carve, trading a little overall NDCG@10 for rare-item NDCG@10
+(``cold_offset``), where the collaborative plugins score almost nothing. Choices that mattered: recency
+weights (``half_life``), one shared set of item vectors for the history (``history="shared"``),
+``id_min_count`` (with id vectors, rare items stay out of the top 10 whatever the offset), and an MLP
+content map (``content_hidden``: less overall NDCG lost per rare-item gain than a linear one).
 
 User attributes and the exported graph: ``score()`` reads attributes when ``histories.users`` is given
 (row of the users table; -1 or out of range = unknown = zero attributes). The module's
@@ -56,6 +55,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
 import numpy as np
@@ -64,16 +64,15 @@ import torch
 from pydantic import Field
 
 from fuserec.api import Algorithm, Choice, FloatRange, Histories, IntRange, SearchDim
-from fuserec.features import user_attribute_matrix
-from fuserec.histories import _ranges
-from fuserec.plugins.content import Content, ContentConfig
+from fuserec.features import DEFAULTS, ContentFeatures, TfidfVocabulary, user_attribute_matrix
+from fuserec.histories import concat_ranges
 from fuserec.training import TorchConfig, fit_early_stopped, resolve_device, torch_threads
 
 if TYPE_CHECKING:
     from fuserec.data.dataset import Dataset
 
 INIT_STD = 0.01
-CONTENT_PREFIX = "content."  # state keys of the embedded Content model (vocabulary, idf, item vectors)
+CONTENT_PREFIX = "content."  # state keys of the fitted TF-IDF vocabulary (vocabulary, idf, item vectors)
 MIN_WEIGHT = 1e-6  # floor of a history's total weight before the |h|^-alpha normalisation
 
 
@@ -137,7 +136,7 @@ class TwoTowerConfig(TorchConfig):
         ge=1,
         description="torch CPU threads while training (None = torch's); small steps run fastest on one",
     )
-    title_weight: float = Field(0.0, ge=0.0, description="content: weight of title words (see Content)")
+    title_weight: float = Field(0.0, ge=0.0, description="content: weight of title words")
     year_weight: float = Field(0.75, ge=0.0, description="content: weight of release-year tokens")
 
 
@@ -146,15 +145,16 @@ class TwoTower(Algorithm):
 
     Config = TwoTowerConfig
     config: TwoTowerConfig
+    _module: _TwoTowerModule | None  # built lazily from the fitted state
 
     def fit(self, data: Dataset) -> Self:
         cfg = self.config
-        content = Content(self._content_config()).fit(data)
+        content = TfidfVocabulary.fit(data.items, self._content_settings())
         attributes, names = user_attribute_matrix(data.users)
         with torch_threads(cfg.threads):
             device = resolve_device(cfg.device)
             trainer, log = fit_early_stopped(
-                lambda d: _Trainer(d, cfg, content.item_vectors_, attributes, device),
+                lambda d: _Trainer(d, cfg, content.item_vectors, attributes, device),
                 data,
                 cfg,
                 "twotower",
@@ -168,14 +168,15 @@ class TwoTower(Algorithm):
         self.n_items_ = data.n_items
         return self
 
-    def _content_config(self) -> ContentConfig:
-        return ContentConfig(title_weight=self.config.title_weight, year_weight=self.config.year_weight)
+    def _content_settings(self) -> ContentFeatures:
+        return replace(DEFAULTS, title_weight=self.config.title_weight, year_weight=self.config.year_weight)
 
     # -- scoring ------------------------------------------------------------------------------------
     def _scorer(self) -> _TwoTowerModule:
-        if getattr(self, "_module", None) is None:
-            self._module = _TwoTowerModule.from_state(self.params_, self.config).eval()
-        return self._module
+        module: _TwoTowerModule | None = getattr(self, "_module", None)
+        if module is None:
+            module = self._module = _TwoTowerModule.from_state(self.params_, self.config).eval()
+        return module
 
     def _user_features(self, histories: Histories) -> np.ndarray | None:
         """Attribute rows of ``histories.users`` (unknown users: zeros); None without users or attributes."""
@@ -216,7 +217,7 @@ class TwoTower(Algorithm):
     def embed_items(self, items: pd.DataFrame) -> np.ndarray:
         """Content vectors of catalog rows in the fitted vocabulary (the item tower's content input)."""
         self._check_fitted()
-        return self.content_.embed_items(items)
+        return self.content_.embed(items)
 
     def score_items(self, histories: Histories, items: pd.DataFrame) -> np.ndarray:
         """Scores ``float32 [len(histories), len(items)]`` of items known only by their catalog row.
@@ -280,9 +281,7 @@ class TwoTower(Algorithm):
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         content = {k[len(CONTENT_PREFIX) :]: v for k, v in state.items() if k.startswith(CONTENT_PREFIX)}
-        self.content_ = Content(self._content_config())
-        self.content_.set_state(content)
-        self.content_.n_items_ = len(content["item_vectors"])
+        self.content_ = TfidfVocabulary.from_state(content, self._content_settings())
         self.attributes_ = np.asarray(state["attributes"], dtype=np.float32)
         self.attribute_names_ = np.asarray(state["attribute_names"], dtype=str)  # columns of user_features
         self.params_ = {
@@ -371,7 +370,7 @@ class _Trainer:
         total, seen = 0.0, 0
         for users in _user_batches(self.rng.permutation(self.active), self.lengths, self.cfg.batch_size):
             counts = self.lengths[users]
-            take = _ranges(self.indptr[users], counts)
+            take = concat_ranges(self.indptr[users], counts)
             pair_user = np.repeat(np.arange(len(users)), counts)
             row, row_user = self._folds(pair_user, counts)
             feats = self.attributes[users] if self.attributes.shape[1] else None
@@ -465,6 +464,9 @@ class _ContentMap(torch.nn.Module):
 
 class _TwoTowerModule(torch.nn.Module):
     """Both towers; ``forward(history, user_features=None)`` (padded history -> scores) is the ONNX graph."""
+
+    content: torch.Tensor
+    id_ok: torch.Tensor
 
     def __init__(
         self,

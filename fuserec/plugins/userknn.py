@@ -10,10 +10,10 @@ second matmul.
 Memory and speed: ``X`` is kept sparse (CSR). Up to ``dense_max_cells`` user x item cells (2^25, e.g.
 ML-1M's 6,040 x 3,706) ``score()`` runs the torch module on a dense copy, the same arithmetic as the ONNX
 graph. Above it ``score()`` stays sparse: ``(h w^2) X^T`` touches only the users who share an item with
-the history, and the neighbours' rows are summed sparsely (``benchmarks/userknn_scale.py``, ML-10M size:
-1,024 histories in 7.7 s sparse; the dense module took 8.8 s for 64 and a 3 GB dense ``X``). The
-exported graph is still the dense module (``X`` as a float32 buffer: 3 GB at ML-10M size, stored beside
-the graph as external data). With the default binary weighting the similarities are sums of ones, exact in
+the history, and the neighbours' rows are summed sparsely, far faster than the dense module at the ML-10M
+shape and without its dense ``X`` (``benchmarks/userknn_scale.py`` measures both). The exported graph is
+still the dense module (``X`` as a float32 buffer: 3 GB at ML-10M size, stored beside the graph as
+external data). With the default binary weighting the similarities are sums of ones, exact in
 both paths, so they select the same neighbours; with ``idf`` a tie at the k-th neighbour may fall either
 way between the two.
 
@@ -21,8 +21,8 @@ The neighbour cut is tie-tolerant: every user whose similarity reaches the k-th 
 ``score()``, the torch module and onnxruntime agree whichever of several tied users each top-k picks.
 A training user scoring their own history finds themselves as the best neighbour. That neighbour only
 adds to items already in the history (which rankings exclude), so it costs one neighbour slot and
-nothing else; a history-based rule dropping exact matches changed ML-100k validation NDCG@10 by
--0.0003 at the chosen k=50 (it helps only at tiny k), so none is applied.
+nothing else; a history-based rule dropping exact matches made no difference on validation at the
+chosen ``k`` (it helps only at tiny k), so none is applied.
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ class UserKNNConfig(AlgorithmConfig):
 
 class UserKNN(Algorithm):
     Config = UserKNNConfig
+    config: UserKNNConfig
+    _module: _UserKNNModule | None  # built lazily from the fitted state
 
     def fit(self, data: Dataset) -> Self:
         x = data.matrix().astype(np.float32).tocsr()
@@ -94,8 +96,9 @@ class UserKNN(Algorithm):
         return n_users * n_items <= self.config.dense_max_cells
 
     def _scorer(self) -> _UserKNNModule:
-        if getattr(self, "_module", None) is None:
-            self._module = _UserKNNModule(
+        module: _UserKNNModule | None = getattr(self, "_module", None)
+        if module is None:
+            module = self._module = _UserKNNModule(
                 torch.from_numpy(self.csr_.toarray()),  # dense X: the exported graph's buffer
                 torch.from_numpy(self.norms_),
                 torch.from_numpy(self.item_weights_),
@@ -103,7 +106,7 @@ class UserKNN(Algorithm):
                 shrinkage=self.config.shrinkage,
                 exponent=self.config.exponent,
             ).eval()
-        return self._module
+        return module
 
     def score(self, histories: Histories) -> np.ndarray:
         self._check_fitted()
@@ -200,6 +203,10 @@ class _UserKNNModule(torch.nn.Module):
     ``matrix`` is the binary X; weighting enters only the similarity, as ``(h w^2) X^T`` (= the dot of the
     weighted vectors), so scores stay sums of neighbours' binary rows and X is stored once.
     """
+
+    matrix: torch.Tensor
+    norms: torch.Tensor
+    item_weights: torch.Tensor
 
     def __init__(
         self,

@@ -104,10 +104,12 @@ def create_app(
 
     @app.get("/health")
     def health() -> dict[str, str]:
+        """Liveness: the process answers. Load balancers poll it; it touches no model or store."""
         return {"status": "ok"}
 
     @app.get("/ready")
     def ready() -> dict[str, Any]:
+        """Readiness: the served model (name, components, sha256, providers), catalogue and store sizes."""
         return {
             "ready": True,
             "model": service.manifest["algorithm"]["name"],
@@ -121,21 +123,31 @@ def create_app(
 
     @app.post("/recommend")
     async def recommend(req: RecommendIn) -> JSONResponse:
+        """Top-k items for a history, or for a user's stored events, scored by the exported graph.
+
+        Each item comes with its score and every component model's share of it. Seen items are left
+        out; cold users get the onboarding or attribute-based fallback; ``filter`` and ``diversity``
+        re-rank the list.
+        """
         # async: a request waits on the batcher without holding a thread; plain JSON, no re-encoding pass
         return JSONResponse(await service.recommend_async(req))
 
     @app.get("/explain")
     def explain(user_id: QueryId, item_id: QueryId) -> dict[str, Any]:
+        """Why ``item_id`` ranks where it does for ``user_id``: its rank, each model's contribution, and
+        the history items and shared attributes behind it."""
         return service.explain(user_id, item_id)
 
     @app.post("/events")
     def add_events(req: EventsIn) -> dict[str, Any]:
+        """Append interactions to the event store; the next ``/recommend`` of those users reads them."""
         return service.add_events(req)
 
     @app.get("/events")
     def read_events(
         user_id: QueryId, limit: Annotated[int, Query(ge=1, le=MAX_HISTORY_REQUEST)] = 100
     ) -> dict[str, Any]:
+        """A user's latest ``limit`` stored events (oldest first), as they were stored."""
         return service.events(user_id, limit)
 
     return app

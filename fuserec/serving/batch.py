@@ -20,14 +20,11 @@ import numpy as np
 import pandas as pd
 
 from fuserec.histories import PAD
-from fuserec.layout import Layout
+from fuserec.layout import CATALOG_FILE, MODEL_FILE, RATINGS_FILE, SPLIT_FILES, Layout
 from fuserec.manifest import read_json
 from fuserec.onnx_model import OnnxRecommender
 from fuserec.serving.coldstart import ColdStart, genre_sets
 from fuserec.serving.store import SQLiteEventStore
-from fuserec.tasks.clean import RATINGS_FILE
-from fuserec.tasks.export import CATALOG_FILE, MODEL_FILE
-from fuserec.tasks.split import SPLIT_FILES
 
 OUTPUT_COLUMNS = ["user_id", "rank", "item_id", "title", "score"]
 OUTPUT_TYPES = ("string", "int64", "string", "string", "float64")  # Arrow types of the Parquet output
@@ -262,13 +259,13 @@ def score_batches(
         seen[rows, np.concatenate([np.asarray(b, dtype=np.int64) for b in blocked])] = True
         top, valid = rank_unseen(scores, seen, k)
         user_rows, ranks = np.nonzero(valid)
-        items = top[user_rows, ranks]
+        top_items = top[user_rows, ranks]
         frame = pd.DataFrame(
             {
                 "user": user_rows + start,
                 "rank": ranks.astype(np.int64) + 1,
-                "item": items,
-                "score": scores[user_rows, items],
+                "item": top_items,
+                "score": scores[user_rows, top_items],
             }
         )
         yield stop - start, frame

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from fuserec.layout import Layout
-from fuserec.tasks.split import SPLIT_FILES
+from fuserec.layout import SPLIT_FILES, Layout
 
 ATTRIBUTES = ("gender", "occupation", "age_band")
 GENRE_BOOST = 1000.0

@@ -24,7 +24,7 @@ from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from fuserec.features import item_content_vectors
-from fuserec.layout import Layout
+from fuserec.layout import CATALOG_FILE, MODEL_FILE, SPLIT_FILES, Layout
 from fuserec.manifest import read_json
 from fuserec.onnx_model import OnnxRecommender
 from fuserec.rerank import Rerank, mmr_top_k, unit_vectors
@@ -32,8 +32,6 @@ from fuserec.serving.batch import catalog_titles, indexed_history, indexed_seen,
 from fuserec.serving.batcher import Batcher, Scored
 from fuserec.serving.coldstart import ColdStart, attribute_values, genre_sets
 from fuserec.serving.store import Event, SQLiteEventStore
-from fuserec.tasks.export import CATALOG_FILE, MODEL_FILE
-from fuserec.tasks.split import SPLIT_FILES
 
 log = logging.getLogger("fuserec.serving")
 
@@ -151,7 +149,7 @@ class Service:
         # A request's diversity re-ranks with the export's pool, head and order, so it moves along the
         # same curve as the served graph's own re-ranking (manifests from before these keys: defaults).
         shape, default = self.manifest.get("rerank") or {}, Rerank()
-        self.rerank_shape = {
+        self.rerank_shape: dict[str, Any] = {
             "depth": int(shape.get("depth", default.depth)),
             "keep": int(shape.get("keep", default.keep)),
             "order": str(shape.get("order", default.order)),
@@ -247,7 +245,9 @@ class Service:
     async def recommend_async(self, req: RecommendIn) -> dict[str, Any]:
         """:meth:`recommend` without holding a worker thread while the batcher scores."""
         plan = self.plan(req)
-        scored = await asyncio.wrap_future(self.batcher.submit(plan.items, plan.last)) if plan.items else None
+        if not plan.items:
+            return self.finish(plan, None)
+        scored = await asyncio.wrap_future(self.batcher.submit(plan.items, plan.last))
         return self.finish(plan, scored)
 
     def cold_scores(self, req: RecommendIn) -> tuple[np.ndarray, np.ndarray, list[str], str]:

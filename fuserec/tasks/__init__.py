@@ -1,7 +1,6 @@
-"""Pipeline stages: one module per stage, each a Prefect task over files on disk.
+"""The pipeline's stages as Prefect tasks: thin wrappers, one module per stage.
 
-Every stage is ``@task def <stage>(params: Params) -> str`` returning the path it wrote; ``.fn`` is the
-plain function that ``fuserec stage <stage>`` (and so ``dvc repro``) calls.
+Each ``fuserec.tasks.<stage>.<stage>`` is ``prefect.task`` around the plain function
+``fuserec.stages.<stage>.<stage>(params) -> str``; ``.fn`` is that function, which ``fuserec stage``
+(and so ``dvc repro``) calls. What each stage reads and writes is declared in :mod:`fuserec.stages.table`.
 """
-
-STAGES = ("validate", "clean", "split", "train", "fuse", "evaluate", "export", "report")

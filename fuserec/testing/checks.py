@@ -28,7 +28,9 @@ def make(cls: type[Algorithm], config: dict[str, Any] | None, seed: int = 0) -> 
     return cls(cls.Config.model_validate({**(config or {}), "seed": seed}))
 
 
-def check_config(cls: type[Algorithm], config: dict[str, Any] | None, bad_configs: list[dict]) -> None:
+def check_config(
+    cls: type[Algorithm], config: dict[str, Any] | None, bad_configs: list[dict[str, Any]]
+) -> None:
     """The config round-trips through JSON and rejects unknown keys and each declared bad value."""
     cfg = cls.Config.model_validate(config or {})
     if cls.Config.model_validate_json(cfg.model_dump_json()) != cfg:
@@ -81,7 +83,9 @@ def check_scores(algo: Algorithm, histories: Histories) -> np.ndarray:
     return scores
 
 
-def check_deterministic(cls: type[Algorithm], config: dict | None, data: Dataset, hist: Histories) -> None:
+def check_deterministic(
+    cls: type[Algorithm], config: dict[str, Any] | None, data: Dataset, hist: Histories
+) -> None:
     a = make(cls, config).fit(data).score(hist)
     b = make(cls, config).fit(data).score(hist)
     if not np.allclose(a, b, atol=1e-6):
@@ -133,7 +137,7 @@ def check_save_load(algo: Algorithm, hist: Histories) -> None:
 
 def check_onnx_parity(algo: Algorithm, hist: Histories, atol: float = 1e-4) -> dict[str, Any]:
     from fuserec.onnx_model import OnnxRecommender, export_onnx
-    from fuserec.tasks.export import contributions_agree, parity_check
+    from fuserec.parity import contributions_agree, parity_check
 
     cls = type(algo)
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,10 +186,12 @@ def check_onnx_parity(algo: Algorithm, hist: Histories, atol: float = 1e-4) -> d
     return report
 
 
-def check_planted_structure(cls: type[Algorithm], config: dict | None, data: Dataset) -> dict[str, float]:
+def check_planted_structure(
+    cls: type[Algorithm], config: dict[str, Any] | None, data: Dataset
+) -> dict[str, float]:
     """NDCG@10 on a temporal hold-out of the planted data must beat popularity's."""
     from fuserec.plugins.popularity import Popularity
-    from fuserec.tasks.split import split_frame
+    from fuserec.splitting import split_frame
 
     train, test = split_frame(data.interactions, SplitConfig())
     train_data = data.with_interactions(train)
@@ -195,8 +201,12 @@ def check_planted_structure(cls: type[Algorithm], config: dict | None, data: Dat
     result = {}
     for name, algo in (("algorithm", make(cls, config)), ("popularity", Popularity())):
         algo.fit(train_data)
+
+        def score(rows: np.ndarray, a: Algorithm = algo) -> np.ndarray:
+            return a.score(hist.select(rows))
+
         metrics, _ = evaluate_scores(
-            lambda rows, a=algo: a.score(hist.select(rows)),
+            score,
             users,
             train_data.matrix(),
             truth,

@@ -19,9 +19,9 @@ from fuserec.data.dataset import Dataset, interactions_matrix
 from fuserec.fusion import STATE_FILE, Fuser
 from fuserec.histories import Histories
 from fuserec.metrics import evaluate_scores
+from fuserec.splitting import Carve, carve_validation
 from fuserec.testing import checks
 from fuserec.testing.data import planted_dataset
-from fuserec.training import ValidationCarve, validation_carve
 
 
 class FusionCase:
@@ -29,12 +29,12 @@ class FusionCase:
 
     def __init__(self, components: dict[str, tuple[type[Algorithm], dict[str, Any]]]) -> None:
         data = planted_dataset()
-        outer = validation_carve(data)
+        outer = carve_validation(data)
         assert outer is not None
-        inner = validation_carve(outer.fit)
+        inner = carve_validation(outer.fit)
         assert inner is not None
-        self.outer: ValidationCarve = outer
-        self.inner: ValidationCarve = inner
+        self.outer: Carve = outer
+        self.inner: Carve = inner
         self.train: Dataset = outer.fit
         self.inner_models = {n: cls(cfg).fit(inner.fit) for n, (cls, cfg) in components.items()}
         self.models = {n: cls(cfg).fit(outer.fit) for n, (cls, cfg) in components.items()}

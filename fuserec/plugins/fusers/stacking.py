@@ -1,9 +1,9 @@
 """Stacking: a learned ranker over the components' scores and ranks plus context, trained on validation.
 
-PROTOCOL.md's lesson: a ranker that reads the models' scores alone does not beat a tuned linear model
-(0.1431 vs EASE's 0.1445 on ML-100k); one that also reads context (how old the item was when the user last
-acted, its popularity then and overall, the history's length, content similarity, agreement between the
-models) gains 10-15%. So every candidate (the union of each component's top-N unseen items) gets:
+docs/protocol.md's anchors teach it: a ranker that reads the models' scores alone does not beat a tuned linear
+model (EASE); one that also reads context (how old the item was when the user last acted, its popularity
+then and overall, the history's length, content similarity, agreement between the models) clearly does.
+So every candidate (the union of each component's top-N unseen items) gets:
 
 - per component: its per-user z-scored score and log rank;
 - agreement: how many components put it in their top-N, mean and min log rank, mean and spread of z;
@@ -11,7 +11,7 @@ models) gains 10-15%. So every candidate (the union of each component's top-N un
   it; days since its first positive (-1 when it had none yet); release year; content cosine to the history;
 - user context: log history length, mean log popularity of the history.
 
-Time features read only interactions dated before the user's latest event (PROTOCOL.md "no look-ahead"):
+Time features read only interactions dated before the user's latest event (docs/protocol.md "no look-ahead"):
 a time-bucketed cumulative count table, and first-seen times compared with that event's time.
 
 The ranker is LightGBM's lambdarank, trained on the validation carve (components fitted on train'); a
@@ -23,9 +23,8 @@ component rank.
 
 Serving cost grows with every fused component, so components the trees barely read (under ``prune_share``
 of the split gain) are dropped and the ranker relearned, when out-of-fold NDCG@10 loses at most
-``prune_tolerance``. On ML-100k (seed 42) that dropped itemknn, rp3beta and userknn (0.8%, 0.8% and 0.3%
-of the gain; out-of-fold 0.2104 -> 0.2091, test 0.1767 -> 0.1768) and with them four of the graph's five
-largest matmuls; at 1.5% it would also drop bpr and content and lose 0.007 out of fold, so it is refused.
+``prune_tolerance``. The neighbourhood models are typically the ones dropped, and with them the graph's
+largest matmuls; a higher share would also drop components the trees do use, and the tolerance refuses it.
 """
 
 from __future__ import annotations
@@ -105,9 +104,8 @@ class StackingConfig(FuserConfig):
     recent_days: float = Field(30.0, gt=0.0, description="window of the recent-popularity feature")
     max_time_buckets: int = Field(1024, ge=1, description="resolution of the popularity-over-time table")
     content_dims: int = Field(64, ge=1, description="content vectors are reduced to this many dimensions")
-    #: 1.0 was chosen on ML-100k validation users held out from the fit (docs/fusion.md, mean of 3 splits):
-    #: NDCG@10 of warm users cut to 1-5 items 0.169 (none), 0.169 (0.25), 0.172 (0.5), 0.177 (1.0); real
-    #: users' 0.198, 0.204, 0.203, 0.204.
+    #: 1.0 was chosen on validation users held out from the fit (docs/concepts/fusion.md): the most NDCG@10
+    #: on warm users cut to 1-5 items, with no loss on real histories.
     cold_copies: float = Field(1.0, ge=0.0, le=1.0, description=COLD_COPIES_HELP)
     max_users: int | None = Field(
         10_000,
@@ -133,6 +131,7 @@ class Stacking(Fuser):
 
     Config = StackingConfig
     config: StackingConfig
+    _trees: TreeEnsemble | None  # built lazily from the fitted state
     uses_time = True
     #: Rank features and candidate membership are discontinuous in the component scores: where a component
     #: ties many items (popularity counts), onnxruntime may order the tie differently from torch's stable
@@ -142,7 +141,7 @@ class Stacking(Fuser):
     # -- data-derived tables ------------------------------------------------------------------------
     def observe(self, data: Dataset) -> None:
         """Item statistics and content from ``data`` (train' while learning, full train afterwards)."""
-        from fuserec.features import item_content_vectors
+        from fuserec.features import item_content_vectors, svd_reduce
 
         cfg = self.config
         frame = data.interactions
@@ -164,7 +163,7 @@ class Stacking(Fuser):
             "year": np.zeros(n, np.float32) if year is None else year.fillna(0).to_numpy(np.float32),
             "cumulative": np.cumsum(counts, axis=1).astype(np.float32),  # [:, j]: positives before edges[j]
             "edges": edges,
-            "content": _reduce(item_content_vectors(data.items), cfg.content_dims),
+            "content": svd_reduce(item_content_vectors(data.items), cfg.content_dims),
         }
         self.reference_time_ = hi
 
@@ -249,13 +248,14 @@ class Stacking(Fuser):
         # those under prune_share of the split gain and relearn, unless out-of-fold NDCG falls by more than
         # prune_tolerance (then keep everything).
         shares = self.component_shares()
-        keep = [i for i, name in enumerate(self.names_) if shares[name] >= cfg.prune_share]
-        keep = keep or [int(np.argmax([shares[n] for n in self.names_]))]
-        if len(keep) == len(self.names_):
+        names = self._check_fitted_names()
+        keep = [i for i, name in enumerate(names) if shares[name] >= cfg.prune_share]
+        keep = keep or [int(np.argmax([shares[n] for n in names]))]
+        if len(keep) == len(names):
             return
-        before = (list(self.names_), self.get_state())
+        before = (list(names), self.get_state())
         full = self.cv_ndcg_
-        self.names_ = [self.names_[i] for i in keep]
+        self.names_ = [names[i] for i in keep]
         for j, i in enumerate(keep):  # compacted in place (keep is ascending): no second [M, U, n] copy
             val.scores[j] = val.scores[i]
         val.scores = val.scores[: len(keep)]
@@ -372,7 +372,7 @@ class Stacking(Fuser):
         self.trees_ = average_arrays([booster_arrays(_truncate(b, rounds), n_features) for b in boosters])
         self._trees = None
         gain = [b.feature_importance(importance_type="gain", iteration=rounds) for b in boosters]
-        self.importance_ = np.sum(gain, axis=0, dtype=np.float64)
+        self.importance_: np.ndarray = np.asarray(np.sum(gain, axis=0, dtype=np.float64))
 
     def _score_rows(self, val: ValidationScores, rows: np.ndarray, last: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
@@ -422,13 +422,14 @@ class Stacking(Fuser):
         are split evenly, so contributions add up to the fused score. Derived from ``trees_``, rebuilt
         after every (re)load.
         """
-        if getattr(self, "_trees", None) is None:
+        trees: TreeEnsemble | None = getattr(self, "_trees", None)
+        if trees is None:
             names = self._check_fitted_names()
             m, n_features = len(names), len(self.feature_names)
             owner = np.full((n_features, m), 1.0 / m)
             owner[: 2 * m] = np.tile(np.eye(m), (2, 1))
-            self._trees = TreeEnsemble(self.trees_, n_features, owner)
-        return self._trees
+            trees = self._trees = TreeEnsemble(self.trees_, n_features, owner)
+        return trees
 
     def _tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v).to(device) for k, v in self.tables_.items()}
@@ -482,14 +483,3 @@ def _truncate(booster: Any, rounds: int) -> Any:
     import lightgbm as lgb
 
     return lgb.Booster(model_str=booster.model_to_string(num_iteration=rounds))
-
-
-def _reduce(vectors: np.ndarray, dims: int) -> np.ndarray:
-    """Content vectors projected on their top ``dims`` singular directions (cosines barely change)."""
-    vectors = np.asarray(vectors, dtype=np.float64)
-    if vectors.shape[1] > dims and min(vectors.shape) > dims:
-        from scipy.sparse.linalg import svds
-
-        u, s, _ = svds(vectors, k=dims, random_state=0)
-        vectors = u * s
-    return vectors.astype(np.float32)

@@ -1,6 +1,6 @@
 """Rank-based voting: Borda count and reciprocal rank fusion. Nothing is learned.
 
-They are the baselines a learned fuser must beat (PROTOCOL.md: RRF of strong models loses to the best of
+They are the baselines a learned fuser must beat (docs/protocol.md: RRF of strong models loses to the best of
 them). Ranks are taken among each user's unseen items, with the evaluation's tie rule, so an item's vote
 does not depend on how a model scores the items the user already has.
 

@@ -1,0 +1,177 @@
+"""Evaluate: full-ranking metrics of every trained model on the test split.
+
+Each model scores the training histories of users with test items; their training items are excluded;
+ranking is over the whole catalog. Writes ``metrics.json`` (a DVC metrics file) and one CSV per model
+with every metric by k (DVC plots).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from fuserec.artifacts import load_algorithm, trained_models
+from fuserec.config import Params
+from fuserec.data.dataset import Dataset, interactions_matrix
+from fuserec.evaluation import metrics_by_k, ranking_metrics, rounded, segment_comparison, significance
+from fuserec.features import item_content_vectors
+from fuserec.fusion import SharedScores
+from fuserec.histories import Histories
+from fuserec.layout import SPLIT_FILES, Layout
+from fuserec.manifest import write_json
+from fuserec.metrics import evaluate_rankings, ndcg_at_k, rank_together
+from fuserec.rerank import DiversityCurve, Rerank
+from fuserec.segments import SIMULATED_COLD, simulated_cold
+
+
+def protocol_summary(params: Params, train: pd.DataFrame, test: pd.DataFrame, n_items: int) -> dict[str, Any]:
+    return {
+        "split": params.split.method,
+        "test_fraction": params.split.test_fraction,
+        "min_user_positives": params.split.min_user_positives,
+        "implicit_threshold": params.clean.implicit_threshold,
+        "ranking": "full catalog, training items excluded, ties by lower item index",
+        "ks": params.evaluate.ks,
+        "n_items": n_items,
+        "train_interactions": len(train),
+        "test_interactions": len(test),
+        "test_users": int(test["user"].nunique()),
+    }
+
+
+def simulated_cold_metrics(
+    params: Params,
+    scorers: dict[str, tuple[str, Any]],
+    data: Dataset,
+    test: pd.DataFrame,
+    hist: Histories,
+    train_mat: sp.csr_matrix,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]] | None:
+    """Every scorer again on warm test users cut to their latest 1-5 items (:func:`simulated_cold`).
+
+    Returns ``(metrics by scorer, per-user NDCG@10 by kind and scorer)``, or None when the segment is off
+    or empty. The user's whole training set stays excluded from the ranking, as for real users.
+    """
+    users = np.unique(test["user"].to_numpy())
+    cold = simulated_cold(hist, users, params.evaluate.simulated_cold_users, params.train.seed)
+    if cold is None:
+        return None
+    cut, cold_users = cold
+    topks = rank_together(
+        {name: scorer.score for name, (_, scorer) in scorers.items()},
+        cut.select,
+        cold_users,
+        train_mat,
+        10,
+        params.evaluate.batch_size,
+    )
+    truth = interactions_matrix(test, data.n_users, data.n_items)[cold_users]
+    popularity = data.item_popularity()
+    metrics: dict[str, dict[str, float]] = {}
+    per_user: dict[str, dict[str, np.ndarray]] = {"models": {}, "fusers": {}}
+    for name, (kind, _) in scorers.items():
+        values = evaluate_rankings(topks[name], truth, [10], popularity)
+        keep = {key: values[key] for key in ("ndcg@10", "recall@10", "hr@10", "n_users")}
+        metrics[name] = rounded(keep | {"n_interactions": int(truth.nnz)})
+        per_user[kind][name] = ndcg_at_k(topks[name], truth, 10)
+    return metrics, per_user
+
+
+def rerank_curve(
+    params: Params, data: Dataset, vectors: np.ndarray, train_mat: sp.csr_matrix | None = None
+) -> DiversityCurve:
+    """The exported scorer's accuracy/diversity curve as the MMR and novelty weights move.
+
+    Filled during the evaluation pass, from the scores the exported scorer keeps of each batch.
+    ``train_mat``: ``data.matrix()`` when the caller has it already (at 10^7 it is 10M entries to rebuild).
+    """
+    cfg, shape = params.evaluate, params.export.rerank_shape  # the served graph's: one curve
+    settings = [Rerank(diversity=d, **shape) for d in cfg.rerank_diversity]
+    settings += [Rerank(novelty=v, **shape) for v in cfg.rerank_novelty]
+    train_mat = data.matrix() if train_mat is None else train_mat
+    n_with_history = int((np.diff(train_mat.indptr) > 0).sum())
+    return DiversityCurve(vectors, data.item_popularity(), n_with_history, settings)
+
+
+def curve_summary(
+    params: Params, layout: Layout, curve: DiversityCurve | None, test: pd.DataFrame, data: Dataset
+) -> dict[str, Any]:
+    """The curve's points for metrics.json, and ``rerank_curve.csv`` (a DVC plot)."""
+    if curve is None:
+        return {}
+    users = np.unique(test["user"].to_numpy())
+    points = curve.result(interactions_matrix(test, data.n_users, data.n_items)[users])
+    pd.DataFrame(points).to_csv(layout.root / "rerank_curve.csv", index=False)
+    return {
+        "scorer": params.export.algorithm,
+        "shape": params.export.rerank_shape,
+        "curve": [rounded(point) for point in points],
+    }
+
+
+def evaluate(params: Params) -> str:
+    """Test metrics of every trained model and every fitted fuser (bound to those models)."""
+    from fuserec.artifacts import fitted_fusers, load_fuser
+
+    layout = Layout(params.outputs_dir)
+    data = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES["train"])
+    test = pd.read_parquet(layout.split / SPLIT_FILES["test"])
+    results: dict[str, dict[str, dict[str, Any]]] = {"models": {}, "fusers": {}}
+    by_segment: dict[str, dict[str, dict[str, float]]] = {}  # segment -> model or fuser -> metrics
+    layout.plots.mkdir(parents=True, exist_ok=True)
+    # Every model scores each batch of test users once; the fusers bound to them reuse those scores, and
+    # the re-ranking curve reuses the exported scorer's.
+    models = {f.name: SharedScores(load_algorithm(f)) for f in trained_models(layout)}
+    scorers: dict[str, tuple[str, Any]] = {name: ("models", algo) for name, algo in models.items()}
+    for folder in fitted_fusers(layout):
+        scorers[folder.name] = ("fusers", SharedScores(load_fuser(folder, layout, models)))
+    users = np.unique(test["user"].to_numpy())
+    hist, train_mat = data.histories(), data.matrix()
+    exported = params.export.algorithm
+    vectors = item_content_vectors(data.items)
+    # Without the exported scorer among them there is nothing to re-rank.
+    curve = rerank_curve(params, data, vectors, train_mat) if exported in scorers else None
+
+    def add_to_curve(batch: Histories, rows: np.ndarray) -> None:
+        if curve is not None:
+            curve.add(scorers[exported][1].score(batch), train_mat[rows])
+
+    topks = rank_together(
+        {name: scorer.score for name, (_, scorer) in scorers.items()},
+        hist.select,
+        users,
+        train_mat,
+        max(params.evaluate.ks),
+        params.evaluate.batch_size,
+        add_to_curve,
+    )
+    per_user: dict[str, dict[str, dict[str, np.ndarray]]] = {"models": {}, "fusers": {}}
+    for name, (kind, _) in scorers.items():
+        scores = ranking_metrics(topks[name], users, data, test, params.evaluate.ks, True, True, vectors)
+        segments = scores.pop("segments", {})
+        per_user[kind][name] = scores.pop("per_user")
+        results[kind][name] = rounded(scores)
+        for segment, values in segments.items():
+            by_segment.setdefault(segment, {})[name] = rounded(values)
+        metrics_by_k(scores, params.evaluate.ks).to_csv(layout.plots / f"{name}.csv", index=False)
+    sig = significance(results, per_user)
+    if sig:  # a best "fuser" that fell back is one model: say which
+        sig["best_fuser_served_alone"] = scorers[sig["best_fuser"]][1].served_alone
+    cold = simulated_cold_metrics(params, scorers, data, test, hist, train_mat)
+    if cold is not None:
+        by_segment[SIMULATED_COLD], cold_per_user = cold
+        if sig:
+            fused = cold_per_user["fusers"][sig["best_fuser"]]
+            sig[SIMULATED_COLD] = segment_comparison(fused, cold_per_user["models"])
+    payload = {
+        "protocol": protocol_summary(params, data.interactions, test, data.n_items),
+        **results,
+        "segments": by_segment,
+        "significance": sig,
+        "rerank": curve_summary(params, layout, curve, test, data),
+    }
+    write_json(layout.metrics, payload)
+    return str(layout.metrics)

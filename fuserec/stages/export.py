@@ -1,0 +1,102 @@
+"""Export: the chosen model's scoring -> one ONNX file + catalog + id maps, checked under onnxruntime."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from fuserec.artifacts import load_scorer, scorer_folder
+from fuserec.config import Params
+from fuserec.data.dataset import Dataset
+from fuserec.features import item_content_vectors
+from fuserec.fusion import Fuser
+from fuserec.histories import Histories
+from fuserec.layout import CATALOG_FILE, MODEL_FILE, SPLIT_FILES, USERS_FILE, Layout
+from fuserec.manifest import file_sha256, read_json, write_manifest
+from fuserec.onnx_model import (
+    CONTRIBUTIONS,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    TIME_INPUT,
+    OnnxRecommender,
+    Reranker,
+    export_onnx,
+    uses_time,
+)
+from fuserec.parity import contributions_agree, parity_batch, parity_check
+from fuserec.rerank import Rerank, novelty_bonus
+
+
+def export(params: Params) -> str:
+    layout = Layout(params.outputs_dir)
+    cfg = params.export
+    folder = scorer_folder(layout, cfg.algorithm)
+    algo = load_scorer(layout, folder)
+    out = layout.export
+    data = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES["train"])
+    test = pd.read_parquet(layout.split / SPLIT_FILES["test"])
+    rerank = Rerank(cfg.rerank_diversity, cfg.rerank_novelty, **cfg.rerank_shape)
+    reranker = None
+    if rerank.active:
+        with_history = int((data.histories().lengths > 0).sum())
+        bonus = novelty_bonus(data.item_popularity(), with_history)
+        reranker = Reranker(rerank, item_content_vectors(data.items), bonus)
+    for stale in (out / MODEL_FILE, out / f"{MODEL_FILE}.data"):  # a previous export's weights file
+        stale.unlink(missing_ok=True)
+    onnx_path = export_onnx(algo, out / MODEL_FILE, cfg.k, cfg.opset, reranker)
+    weights = out / f"{MODEL_FILE}.data"
+    session = OnnxRecommender(onnx_path, cfg.providers, prepack=cfg.prepack)
+    parity = parity_check(algo, session, parity_batch(data, test), cfg.k, reranker)
+    # a lone one-item history: the length-1 shape that once broke ALS's fold-in (a served user's first event)
+    single = parity_check(algo, session, Histories.from_lists([[0]], data.n_items), cfg.k, reranker)
+    parity["one_item_history_top_items_match"] = single["top_items_match_up_to_ties"]
+    exact = getattr(algo, "exact_scores", True)  # rank-based fusers: only the ranking must agree
+    scores_ok = parity["scores_match"] and parity["top_scores_match"] if exact else True
+    ranking_ok = parity["top_items_match_up_to_ties"] and single["top_items_match_up_to_ties"]
+    if not (scores_ok and ranking_ok and contributions_agree(parity, exact)):
+        raise RuntimeError(f"exported ONNX model disagrees with {cfg.algorithm}.score: {parity}")
+    data.items.to_parquet(out / CATALOG_FILE, index=False)
+    data.users[["user", "user_id"]].to_parquet(out / USERS_FILE, index=False)
+    write_manifest(
+        out,
+        kind="exported-model",
+        algorithm=read_json(folder / "manifest.json"),
+        file=MODEL_FILE,
+        sha256=file_sha256(onnx_path),
+        external_data=weights.name if weights.exists() else None,  # over 1 GiB of weights: kept beside
+        input={
+            "name": INPUT_NAME,
+            "dtype": "int64",
+            "shape": ["batch", "history_len"],
+            "padding": -1,
+            "meaning": "item indices (see catalog.parquet), oldest first, -1 = padding",
+        },
+        time_input=(
+            {
+                "name": TIME_INPUT,
+                "dtype": "int64",
+                "shape": ["batch"],
+                "meaning": "unix seconds of each "
+                "user's latest event (the request time for a user with no history)",
+            }
+            if uses_time(algo)
+            else None
+        ),
+        outputs=[*OUTPUT_NAMES, CONTRIBUTIONS],
+        components=algo._check_fitted_names() if isinstance(algo, Fuser) else [cfg.algorithm],
+        k=cfg.k,
+        rerank={
+            "diversity": rerank.diversity,
+            "novelty": rerank.novelty,
+            "depth": rerank.depth,
+            "keep": rerank.keep,
+            "order": rerank.order,
+        },
+        max_history=cfg.max_history,
+        implicit_threshold=params.clean.implicit_threshold,  # what the service counts as a positive event
+        n_items=data.n_items,
+        providers=session.providers,
+        prepack=cfg.prepack,
+        opset=cfg.opset,
+        parity=parity,
+    )
+    return str(out)

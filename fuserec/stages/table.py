@@ -1,0 +1,215 @@
+"""The stage table: what each pipeline stage reads, writes and depends on, declared once.
+
+``dvc.yaml`` is generated from it (``fuserec dvc-yaml``; a test fails when the committed file differs),
+the Prefect cache key of each stage hashes the inputs and params it declares
+(:mod:`fuserec.flows.stages`), and the docs' stage reference is rendered from it. So a new input or
+param is added here, in one place, and every consumer sees it.
+
+Paths in ``inputs`` and ``outputs`` are relative to ``params.outputs``; paths in ``code`` are relative to
+the repository root (DVC reruns a stage when they change; the Prefect cache keys code by the installed
+distribution's version instead, so a wheel install caches too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+OutputKind = Literal["out", "metric", "plot"]
+
+
+@dataclass(frozen=True)
+class Output:
+    """One file or folder a stage writes. ``metric`` and ``plot`` outputs are not cached by DVC."""
+
+    path: str
+    kind: OutputKind = "out"
+    cache: bool = True  # only for ``out``: False keeps a small file in git instead of the DVC cache
+    x: str | None = None  # plot axes, for ``dvc plots``
+    y: str | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage's declaration: ``fuserec stage <name>`` runs :func:`fuserec.stages.<name>.<name>`."""
+
+    name: str
+    summary: str
+    inputs: tuple[str, ...]
+    outputs: tuple[Output, ...]
+    params: tuple[str, ...]  # dotted params.yaml keys (a section, or one key of it)
+    code: tuple[str, ...] = field(default=())
+
+    @property
+    def output_paths(self) -> tuple[str, ...]:
+        return tuple(o.path for o in self.outputs)
+
+
+_TRAIN_CODE = ("fuserec/api.py", "fuserec/training.py", "fuserec/features.py", "fuserec/plugins")
+SETTINGS_CODE = "fuserec/dataset_settings"
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "validate",
+        "Load the raw source and check every row with Great Expectations; quarantine the rejects.",
+        inputs=(),  # the raw files: ``data.source`` and ``data.path`` (see fuserec.data.sources)
+        outputs=(Output("validated"), Output("rejects"), Output("validation_report.json", "metric")),
+        params=("data", "validate"),
+        code=("fuserec/stages/validate.py", "fuserec/data"),
+    ),
+    Stage(
+        "clean",
+        "Deduplicate, keep the positives, map ids to contiguous indices.",
+        inputs=("validated",),
+        outputs=(Output("clean"),),
+        params=("clean",),
+        code=("fuserec/stages/clean.py", "fuserec/data/dataset.py"),
+    ),
+    Stage(
+        "split",
+        "Per-user temporal split into train / test, and train into train' / validation.",
+        inputs=("clean/interactions.parquet",),
+        outputs=(Output("split"),),
+        params=("split",),
+        code=("fuserec/stages/split.py", "fuserec/splitting.py"),
+    ),
+    Stage(
+        "train",
+        "Fit every algorithm plugin on train, and the fused ones on train' too.",
+        inputs=("clean", "split"),
+        outputs=(
+            Output("models"),
+            Output("inner_models"),
+            Output("curves", "plot", x="epoch", y="loss"),
+        ),
+        # not train.task_runner / workers / dask_address: they do not change what is learned
+        params=(
+            "data.source",
+            "data.settings_dir",
+            "train.algorithms",
+            "train.seed",
+            "algorithms",
+            "fuse.components",
+        ),
+        code=("fuserec/stages/train.py", *_TRAIN_CODE, SETTINGS_CODE),
+    ),
+    Stage(
+        "fuse",
+        "Learn every fuser on the validation carve from the components fitted on train'.",
+        inputs=("clean", "split", "models", "inner_models"),
+        outputs=(Output("fusers"),),
+        params=("data.source", "data.settings_dir", "train.seed", "fuse", "fusers"),
+        code=(
+            "fuserec/stages/fuse.py",
+            "fuserec/fusion.py",
+            "fuserec/listwise.py",
+            *_TRAIN_CODE,
+            SETTINGS_CODE,
+        ),
+    ),
+    Stage(
+        "evaluate",
+        "Full-ranking metrics of every model and fuser on test, by segment, with significance.",
+        inputs=("clean", "split", "models", "fusers"),
+        outputs=(
+            Output("metrics.json", "metric"),
+            Output("plots", "plot", x="k", y="ndcg"),
+            Output("rerank_curve.csv", "plot", x="diversity@10", y="ndcg@10"),
+        ),
+        params=(
+            "evaluate",
+            "split",  # written into metrics.json's protocol
+            "clean.implicit_threshold",
+            "train.seed",  # draws the simulated cold users
+            "export.algorithm",  # the re-ranking curve is the exported scorer's
+            "export.rerank_depth",
+            "export.rerank_keep",
+            "export.rerank_order",
+        ),
+        code=(
+            "fuserec/stages/evaluate.py",
+            "fuserec/evaluation.py",
+            "fuserec/metrics.py",
+            "fuserec/segments.py",
+            "fuserec/significance.py",
+            "fuserec/rerank.py",
+        ),
+    ),
+    Stage(
+        "export",
+        "One ONNX graph of the chosen scorer, checked against Python under onnxruntime.",
+        inputs=("clean", "split", "models", "fusers"),
+        outputs=(Output("model"),),
+        params=("export", "clean.implicit_threshold"),
+        code=("fuserec/stages/export.py", "fuserec/onnx_model.py", "fuserec/parity.py", "fuserec/rerank.py"),
+    ),
+    Stage(
+        "report",
+        "A self-contained HTML report of the metrics, segments and gating weights.",
+        inputs=("clean", "split", "models", "fusers", "metrics.json"),
+        outputs=(Output("report.html", cache=False), Output("gating_weights.csv", "plot", x="segment")),
+        params=(),
+        code=("fuserec/stages/report.py", "fuserec/html_report.py"),
+    ),
+)
+
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+
+
+def stage(name: str) -> Stage:
+    """The declaration of stage ``name``; the error lists the stages there are."""
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise KeyError(f"no stage {name!r}; the stages are {', '.join(STAGE_NAMES)}")
+
+
+def param_value(raw: dict[str, Any], key: str) -> Any:
+    """The value at dotted ``key`` of a params dict (``None`` where a level is missing)."""
+    value: Any = raw
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def dvc_stages(outputs: str = "outputs") -> dict[str, Any]:
+    """The ``stages:`` mapping of dvc.yaml for an outputs folder, in pipeline order."""
+    stages: dict[str, Any] = {}
+    for s in STAGES:
+        entry: dict[str, Any] = {"cmd": f"fuserec stage {s.name}"}
+        entry["deps"] = [*s.code, *(f"{outputs}/{p}" for p in s.inputs)]
+        if s.params:
+            entry["params"] = list(s.params)
+        for kind, section in (("out", "outs"), ("metric", "metrics"), ("plot", "plots")):
+            listed: list[Any] = []
+            for o in s.outputs:
+                if o.kind != kind:
+                    continue
+                path = f"{outputs}/{o.path}"
+                if kind == "out":
+                    listed.append(path if o.cache else {path: {"cache": False}})
+                    continue
+                options: dict[str, Any] = {"cache": False}
+                options |= {axis: v for axis, v in (("x", o.x), ("y", o.y)) if v is not None}
+                listed.append({path: options})
+            if listed:
+                entry[section] = listed
+        stages[s.name] = entry
+    return stages
+
+
+DVC_HEADER = """\
+# Generated from fuserec/stages/table.py by `fuserec dvc-yaml`: edit the stage table, not this file.
+# Each stage runs the same code as the Prefect flow (`fuserec stage NAME`). Paths assume `outputs: outputs`
+# in params.yaml. The validate stage's raw files are chosen by params (data.source, data.path) at run time,
+# which DVC cannot depend on: `dvc add` a data folder inside the repository, or `dvc repro -f validate`
+# after the files change.
+"""
+
+
+def dvc_yaml(outputs: str = "outputs") -> str:
+    """dvc.yaml's text, generated from :data:`STAGES`."""
+    import yaml
+
+    body = yaml.safe_dump({"stages": dvc_stages(outputs)}, sort_keys=False, width=110)
+    return DVC_HEADER + body

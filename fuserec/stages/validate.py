@@ -1,0 +1,739 @@
+"""Validate: raw source tables -> typed valid rows, quarantined rejects and a report.
+
+Great Expectations (1.x) evaluates every row-level rule: one suite per table on a *check frame* that
+holds the stripped text of each raw value (None when blank) plus derived helper columns where GX has
+no direct row-level form (the number a rating parses to, the first line a duplicate repeats, whether
+an id is in the items table). Each table is validated in two passes:
+
+1. ``<table>.rows``: not-null, id / number / integer formats and ranges, on every row;
+2. ``<table>.relations``: duplicates (among rows that passed pass 1, so a bad first copy never costs
+   a good later one) and, for interactions, ids unknown to the items / users tables (among rows whose
+   id is valid; an items / users row that was rejected does not make its id known).
+
+A row that fails any rule goes to ``rejects/<table>.parquet`` with its raw values and every rule it
+failed; lines the loader could not split (``RawSource.malformed``) go there too. Nothing is dropped
+silently: rows in = rows kept + rows rejected, per table, and the code asserts it. The report
+(``validation_report.json``) gives, per table and rule, the GX expectation, count and sample lines.
+Missing required columns and empty files stop the stage at once (there is nothing to validate); a
+table whose rejected share exceeds ``validate.max_reject_share`` raises :class:`ValidationError`
+after rejects and report have been written.
+
+``import great_expectations`` takes seconds, so it happens inside :func:`_gx`, once per process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fuserec.config import Params, ValidateConfig
+from fuserec.data.raw import LINE_COL, REQUIRED_COLUMNS, SOURCE_COL, TABLES, RawSource
+from fuserec.layout import Layout
+from fuserec.manifest import write_json
+
+# Ids are non-negative integers that fit int64 (at most 18 digits).
+ID_REGEX = r"^\d{1,18}$"
+NUMBER_REGEX = r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$"
+INTEGER_REGEX = r"^[+-]?\d{1,18}$"
+TEXT_COLUMNS = ("title", "genres", "tags", "text")
+RAW_LINE = "raw"  # rejects column with the text of a malformed line
+RULE = "rule"
+REJECT_EXTRA = (RAW_LINE, SOURCE_COL, LINE_COL, RULE)
+# Rules checked by the loader or before GX runs (no expectation).
+MALFORMED_LINE = "malformed_line"
+MISSING_COLUMN = "missing_column"
+EMPTY_FILE = "empty_file"
+PARAMS_KEY = "validate.max_reject_share"
+
+# GX result format: COMPLETE gives the index of every failing row; the lists of values are not needed.
+RESULT_FORMAT = {
+    "result_format": "COMPLETE",
+    "partial_unexpected_count": 0,
+    "include_unexpected_rows": False,
+    "return_unique_unexpected": False,
+}
+_EXPECTATIONS = {
+    "expect_column_values_to_not_be_null": "ExpectColumnValuesToNotBeNull",
+    "expect_column_values_to_be_null": "ExpectColumnValuesToBeNull",
+    "expect_column_values_to_match_regex": "ExpectColumnValuesToMatchRegex",
+    "expect_column_values_to_be_between": "ExpectColumnValuesToBeBetween",
+    "expect_column_values_to_be_in_set": "ExpectColumnValuesToBeInSet",
+}
+
+
+class ValidationError(ValueError):
+    """Input data breaks the validation rules badly enough to stop the pipeline."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One validation rule = one GX expectation on one column of a table's check frame."""
+
+    name: str
+    expectation: str  # GX expectation type
+    column: str  # column of the check frame the expectation runs on (a source column or a helper)
+    columns: tuple[str, ...]  # source columns the rule is about
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def build(self, gx: Any) -> Any:
+        cls = getattr(gx.expectations, _EXPECTATIONS[self.expectation])
+        return cls(column=self.column, meta={"rule": self.name}, **self.kwargs)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "rule": self.name,
+            "expectation": self.expectation,
+            "column": self.column,
+            "columns": list(self.columns),
+            "kwargs": self.kwargs,
+            "description": self.description,
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Great Expectations
+
+
+_GX: dict[str, Any] = {}
+
+
+def _gx() -> dict[str, Any]:
+    """The GX module and a whole-dataframe batch definition of an ephemeral context, made once."""
+    if not _GX:
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        context = gx.get_context(mode="ephemeral")
+        context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+        asset = context.data_sources.add_pandas("fuserec").add_dataframe_asset("table")
+        _GX.update(gx=gx, context=context, batch=asset.add_batch_definition_whole_dataframe("whole"))
+    return _GX
+
+
+def run_suite(name: str, frame: pd.DataFrame, rules: list[Rule]) -> dict[str, np.ndarray]:
+    """Validate ``frame`` (RangeIndex) against one suite of ``rules``: rule -> failing row positions.
+
+    Raises RuntimeError when GX could not evaluate a rule (never treated as a pass).
+    """
+    if not rules:
+        return {}
+    if not isinstance(frame.index, pd.RangeIndex) or frame.index.start != 0 or frame.index.step != 1:
+        raise ValueError("run_suite needs a frame with a default RangeIndex (row positions)")
+    state = _gx()
+    gx = state["gx"]
+    suite = gx.ExpectationSuite(name=name)
+    for rule in rules:
+        suite.add_expectation(rule.build(gx))
+    batch = state["batch"].get_batch(batch_parameters={"dataframe": frame})
+    result = batch.validate(suite, result_format=RESULT_FORMAT)
+    failed: dict[str, np.ndarray] = {}
+    for res in result.results:
+        rule_name = res.expectation_config.meta["rule"]
+        problem = _raised(res.exception_info)
+        if problem is not None:
+            raise RuntimeError(f"Great Expectations could not evaluate rule {rule_name} in {name}: {problem}")
+        index = res.result.get("unexpected_index_list") or []
+        count = int(res.result.get("unexpected_count") or 0)
+        if len(index) != count:
+            raise RuntimeError(f"rule {rule_name} in {name}: GX counted {count} rows but listed {len(index)}")
+        failed[rule_name] = np.sort(np.asarray(index, dtype=np.int64))
+    missing = [r.name for r in rules if r.name not in failed]
+    if missing:
+        raise RuntimeError(f"Great Expectations returned no result for rule(s) {missing} in {name}")
+    return failed
+
+
+def _raised(info: Any) -> str | None:
+    """The exception message in a GX ``exception_info`` (flat, or keyed by metric), if one was raised."""
+    if not isinstance(info, dict):
+        return None
+    if info.get("raised_exception"):
+        return str(info.get("exception_message") or info)
+    for value in info.values():
+        if isinstance(value, dict) and (found := _raised(value)):
+            return found
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Check frames and rules
+
+
+def text_form(values: pd.Series) -> pd.Series:
+    """Each value as stripped text (string dtype), missing when null or blank.
+
+    Integral floats print without ``.0`` (a Parquet id column with a null is float), so ``3.0`` -> ``"3"``.
+    """
+    if pd.api.types.is_float_dtype(values.dtype):
+        arr = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        out = np.full(len(arr), None, dtype=object)
+        finite = np.isfinite(arr)
+        integral = finite & (np.floor(arr) == arr) & (np.abs(arr) < 2**62)
+        out[integral] = arr[integral].astype(np.int64).astype(str)
+        other = ~np.isnan(arr) & ~integral
+        out[other] = arr[other].astype(str)
+        return pd.Series(out, index=values.index, dtype="str")
+    if pd.api.types.is_bool_dtype(values.dtype) or not (
+        pd.api.types.is_string_dtype(values.dtype) or pd.api.types.is_object_dtype(values.dtype)
+    ):
+        values = values.astype(object)
+    text = values.astype("str").str.strip()
+    return text.mask(text == "")
+
+
+def raw_strings(values: pd.Series) -> pd.Series:
+    """Original values as strings (None when null), for rejects and samples."""
+    obj = values.astype(object).to_numpy()
+    keep = ~pd.isna(obj)
+    out = np.full(len(obj), None, dtype=object)
+    out[keep] = [v if isinstance(v, str) else str(v) for v in obj[keep]]
+    return pd.Series(out, index=values.index, dtype=object)
+
+
+def _number(text: pd.Series) -> pd.Series:
+    """Float value of each text (NaN when not a number); "inf"/"nan" words are not numbers."""
+    num = pd.to_numeric(text, errors="coerce").astype(np.float64)
+    words = np.isinf(num.to_numpy()) & ~text.str.contains(r"\d", regex=True).fillna(False).to_numpy(bool)
+    num[words] = np.nan
+    return num
+
+
+def _id_rules(column: str) -> list[Rule]:
+    return [
+        Rule(
+            f"{column}_not_null",
+            "expect_column_values_to_not_be_null",
+            column,
+            (column,),
+            description=f"{column} must not be empty",
+        ),
+        Rule(
+            f"{column}_non_negative_integer",
+            "expect_column_values_to_match_regex",
+            column,
+            (column,),
+            {"regex": ID_REGEX},
+            f"{column} must be a non-negative integer (digits only, at most 18)",
+        ),
+    ]
+
+
+def row_rules(table: str, columns: Iterable[str], cfg: ValidateConfig) -> list[Rule]:
+    """Pass-1 rules of ``table`` given the canonical columns the source has."""
+    columns = set(columns)
+    rules: list[Rule] = []
+    for column in REQUIRED_COLUMNS[table]:
+        rules += _id_rules(column)
+    if table != "interactions":
+        return rules
+    if "rating" in columns:
+        rules += [
+            Rule("rating_not_null", "expect_column_values_to_not_be_null", "rating", ("rating",),
+                 description="rating must not be empty (the source has a rating column)"),
+            Rule("rating_numeric", "expect_column_values_to_match_regex", "rating", ("rating",),
+                 {"regex": NUMBER_REGEX}, "rating must be a number"),
+            Rule("rating_in_range", "expect_column_values_to_be_between", "rating__number", ("rating",),
+                 {"min_value": cfg.rating_min, "max_value": cfg.rating_max},
+                 f"rating must be within [{cfg.rating_min}, {cfg.rating_max}] (validate.rating_min/max)"),
+        ]  # fmt: skip
+    if "timestamp" in columns:
+        rules += [
+            Rule("timestamp_not_null", "expect_column_values_to_not_be_null", "timestamp", ("timestamp",),
+                 description="timestamp must not be empty (the source has a timestamp column)"),
+            Rule("timestamp_integer", "expect_column_values_to_match_regex", "timestamp", ("timestamp",),
+                 {"regex": INTEGER_REGEX}, "timestamp must be an integer (unix seconds)"),
+            Rule("timestamp_in_range", "expect_column_values_to_be_between", "timestamp__number",
+                 ("timestamp",), {"min_value": cfg.timestamp_min, "max_value": cfg.timestamp_max},
+                 f"timestamp must be within [{cfg.timestamp_min}, {cfg.timestamp_max}] "
+                 "(validate.timestamp_min/max)"),
+        ]  # fmt: skip
+    return rules
+
+
+def check_frame(table: str, raw: pd.DataFrame) -> pd.DataFrame:
+    """Text of the columns pass 1 checks, plus numeric helpers for range rules."""
+    frame = pd.DataFrame(index=pd.RangeIndex(len(raw)))
+    for column in REQUIRED_COLUMNS[table]:
+        frame[column] = text_form(raw[column])
+    if table == "interactions":
+        for column in ("rating", "timestamp"):
+            if column in raw:
+                text = text_form(raw[column])
+                frame[column] = text
+                frame[f"{column}__number"] = _number(text)
+    return frame
+
+
+def _duplicate_rule(name: str, key: tuple[str, ...]) -> Rule:
+    return Rule(
+        name,
+        "expect_column_values_to_be_null",
+        "__duplicate_of_line",
+        key,
+        description=f"repeats the {', '.join(key)} of an earlier valid row (the first one is kept)",
+    )
+
+
+def _first_line_of_duplicates(keys: pd.DataFrame, lines: np.ndarray) -> np.ndarray:
+    """Per row of ``keys``: the line of the first row with the same key, NaN for a first occurrence."""
+    out = np.full(len(keys), np.nan)
+    if len(keys) == 0:
+        return out
+    repeat = keys.duplicated(keep="first").to_numpy()
+    if repeat.any():
+        first = pd.Series(lines, index=keys.index).groupby([keys[c] for c in keys.columns]).transform("first")
+        out[repeat] = first.to_numpy(dtype=np.float64)[repeat]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# One table
+
+
+@dataclass
+class TableResult:
+    name: str
+    file: str | None
+    raw: pd.DataFrame  # canonical raw columns + _source + _line (RangeIndex)
+    rules: list[Rule]
+    failed: dict[str, np.ndarray]  # rule -> positions in raw
+    helpers: dict[str, np.ndarray]  # extra per-row values for samples (e.g. duplicate_of_line)
+    malformed: pd.DataFrame
+    ids: dict[str, np.ndarray]  # id column -> int64 per row (valid where id_ok)
+    id_ok: dict[str, np.ndarray]
+    notes: list[str] = field(default_factory=list)
+    validated: pd.DataFrame | None = None
+    derived_from: str | None = None
+
+    @property
+    def rejected(self) -> np.ndarray:
+        mask = np.zeros(len(self.raw), dtype=bool)
+        for positions in self.failed.values():
+            mask[positions] = True
+        return mask
+
+
+def _prepare(table: str, raw: pd.DataFrame, file: str | None, malformed: pd.DataFrame) -> pd.DataFrame:
+    """Table-level checks (missing required columns, empty file) and a RangeIndex'ed copy."""
+    missing = [c for c in REQUIRED_COLUMNS[table] if c not in raw.columns]
+    found = [c for c in raw.columns if c not in (SOURCE_COL, LINE_COL)]
+    if missing:
+        raise ValidationError(
+            f"{file}: {table} lacks required column(s) {missing} (rule: {MISSING_COLUMN}); columns found: "
+            f"{found}. Map the file's columns to these names in params.yaml (data.columns for "
+            f"interactions, data.files.item_columns / user_columns for items / users)."
+        )
+    if len(raw) == 0 and len(malformed) == 0:
+        raise ValidationError(
+            f"{file}: the {table} file has no data rows (rule: {EMPTY_FILE}); "
+            f"check the file or data.path / data.files in params.yaml"
+        )
+    raw = raw.reset_index(drop=True)
+    if SOURCE_COL not in raw:
+        raw[SOURCE_COL] = file or "unknown"
+    if LINE_COL not in raw:
+        raw[LINE_COL] = np.arange(1, len(raw) + 1, dtype=np.int64)
+    return raw
+
+
+def _check_rows(
+    table: str, raw: pd.DataFrame, file: str | None, malformed: pd.DataFrame, cfg: ValidateConfig
+) -> tuple[TableResult, pd.DataFrame]:
+    """Pass 1 on one table; returns the result so far and its check frame."""
+    frame = check_frame(table, raw)
+    rules = row_rules(table, raw.columns, cfg)
+    failed = run_suite(f"{table}.rows", frame, rules)
+    ids: dict[str, np.ndarray] = {}
+    id_ok: dict[str, np.ndarray] = {}
+    for column in REQUIRED_COLUMNS[table]:
+        ok = np.ones(len(raw), dtype=bool)
+        ok[failed[f"{column}_not_null"]] = False
+        ok[failed[f"{column}_non_negative_integer"]] = False
+        values = np.zeros(len(raw), dtype=np.int64)
+        values[ok] = frame[column][ok].astype("int64").to_numpy()
+        ids[column], id_ok[column] = values, ok
+    result = TableResult(table, file, raw, rules, failed, {}, malformed, ids, id_ok)
+    return result, frame
+
+
+def _check_relations(
+    result: TableResult,
+    frame: pd.DataFrame,
+    known: dict[str, np.ndarray],
+) -> None:
+    """Pass 2: duplicates among rows that passed pass 1; interactions' ids unknown to items / users."""
+    table, raw = result.name, result.raw
+    ok = ~result.rejected
+    rel = pd.DataFrame(index=pd.RangeIndex(len(raw)))
+    rules: list[Rule] = []
+    key: tuple[str, ...]
+    if table == "interactions":
+        key_cols = {"user_id": result.ids["user_id"], "item_id": result.ids["item_id"]}
+        if "timestamp" in raw:
+            ts = np.zeros(len(raw), dtype=np.int64)
+            ts[ok] = frame["timestamp"][ok].astype("int64").to_numpy()
+            key_cols["timestamp"] = ts
+        else:
+            key_cols["timestamp"] = raw[LINE_COL].to_numpy(np.int64)
+        name, key = "duplicate_row", ("user_id", "item_id", "timestamp")
+    else:
+        id_col = REQUIRED_COLUMNS[table][0]
+        key_cols = {id_col: result.ids[id_col]}
+        name, key = f"duplicate_{id_col}", (id_col,)
+    keys = pd.DataFrame({c: v[ok] for c, v in key_cols.items()})
+    first = np.full(len(raw), np.nan)
+    first[ok] = _first_line_of_duplicates(keys, raw[LINE_COL].to_numpy(np.int64)[ok])
+    rel["__duplicate_of_line"] = first
+    rules.append(_duplicate_rule(name, key))
+    result.helpers["duplicate_of_line"] = first
+    for column, other in (("item_id", "items"), ("user_id", "users")):
+        if table != "interactions" or other not in known:
+            continue
+        member = np.full(len(raw), None, dtype=object)
+        valid = result.id_ok[column]
+        member[valid] = np.isin(result.ids[column][valid], known[other])
+        helper = f"{column}__in_{other}"
+        rel[helper] = member
+        rules.append(
+            Rule(
+                f"unknown_{other[:-1]}",
+                "expect_column_values_to_be_in_set",
+                helper,
+                (column,),
+                {"value_set": [True]},
+                f"{column} must be an id of a valid row of the {other} table",
+            )
+        )
+    result.failed.update(run_suite(f"{table}.relations", rel, rules))
+    result.rules += rules
+
+
+# --------------------------------------------------------------------------------------------------
+# Typed outputs
+
+
+def _strings_or_empty(values: pd.Series) -> pd.Series:
+    return raw_strings(values).fillna("").astype("str")
+
+
+def _typed_interactions(result: TableResult, frame: pd.DataFrame, keep: np.ndarray) -> pd.DataFrame:
+    raw = result.raw
+    out = pd.DataFrame(
+        {
+            "user_id": result.ids["user_id"][keep],
+            "item_id": result.ids["item_id"][keep],
+        }
+    )
+    if "rating" in raw:
+        out["rating"] = frame["rating__number"].to_numpy(np.float64)[keep]
+    else:
+        out["rating"] = np.full(int(keep.sum()), np.nan)
+        result.notes.append("no rating column: rating is NaN for every row (implicit feedback)")
+    if "timestamp" in raw:
+        out["timestamp"] = frame["timestamp"][keep].astype("int64").to_numpy()
+    else:
+        out["timestamp"] = raw[LINE_COL].to_numpy(np.int64)[keep]
+        result.notes.append("no timestamp column: timestamp is the row's line number (file order)")
+    return out
+
+
+def _typed_items(result: TableResult, keep: np.ndarray) -> pd.DataFrame:
+    raw = result.raw[keep].reset_index(drop=True)
+    out = pd.DataFrame({"item_id": result.ids["item_id"][keep]})
+    for column in TEXT_COLUMNS:
+        out[column] = (
+            _strings_or_empty(raw[column]) if column in raw else pd.Series([""] * len(raw), dtype="str")
+        )
+    if "year" in raw:
+        text = text_form(raw["year"])
+        num = pd.to_numeric(text, errors="coerce")
+        integral = num.notna() & (num == np.floor(num)) & (num.abs() < 10_000)
+        unparsed = text.notna() & ~integral
+        if unparsed.any():
+            lines = raw.loc[unparsed, LINE_COL].head(5).tolist()
+            result.notes.append(
+                f"year: {int(unparsed.sum())} value(s) that are not a year were set to null (lines {lines})"
+            )
+        out["year"] = num.where(integral).astype("Int64")
+    else:
+        out["year"] = pd.array([pd.NA] * len(raw), dtype="Int64")
+    for column in raw.columns:
+        if column not in out and column not in (SOURCE_COL, LINE_COL):
+            out[column] = _strings_or_empty(raw[column])
+    return out
+
+
+def _typed_users(result: TableResult, keep: np.ndarray) -> pd.DataFrame:
+    raw = result.raw[keep].reset_index(drop=True)
+    out = pd.DataFrame({"user_id": result.ids["user_id"][keep]})
+    for column in raw.columns:
+        if column in out or column in (SOURCE_COL, LINE_COL):
+            continue
+        if column == "age":
+            text = text_form(raw[column])
+            num = pd.to_numeric(text, errors="coerce")
+            bad = text.notna() & num.isna()
+            if not bad.any():
+                whole = num.dropna()
+                out[column] = num.astype("Int64") if (whole == np.floor(whole)).all() else num
+                continue
+            result.notes.append(
+                f"age kept as text: {int(bad.sum())} value(s) are not numbers (e.g. {text[bad].iloc[0]!r})"
+            )
+        out[column] = _strings_or_empty(raw[column])
+    return out
+
+
+def _derived(table: str, ids: np.ndarray) -> pd.DataFrame:
+    ids = np.unique(ids).astype(np.int64)
+    if table == "users":
+        return pd.DataFrame({"user_id": ids})
+    out = pd.DataFrame({"item_id": ids})
+    for column in TEXT_COLUMNS:
+        out[column] = pd.Series([""] * len(ids), dtype="str")
+    out["year"] = pd.array([pd.NA] * len(ids), dtype="Int64")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Rejects and report
+
+
+def _rejects(result: TableResult, columns: list[str]) -> pd.DataFrame:
+    raw, rejected = result.raw, result.rejected
+    positions = np.flatnonzero(rejected)
+    reasons = pd.Series("", index=positions, dtype=object)
+    for rule in result.rules:
+        hit = result.failed[rule.name]
+        if len(hit):
+            reasons[hit] = reasons[hit] + "; " + rule.name
+    parts = {c: raw_strings(raw[c].iloc[positions]).to_numpy() for c in columns}
+    rows = pd.DataFrame(parts, index=range(len(positions)), dtype=object)
+    rows[RAW_LINE] = None
+    rows[SOURCE_COL] = raw[SOURCE_COL].iloc[positions].astype(str).to_numpy()
+    rows[LINE_COL] = raw[LINE_COL].iloc[positions].to_numpy(np.int64)
+    rows[RULE] = reasons.str.slice(2).to_numpy()
+    bad = result.malformed
+    if len(bad):
+        lines = pd.DataFrame({c: [None] * len(bad) for c in columns}, dtype=object)
+        lines[RAW_LINE] = bad[RAW_LINE].astype(str).to_numpy()
+        lines[SOURCE_COL] = bad[SOURCE_COL].astype(str).to_numpy()
+        lines[LINE_COL] = bad[LINE_COL].to_numpy(np.int64)
+        lines[RULE] = bad[RULE].astype(str).to_numpy()
+        rows = pd.concat([rows, lines], ignore_index=True)
+        rows = rows.sort_values([SOURCE_COL, LINE_COL], kind="stable").reset_index(drop=True)
+    for column in [*columns, RAW_LINE, SOURCE_COL, RULE]:
+        rows[column] = rows[column].astype(object)
+    rows[LINE_COL] = rows[LINE_COL].astype(np.int64)
+    return rows[[*columns, *REJECT_EXTRA]]
+
+
+def _write_rejects(rows: pd.DataFrame, path: Path) -> None:
+    """Every column a string (``_line`` int64), also when there are no rows, so the schema is stable."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(c, pa.int64() if c == LINE_COL else pa.string()) for c in rows.columns])
+    pq.write_table(pa.Table.from_pandas(rows, schema=schema, preserve_index=False), path)
+
+
+def _rule_report(result: TableResult, rule: Rule, value_columns: list[str], n: int) -> dict[str, Any]:
+    hit = result.failed[rule.name]
+    samples = []
+    for pos in hit[:n]:
+        row = result.raw.iloc[pos]
+        sample: dict[str, Any] = {
+            "line": int(row[LINE_COL]),
+            "values": {c: (None if pd.isna(row[c]) else str(row[c])) for c in value_columns},
+        }
+        if rule.column == "__duplicate_of_line":
+            sample["duplicate_of_line"] = int(result.helpers["duplicate_of_line"][pos])
+        samples.append(sample)
+    return {**rule.describe(), "count": len(hit), "samples": samples}
+
+
+def _malformed_report(bad: pd.DataFrame, n: int) -> dict[str, Any] | None:
+    if not len(bad):
+        return None
+    details = sorted({str(r) for r in bad[RULE]})
+    return {
+        "rule": MALFORMED_LINE,
+        "expectation": None,
+        "column": None,
+        "columns": [],
+        "kwargs": {},
+        "description": "line could not be split into the expected fields (checked by the loader): "
+        + " / ".join(d.split(":", 1)[1].strip() if ":" in d else d for d in details),
+        "count": len(bad),
+        "samples": [
+            {"line": int(r[LINE_COL]), "source": str(r[SOURCE_COL]), "raw": str(r[RAW_LINE])}
+            for _, r in bad.head(n).iterrows()
+        ],
+    }
+
+
+def _table_report(result: TableResult, kept: int, rejected: int, n: int) -> dict[str, Any]:
+    rows_in = len(result.raw) + len(result.malformed)
+    value_columns = [c for c in result.raw.columns if c not in (SOURCE_COL, LINE_COL)]
+    rules = [_rule_report(result, rule, value_columns, n) for rule in result.rules]
+    malformed = _malformed_report(result.malformed, n)
+    if malformed:
+        rules.insert(0, malformed)
+    assert rows_in == kept + rejected, (
+        f"{result.name}: {rows_in} rows in != {kept} kept + {rejected} rejected"
+    )
+    return {
+        "file": result.file,
+        "derived_from": result.derived_from,
+        "rows_in": rows_in,
+        "rows_kept": kept,
+        "rows_rejected": rejected,
+        "reject_share": rejected / rows_in if rows_in else 0.0,
+        "rows_written": len(result.validated) if result.validated is not None else 0,
+        "columns": value_columns,
+        "notes": result.notes,
+        "rules": rules,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+
+
+def validate_source(source: RawSource, cfg: ValidateConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Validate every table of ``source``; write validated tables, rejects and the report under ``out_dir``.
+
+    Writes ``validated/{interactions,items,users}.parquet`` (typed valid rows in file order; items /
+    users derived from the interactions' ids when the source has none), ``rejects/<table>.parquet``
+    (always, even empty: raw values as strings, ``raw`` line text of malformed lines, ``_source``,
+    ``_line`` and ``rule``) and ``validation_report.json``; returns the report.
+
+    Raises ValidationError at once for a missing required column (rule ``missing_column``) or an empty
+    table (``empty_file``), and after writing everything when a table's rejected share exceeds
+    ``cfg.max_reject_share``.
+    """
+    out_dir = Path(out_dir)
+    malformed = _split_malformed(source.malformed)
+    if source.interactions is None:
+        raise ValidationError(f"the source has no interactions table (files: {source.files})")
+    raws: dict[str, pd.DataFrame] = {}
+    for table in TABLES:
+        raw = source.table(table)
+        if raw is not None:
+            raws[table] = _prepare(table, raw, source.files.get(table), malformed[table])
+        elif len(malformed[table]):
+            raise ValueError(
+                f"{len(malformed[table])} malformed {table} line(s) but the source has no {table}"
+            )
+
+    results: dict[str, TableResult] = {}
+    known: dict[str, np.ndarray] = {}
+    for table in ("items", "users", "interactions"):
+        if table not in raws:
+            continue
+        result, frame = _check_rows(table, raws[table], source.files.get(table), malformed[table], cfg)
+        _check_relations(result, frame, known)
+        keep = ~result.rejected
+        if table != "interactions":
+            id_col = REQUIRED_COLUMNS[table][0]
+            known[table] = np.unique(result.ids[id_col][keep])
+            result.validated = (_typed_items if table == "items" else _typed_users)(result, keep)
+        else:
+            result.validated = _typed_interactions(result, frame, keep)
+        results[table] = result
+
+    interactions = results["interactions"].validated
+    assert interactions is not None  # every checked table got its validated frame above
+    for table, id_col in (("items", "item_id"), ("users", "user_id")):
+        if table in results:
+            continue
+        derived = TableResult(
+            table, None, pd.DataFrame(columns=[id_col, SOURCE_COL, LINE_COL]), [], {}, {},
+            malformed[table], {}, {}, derived_from="interactions",
+        )  # fmt: skip
+        derived.validated = _derived(table, interactions[id_col].to_numpy())
+        derived.notes.append(
+            f"the source has no {table} table: {len(derived.validated)} {table} derived from the valid "
+            f"interactions' {id_col}s (no attributes); unknown_{table[:-1]} is not checked"
+        )
+        results[table] = derived
+
+    validated_dir, rejects_dir = out_dir / "validated", out_dir / "rejects"
+    validated_dir.mkdir(parents=True, exist_ok=True)
+    rejects_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "passed": True,
+        "max_reject_share": cfg.max_reject_share,
+        "engine": f"great_expectations {_gx()['gx'].__version__}",
+        "outputs": {"validated": str(validated_dir), "rejects": str(rejects_dir)},
+        "tables": {},
+    }
+    for table in TABLES:
+        result = results[table]
+        columns = [c for c in result.raw.columns if c not in (SOURCE_COL, LINE_COL)]
+        rejects = _rejects(result, columns)
+        _write_rejects(rejects, rejects_dir / f"{table}.parquet")
+        validated = result.validated
+        assert validated is not None  # set above for every table, checked or derived
+        validated.to_parquet(validated_dir / f"{table}.parquet", index=False)
+        kept = 0 if result.derived_from else len(validated)
+        entry = _table_report(result, kept, len(rejects), cfg.sample_rows)
+        entry["passed"] = entry["reject_share"] <= cfg.max_reject_share
+        report["passed"] = report["passed"] and entry["passed"]
+        report["tables"][table] = entry
+    report_path = write_json(out_dir / "validation_report.json", report)
+
+    failing = [t for t in TABLES if not report["tables"][t]["passed"]]
+    if failing:
+        raise ValidationError(_threshold_message(report, failing, rejects_dir, report_path))
+    return report
+
+
+def _threshold_message(
+    report: dict[str, Any], failing: list[str], rejects_dir: Path, report_path: Path
+) -> str:
+    limit = report["max_reject_share"]
+    parts = []
+    for table in failing:
+        entry = report["tables"][table]
+        counts = ", ".join(f"{r['rule']}: {r['count']}" for r in entry["rules"] if r["count"])
+        parts.append(
+            f"{entry['file']}: {entry['rows_rejected']} of {entry['rows_in']} {table} rows rejected "
+            f"({entry['reject_share']:.1%} > {PARAMS_KEY} = {limit:.1%}); failing rules: {counts}"
+        )
+    return (
+        "validation failed\n  "
+        + "\n  ".join(parts)
+        + f"\nRejected rows with their reasons are in {rejects_dir}/<table>.parquet and the report in "
+        f"{report_path}. Fix the data, or raise {PARAMS_KEY} in params.yaml if this share is acceptable."
+    )
+
+
+def _split_malformed(malformed: pd.DataFrame | None) -> dict[str, pd.DataFrame]:
+    columns = ["table", SOURCE_COL, LINE_COL, RAW_LINE, RULE]
+    if malformed is None or len(malformed) == 0:
+        empty = pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+        return {t: empty for t in TABLES}
+    unknown = sorted(set(malformed["table"]) - set(TABLES))
+    if unknown:
+        raise ValueError(f"malformed lines name unknown table(s) {unknown}; expected one of {TABLES}")
+    return {t: malformed[malformed["table"] == t].reset_index(drop=True) for t in TABLES}
+
+
+# --------------------------------------------------------------------------------------------------
+# The Prefect task (``fuserec stage validate`` calls ``validate.fn``)
+
+
+def validate(params: Params) -> str:
+    """Load ``data.source`` and validate it into ``outputs/``; returns the report's path."""
+    from fuserec.data.sources import load_source
+
+    layout = Layout(params.outputs_dir)
+    validate_source(load_source(params.data), params.validate_, layout.root)
+    return str(layout.validation_report)
