@@ -10,7 +10,7 @@ import pandas as pd
 from rich.table import Table
 
 from fuserec.data.dataset import Dataset
-from fuserec.layout import CATALOG_FILE, MODEL_FILE, SPLIT_FILES, Layout
+from fuserec.layout import CATALOG_FILE, MODEL_FILE, Layout
 from fuserec.manifest import read_json
 from fuserec.onnx_model import OnnxRecommender
 
@@ -32,9 +32,9 @@ def top_items_for_user(outputs: Path, user_id: str | None) -> Table:
     """Top-k for a user (default: the first test user) scored from their training history via ONNX."""
     layout = Layout(outputs)
     manifest = read_json(layout.export / "manifest.json")
-    data = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES["train"])
+    data = Dataset.load(layout.clean, interactions=layout.split_file("train"))
     if user_id is None:
-        user = int(pd.read_parquet(layout.split / SPLIT_FILES["test"])["user"].min())
+        user = int(pd.read_parquet(layout.split_file("test"))["user"].min())
     else:
         ids = data.users["user_id"].astype(str).to_numpy()
         matches = np.flatnonzero(ids == str(user_id))

@@ -48,9 +48,7 @@ def suggest(trial: Any, name: str, dim: SearchDim) -> Any:
 TrialRunner = Callable[[list[dict[str, Any]]], list[tuple[float, float]]]
 
 
-def run_trial(
-    cls: type[Algorithm], config: dict[str, Any], carve: Carve, metric: str
-) -> tuple[float, float]:
+def run_trial(cls: type[Algorithm], config: dict[str, Any], carve: Carve, metric: str) -> tuple[float, float]:
     """Fit ``config`` on train' and return its ``metric`` on the validation carve, and the seconds taken."""
     start = time.perf_counter()
     metrics, _ = score_config(cls, config, carve, [int(metric.split("@")[1])])

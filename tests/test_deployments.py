@@ -1,4 +1,4 @@
-"""Must-show: prefect.yaml's nightly-retrain on a real local Prefect server, scheduled, run by a worker.
+"""prefect.yaml's nightly-retrain on a real local Prefect server, scheduled, run by a worker.
 
 A server on a free loopback port (its database under a temp PREFECT_HOME), the ``process`` work pool,
 ``prefect deploy --all`` from the repository root, the cron schedule read back from the

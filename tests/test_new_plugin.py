@@ -2,7 +2,7 @@
 
 One algorithm and one fuser are generated and pip-installed with ``--target`` into one private folder put
 on ``sys.path`` (and PYTHONPATH for subprocesses) rather than into the virtual environment: discovery
-through entry points works the same, and neither the other tests of this session nor anyone else sharing
+through entry points works the same, and neither the other tests of this run nor anyone else sharing
 the environment ever see them. A single `fuserec run` trains the algorithm, fuses it with the generated
 fuser and exports the fused model, so both kinds are checked end to end by one Prefect flow.
 """

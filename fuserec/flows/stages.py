@@ -34,7 +34,7 @@ from fuserec.caching import StageSpec, cache_key, outputs_intact, write_record
 from fuserec.config import Params, TrainConfig
 from fuserec.data.dataset import ITEMS_FILE, USERS_FILE
 from fuserec.flows.retries import with_io_retries
-from fuserec.layout import SPLIT_FILES, Layout
+from fuserec.layout import Layout
 from fuserec.manifest import read_json
 from fuserec.registry import FUSERS_GROUP, plugin_info, resolve_names
 from fuserec.stages.table import Stage, param_value
@@ -102,7 +102,7 @@ def stage_spec(stage: str, params: Params, plugin: str | None = None, carve: str
         inputs = {
             f"clean/{ITEMS_FILE}": root / "clean" / ITEMS_FILE,
             f"clean/{USERS_FILE}": root / "clean" / USERS_FILE,
-            f"split/{carve}": root / "split" / SPLIT_FILES[carve],
+            f"split/{carve}": Layout(root).split_file(carve),
         }
         read = {"train.seed": params.train.seed, f"algorithms.{plugin}": params.algorithm_config(plugin)}
         outputs: tuple[str, ...] = (f"inner_models/{plugin}",)

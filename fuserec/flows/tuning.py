@@ -18,7 +18,7 @@ from prefect.futures import wait
 from fuserec.config import Params
 from fuserec.evaluation import load_carve
 from fuserec.flows.stages import make_task_runner
-from fuserec.layout import SPLIT_FILES
+from fuserec.layout import Layout
 from fuserec.registry import get_algorithm
 from fuserec.splitting import Carve
 from fuserec.stages.train import limited_threads, threads_per_fit
@@ -30,7 +30,7 @@ _carves_lock = threading.Lock()
 
 def cached_validation_carve(outputs: str) -> Carve:
     """The validation carve of ``outputs``, loaded once per process (and again if the split changes)."""
-    stamp = (Path(outputs) / "split" / SPLIT_FILES["train_inner"]).stat().st_mtime
+    stamp = Layout(Path(outputs)).split_file("train_inner").stat().st_mtime
     with _carves_lock:
         key = (outputs, stamp)
         if key not in _carves:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from fuserec.histories import PAD
-from fuserec.layout import CATALOG_FILE, MODEL_FILE, RATINGS_FILE, SPLIT_FILES, Layout
+from fuserec.layout import CATALOG_FILE, MODEL_FILE, RATINGS_FILE, Layout
 from fuserec.manifest import read_json
 from fuserec.onnx_model import OnnxRecommender
 from fuserec.serving.coldstart import ColdStart, genre_sets
@@ -120,7 +120,7 @@ def training_events(layout: Layout) -> pd.DataFrame:
     The test period stays out, as its positives do. A run without ``clean/ratings.parquet`` gives the
     positives alone; one without a test split (a served folder promoted before it kept one), every low rating.
     """
-    train = pd.read_parquet(layout.split / SPLIT_FILES["train"])
+    train = pd.read_parquet(layout.split_file("train"))
     columns = ["user", "item", "timestamp", "rating", "positive"]
     train = train.assign(rating=train.get("rating", np.nan), positive=True)[columns]
     ratings_file = layout.clean / RATINGS_FILE
@@ -128,7 +128,7 @@ def training_events(layout: Layout) -> pd.DataFrame:
         return train.reset_index(drop=True)
     ratings = pd.read_parquet(ratings_file)
     low = ratings[~ratings["positive"].to_numpy(bool)] if "positive" in ratings else ratings.iloc[:0]
-    test_file = layout.split / SPLIT_FILES["test"]
+    test_file = layout.split_file("test")
     test = pd.read_parquet(test_file, columns=["user", "timestamp"]) if test_file.exists() else None
     first_test = pd.Series(dtype=np.float64) if test is None else test.groupby("user")["timestamp"].min()
     cutoff = first_test.reindex(low["user"]).to_numpy(np.float64)
@@ -165,7 +165,7 @@ def training_histories(layout: Layout, user_ids: Sequence[str], max_history: int
     file order, so a stable sort on (user, timestamp) of the positives reproduces the service's history;
     every imported row, positive or not, is seen.
     """
-    train_file = layout.split / SPLIT_FILES["train"]
+    train_file = layout.split_file("train")
     users_file = layout.clean / "users.parquet"
     for needed in (train_file, users_file):
         if not needed.exists():

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from fuserec.layout import SPLIT_FILES, Layout
+from fuserec.layout import Layout
 
 ATTRIBUTES = ("gender", "occupation", "age_band")
 GENRE_BOOST = 1000.0
@@ -38,7 +38,7 @@ class ColdStart:
         self.popularity = np.zeros(n_items)
         self.by_attribute: dict[tuple[str, str], np.ndarray] = {}
         self.user_attributes: dict[str, dict[str, str]] = {}
-        train_file, users_file = layout.split / SPLIT_FILES["train"], layout.clean / "users.parquet"
+        train_file, users_file = layout.split_file("train"), layout.clean / "users.parquet"
         if not (train_file.exists() and users_file.exists()):
             return
         train, users = pd.read_parquet(train_file), pd.read_parquet(users_file)

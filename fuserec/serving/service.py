@@ -24,7 +24,7 @@ from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from fuserec.features import item_content_vectors
-from fuserec.layout import CATALOG_FILE, MODEL_FILE, SPLIT_FILES, Layout
+from fuserec.layout import CATALOG_FILE, MODEL_FILE, Layout
 from fuserec.manifest import read_json
 from fuserec.onnx_model import OnnxRecommender
 from fuserec.rerank import Rerank, mmr_top_k, unit_vectors
@@ -168,7 +168,7 @@ class Service:
         """
         if self.store.meta(LOW_RATINGS_IMPORTED) is not None:
             return
-        train_file, users_file = layout.split / SPLIT_FILES["train"], layout.clean / "users.parquet"
+        train_file, users_file = layout.split_file("train"), layout.clean / "users.parquet"
         fresh = self.store.count() == 0
         if not (train_file.exists() and users_file.exists()):
             self.store.set_meta(LOW_RATINGS_IMPORTED, "nothing to import")

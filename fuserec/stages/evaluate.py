@@ -20,7 +20,7 @@ from fuserec.evaluation import metrics_by_k, ranking_metrics, rounded, segment_c
 from fuserec.features import item_content_vectors
 from fuserec.fusion import SharedScores
 from fuserec.histories import Histories
-from fuserec.layout import SPLIT_FILES, Layout
+from fuserec.layout import Layout
 from fuserec.manifest import write_json
 from fuserec.metrics import evaluate_rankings, ndcg_at_k, rank_together
 from fuserec.rerank import DiversityCurve, Rerank
@@ -117,8 +117,8 @@ def evaluate(params: Params) -> str:
     from fuserec.artifacts import fitted_fusers, load_fuser
 
     layout = Layout(params.outputs_dir)
-    data = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES["train"])
-    test = pd.read_parquet(layout.split / SPLIT_FILES["test"])
+    data = Dataset.load(layout.clean, interactions=layout.split_file("train"))
+    test = pd.read_parquet(layout.split_file("test"))
     results: dict[str, dict[str, dict[str, Any]]] = {"models": {}, "fusers": {}}
     by_segment: dict[str, dict[str, dict[str, float]]] = {}  # segment -> model or fuser -> metrics
     layout.plots.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from fuserec.data.dataset import Dataset
 from fuserec.features import item_content_vectors
 from fuserec.fusion import Fuser
 from fuserec.histories import Histories
-from fuserec.layout import CATALOG_FILE, MODEL_FILE, SPLIT_FILES, USERS_FILE, Layout
+from fuserec.layout import CATALOG_FILE, MODEL_FILE, USERS_FILE, Layout
 from fuserec.manifest import file_sha256, read_json, write_manifest
 from fuserec.onnx_model import (
     CONTRIBUTIONS,
@@ -32,8 +32,8 @@ def export(params: Params) -> str:
     folder = scorer_folder(layout, cfg.algorithm)
     algo = load_scorer(layout, folder)
     out = layout.export
-    data = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES["train"])
-    test = pd.read_parquet(layout.split / SPLIT_FILES["test"])
+    data = Dataset.load(layout.clean, interactions=layout.split_file("train"))
+    test = pd.read_parquet(layout.split_file("test"))
     rerank = Rerank(cfg.rerank_diversity, cfg.rerank_novelty, **cfg.rerank_shape)
     reranker = None
     if rerank.active:

@@ -19,7 +19,7 @@ from fuserec.api import Algorithm
 from fuserec.artifacts import load_algorithm, trained_models
 from fuserec.config import Params
 from fuserec.data.dataset import Dataset
-from fuserec.layout import SPLIT_FILES, Layout
+from fuserec.layout import Layout
 from fuserec.manifest import file_sha256, read_json, write_manifest
 from fuserec.memory import release_freed_memory
 from fuserec.registry import FUSERS_GROUP, get_fuser, plugin_info, resolve_names
@@ -55,9 +55,9 @@ def load_inner_models(names: list[str], layout: Layout, data_sha256: str) -> dic
 
 def fusion_inputs(layout: Layout, names: list[str]) -> tuple[Dataset, pd.DataFrame, dict[str, Algorithm]]:
     """What a fuser learns from: train' (a ``Dataset``), the validation truth, train' fits of ``names``."""
-    inner_file = layout.split / SPLIT_FILES["train_inner"]
+    inner_file = layout.split_file("train_inner")
     inner = Dataset.load(layout.clean, interactions=inner_file)
-    valid = pd.read_parquet(layout.split / SPLIT_FILES["valid"])
+    valid = pd.read_parquet(layout.split_file("valid"))
     return inner, valid, load_inner_models(names, layout, file_sha256(inner_file))
 
 
@@ -74,8 +74,8 @@ def fuse(params: Params) -> str:
     if not names or not components:
         return str(layout.fusers)
     inner, valid, fitted = fusion_inputs(layout, components)
-    inner_sha256 = file_sha256(layout.split / SPLIT_FILES["train_inner"])
-    train = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES["train"])
+    inner_sha256 = file_sha256(layout.split_file("train_inner"))
+    train = Dataset.load(layout.clean, interactions=layout.split_file("train"))
     components_s = sum(read_json(layout.inner_model(n) / "manifest.json")["fit_seconds"] for n in components)
     for name in names:
         cls = get_fuser(name)

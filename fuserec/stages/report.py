@@ -10,7 +10,7 @@ import pandas as pd
 from fuserec.config import Params
 from fuserec.data.dataset import Dataset
 from fuserec.html_report import render
-from fuserec.layout import GATING_FILE, REPORT_FILE, SPLIT_FILES, Layout
+from fuserec.layout import GATING_FILE, REPORT_FILE, Layout
 from fuserec.manifest import read_json
 from fuserec.segments import COLD_USER_MAX
 
@@ -47,8 +47,8 @@ def served_alone(layout: Layout) -> dict[str, str]:
 def report(params: Params) -> str:
     layout = Layout(params.outputs_dir)
     metrics = read_json(layout.metrics)
-    data = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES["train"])
-    test = pd.read_parquet(layout.split / SPLIT_FILES["test"])
+    data = Dataset.load(layout.clean, interactions=layout.split_file("train"))
+    test = pd.read_parquet(layout.split_file("test"))
     gating = gating_weights(layout, data, test)
     frame = pd.DataFrame(gating).T.rename_axis("segment").reset_index()
     frame.to_csv(layout.root / GATING_FILE, index=False)  # a DVC plot (empty without a gating fuser)

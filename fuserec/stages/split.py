@@ -10,7 +10,7 @@ import pandas as pd
 
 from fuserec.config import Params
 from fuserec.data.dataset import INTERACTIONS_FILE
-from fuserec.layout import SPLIT_FILES, Layout
+from fuserec.layout import Layout
 from fuserec.manifest import write_json
 from fuserec.splitting import split_all
 
@@ -21,7 +21,7 @@ def split(params: Params) -> str:
     parts = split_all(frame, params.split)
     layout.split.mkdir(parents=True, exist_ok=True)
     for name, part in parts.items():
-        part.to_parquet(layout.split / SPLIT_FILES[name], index=False)
+        part.to_parquet(layout.split_file(name), index=False)
     summary = {name: {"interactions": len(p), "users": int(p["user"].nunique())} for name, p in parts.items()}
     write_json(layout.split / "summary.json", {"method": params.split.method, **summary})
     return str(layout.split)

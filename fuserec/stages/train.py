@@ -27,7 +27,7 @@ from fuserec.api import Algorithm
 from fuserec.artifacts import model_folder, seed_everything, trained_models
 from fuserec.config import Params, TrainConfig
 from fuserec.data.dataset import Dataset
-from fuserec.layout import SPLIT_FILES, Layout
+from fuserec.layout import Layout
 from fuserec.manifest import file_sha256, write_manifest
 from fuserec.registry import get_algorithm, plugin_info, resolve_names
 
@@ -127,7 +127,7 @@ def fit_plugin(name: str, params: Params, carve: str, data: Dataset | None = Non
     if carve not in CARVES:
         raise ValueError(f"carve must be one of {CARVES}, not {carve!r}")
     layout = Layout(params.outputs_dir)
-    split_file = layout.split / SPLIT_FILES[carve]
+    split_file = layout.split_file(carve)
     if data is None:
         data = Dataset.load(layout.clean, interactions=split_file)
     curve = layout.curves / f"{name}.csv" if carve == "train" else None  # DVC plots: the served fit's
@@ -140,7 +140,7 @@ def train(params: Params) -> str:
     jobs = training_jobs(params)
     for carve in CARVES:
         names = [name for c, name in jobs if c == carve]
-        data = Dataset.load(layout.clean, interactions=layout.split / SPLIT_FILES[carve]) if names else None
+        data = Dataset.load(layout.clean, interactions=layout.split_file(carve)) if names else None
         for name in names:
             fit_plugin(name, params, carve, data)
     return str(layout.models)
