@@ -51,6 +51,14 @@ def stage(
     if name not in STAGE_NAMES:
         raise typer.BadParameter(f"unknown stage {name!r}; choose one of {', '.join(STAGE_NAMES)}")
     loaded = _load_params(params, set_)
+    dvc_file = params.parent / "dvc.yaml"
+    if name == "validate" and not set_ and dvc_file.exists():  # as DVC runs it: the project's params
+        from fuserec.stages.table import stale_raw_data
+
+        problem = stale_raw_data(dvc_file, loaded.data)
+        if problem:
+            Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {problem}", highlight=False)
+            raise typer.Exit(2)
     module = importlib.import_module(f"fuserec.stages.{name}")
     out = getattr(module, name)(loaded)
     console.print(f"[green]{name}[/green] -> {out}")
@@ -58,16 +66,23 @@ def stage(
 
 @app.command("dvc-yaml")
 def dvc_yaml(
+    params: ParamsOpt = Path("params.yaml"),
     path: Annotated[Path, typer.Option(help="where to write it")] = Path("dvc.yaml"),
     check: Annotated[bool, typer.Option("--check", help="only say whether the file is current")] = False,
 ) -> None:
-    """Write dvc.yaml from the stage table (fuserec/stages/table.py), or check that it is current."""
-    from fuserec.stages.table import dvc_yaml as generate
+    """Write dvc.yaml from the stage table and params.yaml's raw data, or check that it is current.
 
-    text = generate()
+    The validate stage depends on the raw folder that data.source / data.path select, so run this again
+    (and commit dvc.yaml) after pointing params.yaml at other data."""
+    from fuserec.stages.table import dvc_yaml as generate
+    from fuserec.stages.table import raw_data_dependency
+
+    text = generate(raw_data=raw_data_dependency(_load_params(params, None).data))
     if check:
         if not path.exists() or path.read_text() != text:
-            console.print(f"[red]{path} differs from the stage table[/red]; run `fuserec dvc-yaml`")
+            console.print(
+                f"[red]{path} differs from the stage table and {params}[/red]: run `fuserec dvc-yaml`"
+            )
             raise typer.Exit(1)
         console.print(f"{path} is current")
         return
@@ -79,10 +94,15 @@ def dvc_yaml(
 def tune(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    dvc_exp: Annotated[
+        str | None,
+        typer.Option("--dvc-exp", help="then run the DVC pipeline as this experiment, best settings set"),
+    ] = None,
 ) -> None:
     """Search hyper-parameters on the validation carve; write the best into <data.settings_dir>/<source>.yaml.
 
-    Trials run as Prefect tasks on train.task_runner, train.workers at a time (threads, or Dask)."""
+    Trials run as Prefect tasks on train.task_runner, train.workers at a time (threads, or Dask). With
+    --dvc-exp NAME the best settings are also recorded as a DVC experiment (`dvc exp show` lists it)."""
     loaded = _load_params(params, set_)
     from fuserec.flows.tuning import run_tune
     from fuserec.stages.clean import clean
@@ -92,12 +112,18 @@ def tune(
     for run_stage in (validate, clean, split):
         run_stage(loaded)
     table = Table("plugin", "metric", "validation", "best setting", "trials")
-    for name, record in run_tune(loaded, loaded.data.settings_path).items():
+    records = run_tune(loaded, loaded.data.settings_path)
+    for name, record in records.items():
         best = {k: v for k, v in record["best"].items() if k != "seed"}
         table.add_row(
             name, record["metric"], f"{record['best_value']:.4f}", str(best), str(len(record["trials"]))
         )
     console.print(table)
+    if dvc_exp:
+        from fuserec.tuning import record_experiment
+
+        cmd = record_experiment(records, dvc_exp, params.resolve().parent)
+        console.print(f"recorded experiment [green]{dvc_exp}[/green]: {' '.join(cmd[1:])}")
 
 
 @app.command()

@@ -136,3 +136,37 @@ def tune(
         write_settings(settings_file, name, record["best"])
         records[name] = record
     return records
+
+
+def experiment_params(records: dict[str, dict[str, Any]]) -> list[str]:
+    """``algorithms.<plugin>.<key>=<value>`` for every tuned plugin's best setting (its seed left out)."""
+    out = []
+    for name, record in sorted(records.items()):
+        for key, value in sorted(record["best"].items()):
+            if key != "seed":
+                text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
+                out.append(f"algorithms.{name}.{key}={text}")
+    return out
+
+
+def record_experiment(records: dict[str, dict[str, Any]], name: str, cwd: Path) -> list[str]:
+    """Run the DVC pipeline as experiment ``name`` with the best settings set: ``dvc exp run -S ...``.
+
+    Why an experiment: the tuned settings then sit beside the metrics they produce on test, in
+    ``dvc exp show``, and ``dvc exp apply`` (or ``dvc exp branch``) keeps the run that is wanted.
+    Returns the command it ran; raises with DVC's own message when the run fails.
+    """
+    import subprocess
+    import sys
+
+    dvc = Path(sys.executable).parent / "dvc"
+    cmd = [str(dvc) if dvc.exists() else "dvc", "exp", "run", "--name", name]
+    for item in experiment_params(records):
+        cmd += ["--set-param", item]
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"`{' '.join(cmd)}` failed in {cwd}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}\n"
+            "To fix: run it from a git + DVC repository whose dvc.yaml is current (`fuserec dvc-yaml`)"
+        )
+    return cmd

@@ -13,7 +13,11 @@ distribution's version instead, so a wheel install caches too).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from fuserec.config import DataConfig
 
 OutputKind = Literal["out", "metric", "plot"]
 
@@ -24,7 +28,8 @@ class Output:
 
     path: str
     kind: OutputKind = "out"
-    cache: bool = True  # only for ``out``: False keeps a small file in git instead of the DVC cache
+    # In the DVC cache (pushed to a remote) or in git: outs default to the cache, metrics and plots to git.
+    cache: bool | None = None
     x: str | None = None  # plot axes, for ``dvc plots``
     y: str | None = None
 
@@ -39,6 +44,7 @@ class Stage:
     outputs: tuple[Output, ...]
     params: tuple[str, ...]  # dotted params.yaml keys (a section, or one key of it)
     code: tuple[str, ...] = field(default=())
+    reads_raw_data: bool = False  # depends on the files ``data.source`` / ``data.path`` select
 
     @property
     def output_paths(self) -> tuple[str, ...]:
@@ -52,10 +58,11 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "validate",
         "Load the raw source and check every row with Great Expectations; quarantine the rejects.",
-        inputs=(),  # the raw files: ``data.source`` and ``data.path`` (see fuserec.data.sources)
+        inputs=(),
         outputs=(Output("validated"), Output("rejects"), Output("validation_report.json", "metric")),
         params=("data", "validate"),
         code=("fuserec/stages/validate.py", "fuserec/data"),
+        reads_raw_data=True,  # the files params choose: see raw_data_dependency
     ),
     Stage(
         "clean",
@@ -80,7 +87,8 @@ STAGES: tuple[Stage, ...] = (
         outputs=(
             Output("models"),
             Output("inner_models"),
-            Output("curves", "plot", x="epoch", y="loss"),
+            # cached: a folder that may be empty (no trainable plugin), which git cannot carry to a clone
+            Output("curves", "plot", x="epoch", y="loss", cache=True),
         ),
         # not train.task_runner / workers / dask_address: they do not change what is learned
         params=(
@@ -172,12 +180,30 @@ def param_value(raw: dict[str, Any], key: str) -> Any:
     return value
 
 
-def dvc_stages(outputs: str = "outputs") -> dict[str, Any]:
-    """The ``stages:`` mapping of dvc.yaml for an outputs folder, in pipeline order."""
+def raw_data_dependency(data: DataConfig) -> str | None:
+    """The folder of raw files that ``data`` selects, as a DVC dependency; None for generated data.
+
+    Why a generated dvc.yaml rather than a template: the path is a params choice, DVC cannot interpolate
+    a missing one (the synthetic source has none), and this way a new ``data.path`` is one
+    ``fuserec dvc-yaml`` away, which ``fuserec stage validate`` insists on (:func:`stale_raw_data`).
+    """
+    if data.source == "synthetic":
+        return None  # the generator's settings are the ``data`` params, already a dependency
+    from fuserec.data.sources import source_path
+
+    return source_path(data).as_posix()
+
+
+def dvc_stages(outputs: str = "outputs", raw_data: str | None = None) -> dict[str, Any]:
+    """The ``stages:`` mapping of dvc.yaml for an outputs folder, in pipeline order.
+
+    ``raw_data`` (:func:`raw_data_dependency`) becomes a dependency of the stages that read raw data.
+    """
     stages: dict[str, Any] = {}
     for s in STAGES:
         entry: dict[str, Any] = {"cmd": f"fuserec stage {s.name}"}
-        entry["deps"] = [*s.code, *(f"{outputs}/{p}" for p in s.inputs)]
+        raw = [raw_data] if raw_data and s.reads_raw_data else []
+        entry["deps"] = [*raw, *s.code, *(f"{outputs}/{p}" for p in s.inputs)]
         if s.params:
             entry["params"] = list(s.params)
         for kind, section in (("out", "outs"), ("metric", "metrics"), ("plot", "plots")):
@@ -187,9 +213,9 @@ def dvc_stages(outputs: str = "outputs") -> dict[str, Any]:
                     continue
                 path = f"{outputs}/{o.path}"
                 if kind == "out":
-                    listed.append(path if o.cache else {path: {"cache": False}})
+                    listed.append(path if o.cache is not False else {path: {"cache": False}})
                     continue
-                options: dict[str, Any] = {"cache": False}
+                options: dict[str, Any] = {"cache": bool(o.cache)}
                 options |= {axis: v for axis, v in (("x", o.x), ("y", o.y)) if v is not None}
                 listed.append({path: options})
             if listed:
@@ -199,17 +225,42 @@ def dvc_stages(outputs: str = "outputs") -> dict[str, Any]:
 
 
 DVC_HEADER = """\
-# Generated from fuserec/stages/table.py by `fuserec dvc-yaml`: edit the stage table, not this file.
-# Each stage runs the same code as the Prefect flow (`fuserec stage NAME`). Paths assume `outputs: outputs`
-# in params.yaml. The validate stage's raw files are chosen by params (data.source, data.path) at run time,
-# which DVC cannot depend on: `dvc add` a data folder inside the repository, or `dvc repro -f validate`
-# after the files change.
+# Generated from fuserec/stages/table.py and params.yaml by `fuserec dvc-yaml`: edit the stage table or
+# params.yaml, then run it again; do not edit this file. Each stage runs the same code as the Prefect flow
+# (`fuserec stage NAME`). Paths assume `outputs: outputs` in params.yaml. The raw files that data.source
+# and data.path select are a dependency of validate, so changing one reruns the pipeline from there.
 """
 
 
-def dvc_yaml(outputs: str = "outputs") -> str:
-    """dvc.yaml's text, generated from :data:`STAGES`."""
+def dvc_yaml(outputs: str = "outputs", raw_data: str | None = None) -> str:
+    """dvc.yaml's text, generated from :data:`STAGES` (and the raw data folder params select)."""
     import yaml
 
-    body = yaml.safe_dump({"stages": dvc_stages(outputs)}, sort_keys=False, width=110)
+    body = yaml.safe_dump({"stages": dvc_stages(outputs, raw_data)}, sort_keys=False, width=110)
     return DVC_HEADER + body
+
+
+def stale_raw_data(dvc_file: Path, data: DataConfig, outputs: str = "outputs") -> str | None:
+    """Why ``dvc_file`` would let DVC miss a change of the raw data ``data`` selects, or None.
+
+    A dvc.yaml whose validate stage does not depend on the current raw folder (``data.path`` changed since
+    it was generated) would rerun nothing when those files change: the metrics would silently describe
+    the old data.
+    """
+    import yaml
+
+    raw = raw_data_dependency(data)
+    wanted = [raw] if raw else []
+    stages = (yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {})
+    for s in STAGES:
+        if not s.reads_raw_data or s.name not in stages:
+            continue
+        known = {*s.code, *(f"{outputs}/{p}" for p in s.inputs)}
+        declared = [str(d) for d in stages[s.name].get("deps", []) if str(d) not in known]
+        if declared != wanted:
+            return (
+                f"{dvc_file} declares {declared or 'no raw data'} as the raw data of the {s.name} stage, "
+                f"but params select {raw or 'generated (synthetic) data'}, so `dvc repro` would miss a "
+                "change of those files. To fix: run `fuserec dvc-yaml` and commit the new dvc.yaml"
+            )
+    return None
