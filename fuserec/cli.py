@@ -75,9 +75,10 @@ def dvc_yaml(
     The validate stage depends on the raw folder that data.source / data.path select, so run this again
     (and commit dvc.yaml) after pointing params.yaml at other data."""
     from fuserec.stages.table import dvc_yaml as generate
-    from fuserec.stages.table import raw_data_dependency
+    from fuserec.stages.table import raw_data_dependency, settings_dependency
 
-    text = generate(raw_data=raw_data_dependency(_load_params(params, None).data))
+    data = _load_params(params, None).data
+    text = generate(raw_data=raw_data_dependency(data), settings=settings_dependency(data))
     if check:
         if not path.exists() or path.read_text() != text:
             console.print(

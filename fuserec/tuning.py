@@ -156,14 +156,18 @@ def record_experiment(records: dict[str, dict[str, Any]], name: str, cwd: Path) 
     ``dvc exp show``, and ``dvc exp apply`` (or ``dvc exp branch``) keeps the run that is wanted.
     Returns the command it ran; raises with DVC's own message when the run fails.
     """
+    import os
     import subprocess
     import sys
 
-    dvc = Path(sys.executable).parent / "dvc"
+    bin_dir = Path(sys.executable).parent
+    dvc = bin_dir / "dvc"
     cmd = [str(dvc) if dvc.exists() else "dvc", "exp", "run", "--name", name]
     for item in experiment_params(records):
         cmd += ["--set-param", item]
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    # dvc.yaml's commands call `fuserec`: the one running now, even from an environment not activated
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(
             f"`{' '.join(cmd)}` failed in {cwd}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}\n"

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from fuserec.config import DataConfig
-from fuserec.stages.table import dvc_yaml, raw_data_dependency, stale_raw_data
+from fuserec.stages.table import dvc_yaml, raw_data_dependency, settings_dependency, stale_raw_data
 
 from .conftest import REPO, write_params
 
@@ -44,6 +44,19 @@ def test_a_dvc_yaml_for_other_data_is_refused_with_the_fix(tmp_path: Path) -> No
     dvc_file.write_text(dvc_yaml())
     assert stale_raw_data(dvc_file, DataConfig()) is None
     assert "no raw data" in (stale_raw_data(dvc_file, new) or "")
+
+
+def test_a_settings_folder_of_the_project_is_a_dependency_of_train_and_fuse(tmp_path: Path) -> None:
+    data = DataConfig(source="csv", path="raw", settings_dir="settings")
+    stages = yaml.safe_load(dvc_yaml(raw_data="raw", settings=settings_dependency(data)))["stages"]
+    for name in ("train", "fuse"):
+        assert "settings" in stages[name]["deps"] and "fuserec/dataset_settings" not in stages[name]["deps"]
+    dvc_file = tmp_path / "dvc.yaml"
+    dvc_file.write_text(dvc_yaml(raw_data="raw"))  # generated before settings_dir was set
+    problem = stale_raw_data(dvc_file, data)
+    assert problem is not None and "settings" in problem and "fuserec dvc-yaml" in problem
+    dvc_file.write_text(dvc_yaml(raw_data="raw", settings="settings"))
+    assert stale_raw_data(dvc_file, data) is None
 
 
 def _write_ratings(folder: Path, seed: int = 3) -> Path:
@@ -93,6 +106,8 @@ def _project(project: Path, data_path: str) -> Path:
         else:
             shutil.copy2(src, dest)
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    (project / "settings").mkdir()
+    (project / "settings" / "csv.yaml").write_text("# this project's tuned settings\n{}\n")
     # settings_dir inside the project: `fuserec tune` writes there, never into the installed package
     write_params(project, data={"source": "csv", "path": data_path, "settings_dir": "settings"}, **FAST)
     params = project / "params.yaml"

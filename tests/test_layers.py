@@ -119,11 +119,12 @@ def test_task_modules_are_thin_wrappers_over_the_stage_functions() -> None:
 
 def test_dvc_yaml_is_generated_from_the_stage_table() -> None:
     from fuserec.config import load_params
-    from fuserec.stages.table import raw_data_dependency
+    from fuserec.stages.table import raw_data_dependency, settings_dependency
 
     committed = (REPO / "dvc.yaml").read_text()
-    raw = raw_data_dependency(load_params(REPO / "params.yaml").data)
-    assert committed == dvc_yaml(raw_data=raw), "dvc.yaml is stale: run `fuserec dvc-yaml` and commit it"
+    data = load_params(REPO / "params.yaml").data
+    expected = dvc_yaml(raw_data=raw_data_dependency(data), settings=settings_dependency(data))
+    assert committed == expected, "dvc.yaml is stale: run `fuserec dvc-yaml` and commit it"
     assert list(yaml.safe_load(committed)["stages"]) == [s.name for s in STAGES]
 
 

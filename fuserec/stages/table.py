@@ -194,16 +194,29 @@ def raw_data_dependency(data: DataConfig) -> str | None:
     return source_path(data).as_posix()
 
 
-def dvc_stages(outputs: str = "outputs", raw_data: str | None = None) -> dict[str, Any]:
+def settings_dependency(data: DataConfig) -> str:
+    """The per-dataset settings folder ``data`` uses, as a DVC dependency (``data.settings_dir``, else
+    the packaged one): a tuned settings file changes what train and fuse learn."""
+    return Path(data.settings_dir).expanduser().as_posix() if data.settings_dir else SETTINGS_CODE
+
+
+def _code_deps(s: Stage, settings: str) -> list[str]:
+    return [settings if c == SETTINGS_CODE else c for c in s.code]
+
+
+def dvc_stages(
+    outputs: str = "outputs", raw_data: str | None = None, settings: str = SETTINGS_CODE
+) -> dict[str, Any]:
     """The ``stages:`` mapping of dvc.yaml for an outputs folder, in pipeline order.
 
-    ``raw_data`` (:func:`raw_data_dependency`) becomes a dependency of the stages that read raw data.
+    ``raw_data`` (:func:`raw_data_dependency`) becomes a dependency of the stages that read raw data, and
+    ``settings`` (:func:`settings_dependency`) the settings folder of the stages that read it.
     """
     stages: dict[str, Any] = {}
     for s in STAGES:
         entry: dict[str, Any] = {"cmd": f"fuserec stage {s.name}"}
         raw = [raw_data] if raw_data and s.reads_raw_data else []
-        entry["deps"] = [*raw, *s.code, *(f"{outputs}/{p}" for p in s.inputs)]
+        entry["deps"] = [*raw, *_code_deps(s, settings), *(f"{outputs}/{p}" for p in s.inputs)]
         if s.params:
             entry["params"] = list(s.params)
         for kind, section in (("out", "outs"), ("metric", "metrics"), ("plot", "plots")):
@@ -232,31 +245,41 @@ DVC_HEADER = """\
 """
 
 
-def dvc_yaml(outputs: str = "outputs", raw_data: str | None = None) -> str:
-    """dvc.yaml's text, generated from :data:`STAGES` (and the raw data folder params select)."""
+def dvc_yaml(outputs: str = "outputs", raw_data: str | None = None, settings: str = SETTINGS_CODE) -> str:
+    """dvc.yaml's text, generated from :data:`STAGES` and the data and settings folders params select."""
     import yaml
 
-    body = yaml.safe_dump({"stages": dvc_stages(outputs, raw_data)}, sort_keys=False, width=110)
+    body = yaml.safe_dump({"stages": dvc_stages(outputs, raw_data, settings)}, sort_keys=False, width=110)
     return DVC_HEADER + body
 
 
 def stale_raw_data(dvc_file: Path, data: DataConfig, outputs: str = "outputs") -> str | None:
-    """Why ``dvc_file`` would let DVC miss a change of the raw data ``data`` selects, or None.
+    """Why ``dvc_file`` would let DVC miss a change of the raw data or settings ``data`` selects, or None.
 
     A dvc.yaml whose validate stage does not depend on the current raw folder (``data.path`` changed since
     it was generated) would rerun nothing when those files change: the metrics would silently describe
-    the old data.
+    the old data. The same holds for the settings folder of train and fuse (``data.settings_dir``).
     """
     import yaml
 
     raw = raw_data_dependency(data)
+    settings = settings_dependency(data)
     wanted = [raw] if raw else []
     stages = (yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {})
     for s in STAGES:
-        if not s.reads_raw_data or s.name not in stages:
+        if s.name not in stages:
             continue
-        known = {*s.code, *(f"{outputs}/{p}" for p in s.inputs)}
-        declared = [str(d) for d in stages[s.name].get("deps", []) if str(d) not in known]
+        deps = [str(d) for d in stages[s.name].get("deps", [])]
+        if SETTINGS_CODE in s.code and settings not in deps:
+            return (
+                f"{dvc_file} does not declare the settings folder {settings} (data.settings_dir) as a "
+                f"dependency of the {s.name} stage, so `dvc repro` would miss a change of its settings. "
+                "To fix: run `fuserec dvc-yaml` and commit the new dvc.yaml"
+            )
+        if not s.reads_raw_data:
+            continue
+        known = {*_code_deps(s, settings), *(f"{outputs}/{p}" for p in s.inputs)}
+        declared = [d for d in deps if d not in known]
         if declared != wanted:
             return (
                 f"{dvc_file} declares {declared or 'no raw data'} as the raw data of the {s.name} stage, "
