@@ -89,8 +89,23 @@ FAST = {
 }
 
 
+# DVC experiments are git commits: an identity of their own, whatever the machine's git config holds
+IDENTITY = {
+    "GIT_AUTHOR_NAME": "fuserec tests",
+    "GIT_AUTHOR_EMAIL": "tests@example.org",
+    "GIT_COMMITTER_NAME": "fuserec tests",
+    "GIT_COMMITTER_EMAIL": "tests@example.org",
+}
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, **IDENTITY, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
 def _fuserec(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([str(BIN / "fuserec"), *args], cwd=project, capture_output=True, text=True)
+    done = subprocess.run(
+        [str(BIN / "fuserec"), *args], cwd=project, capture_output=True, text=True, env=_env()
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -122,8 +137,7 @@ def _commit(repo: Path, message: str) -> None:
 
 
 def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run([str(BIN / "dvc"), *args], cwd=project, env=env, capture_output=True, text=True)
+    return subprocess.run([str(BIN / "dvc"), *args], cwd=project, env=_env(), capture_output=True, text=True)
 
 
 def _ran(output: str) -> list[str]:
