@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 RESULTS = Path(__file__).resolve().parent / "results" / "fusion-seeds-ml100k.json"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from quality import machine  # noqa: E402  (the product benchmark's record of where runs ran)
 
 
 def run(seed: int, out: Path) -> Path:
@@ -78,23 +79,6 @@ def rerank_summary(rerank: dict, max_loss: float = 0.05) -> dict:
         "scorer": rerank.get("scorer"),
         "best_under_5pct_loss": max(ok, key=lambda p: p["diversity_gain"]),
         "curve": curve,
-    }
-
-
-def machine() -> dict:
-    """Where the runs ran: torch's trained models differ in the last digits from one CPU to another."""
-    import torch
-
-    model = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        model = names[0].split(":", 1)[1].strip() if names else model
-    return {
-        "cpu": model,
-        "torch": torch.__version__,
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "python": platform.python_version(),
     }
 
 
