@@ -406,15 +406,31 @@ class _SchemaOnlyService:
         pass
 
 
+class _SchemaOnlyDeployment:
+    """Stands in for :class:`fuserec.serving.deployment.Deployment`: no model folder to resolve or watch."""
+
+    def __init__(self, outputs: Any, store: Any, settings: Any, load: Any) -> None:
+        self.current = load(outputs, store)
+        self.loaded = ("schema-only", "")
+
+    def close(self) -> None:
+        pass
+
+
 def openapi_app() -> Any:
-    """The service's FastAPI app, built by ``create_app`` itself with :class:`_SchemaOnlyService`."""
+    """The service's FastAPI app, built by ``create_app`` itself with the schema-only stand-ins."""
     import gc
+    import tempfile
     from unittest import mock
 
     import fuserec.serving.app as app_module
 
-    with mock.patch.object(app_module, "Service", _SchemaOnlyService):
-        app = app_module.create_app("schema-only")
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        mock.patch.object(app_module, "Service", _SchemaOnlyService),
+        mock.patch.object(app_module, "Deployment", _SchemaOnlyDeployment),
+    ):
+        app = app_module.create_app("schema-only", Path(tmp) / "events.sqlite")
     gc.unfreeze()  # create_app freezes the heap for a long-lived server; the docs build is not one
     return app
 

@@ -180,30 +180,130 @@ def serve(
         typer.Option(help="an exported model folder (OUTPUTS/model); its run folder is its parent"),
     ] = None,
     outputs: Annotated[
-        Path, typer.Option(help="a finished run's outputs folder (when --model is not given)")
+        Path,
+        typer.Option(help="a finished run's outputs, or served/current (when --model is not given)"),
     ] = Path("outputs"),
-    store: Annotated[Path | None, typer.Option(help="SQLite event store (OUTPUTS/events.sqlite)")] = None,
-    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    store: Annotated[
+        Path | None, typer.Option(help="SQLite event store (default: serve.store in params.yaml)")
+    ] = None,
+    host: Annotated[str, typer.Option(help="bind address; non-loopback needs API keys")] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
     providers: Annotated[
         list[str] | None,
         typer.Option("--provider", help="onnxruntime provider, repeatable (default: the manifest's)"),
     ] = None,
-    max_batch: Annotated[int, typer.Option(help="most concurrent requests scored in one run")] = 32,
-    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (0 = one per core)")] = 0,
+    max_batch: Annotated[
+        int | None, typer.Option(help="most concurrent requests scored in one run (default: serve.max_batch)")
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="onnxruntime threads, 0 = one per core (default: serve.threads)"),
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
 ) -> None:
-    """Serve the exported model over HTTP: /recommend, /events, /explain, /health, /ready, /metrics."""
+    """Serve the exported model over HTTP: /recommend, /events, /explain, /admin/reload, /health, /ready,
+    /metrics. Limits, keys and the store come from the serve section of params.yaml."""
     import logging
 
     import uvicorn
 
     from fuserec.serving.app import create_app
+    from fuserec.serving.auth import KeyRing
+    from fuserec.serving.service import default_store
 
     logging.basicConfig(level=logging.INFO)
+    settings = _serve_params(params, overrides)
     root = model.parent if model is not None else outputs
-    uvicorn.run(
-        create_app(root, store, providers or None, max_batch, threads), host=host, port=port, log_level="info"
-    )
+    try:
+        keys = KeyRing.load(settings.serve.keys_file)
+        application = create_app(
+            root,
+            store or default_store(settings.serve, settings.promote.served_dir),
+            providers or None,
+            max_batch,
+            threads,
+            settings=settings.serve,
+            keys=keys,
+            host=host,
+        )
+    except (PermissionError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        Console(stderr=True, soft_wrap=True).print(f"error: {exc}", highlight=False, markup=False)
+        raise typer.Exit(2) from exc
+    # the access log's lines carry paths and queries; no route takes personal data in its query but
+    # GET /events (admin only), so the default access log stays on
+    uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+@app.command()
+def rollback(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+    """Serve the previous release again: swap promote.served_dir's current and previous pointers (logged).
+
+    A running service with serve.watch_s > 0 loads it by itself; otherwise POST /admin/reload.
+    """
+    from fuserec.stages.promote import rollback as swap
+
+    settings = _serve_params(params, overrides)
+    try:
+        done = swap(settings.promote.served_dir)
+    except FileNotFoundError as exc:
+        Console(stderr=True, soft_wrap=True).print(f"error: {exc}", markup=False)
+        raise typer.Exit(2) from exc
+    print(f"current -> {done.restored} (previous -> {done.replaced})")
+
+
+keys_app = typer.Typer(
+    no_args_is_help=True, help="API keys of `fuserec serve` (stored hashed in serve.keys_file)"
+)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("add")
+def keys_add(
+    name: Annotated[str, typer.Argument(help="who or what uses the key, e.g. web-frontend")],
+    scopes: Annotated[
+        list[str],
+        typer.Option("--scope", help="read (recommend, explain), write (events), admin; repeat it"),
+    ],
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+) -> None:
+    """Make a key: its secret is printed once, only its SHA-256 is stored."""
+    from fuserec.serving.auth import KeyRing
+
+    path = Path(_serve_params(params, overrides).serve.keys_file)
+    try:
+        secret = KeyRing.load(path).add(name, scopes)
+    except ValueError as exc:
+        Console(stderr=True).print(f"error: {exc}", markup=False)
+        raise typer.Exit(2) from exc
+    Console(stderr=True).print(f"key {name!r} ({', '.join(sorted(scopes))}) saved to {path}; its secret:")
+    print(secret)
+
+
+@keys_app.command("list")
+def keys_list(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+    """The keys' names and scopes (secrets are not stored, so they cannot be shown)."""
+    from fuserec.serving.auth import KeyRing
+
+    for key in KeyRing.load(_serve_params(params, overrides).serve.keys_file).keys:
+        print(f"{key.name}\t{','.join(sorted(key.scopes))}\tsha256:{key.sha256[:12]}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    name: Annotated[str, typer.Argument(help="the key's name")],
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+) -> None:
+    """Remove a key; a running service reads keys at start, so restart it (or reload) to apply."""
+    from fuserec.serving.auth import KeyRing
+
+    ring = KeyRing.load(_serve_params(params, overrides).serve.keys_file)
+    if not ring.revoke(name):
+        Console(stderr=True).print(f"error: no key named {name!r}", markup=False)
+        raise typer.Exit(2)
+    print(f"revoked {name}")
 
 
 @app.command()
@@ -285,6 +385,19 @@ def _load_params(params: Path, overrides: list[str] | None) -> Params:
         return load_params(params, list(overrides or []))
     except (ValidationError, ValueError, FileNotFoundError) as exc:  # PluginSettingsError is a ValueError
         Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from exc
+
+
+def _serve_params(params: Path, overrides: list[str] | None) -> Params:
+    """params.yaml when there is one (the service needs no plugin checks), else the defaults."""
+    from fuserec.config import Params, load_params
+
+    if not params.exists() and not overrides:
+        return Params()
+    try:
+        return load_params(params, list(overrides or []), check_plugins=False)
+    except (ValueError, FileNotFoundError) as exc:
+        Console(stderr=True, soft_wrap=True).print(f"error: {exc}", highlight=False, markup=False)
         raise typer.Exit(2) from exc
 
 

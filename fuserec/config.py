@@ -350,6 +350,52 @@ class PromoteConfig(_Section):
     )
 
 
+class ServeConfig(_Section):
+    """``fuserec serve``: the event store, API keys, and the limits that keep the service answering."""
+
+    store: str | None = Field(
+        default=None,
+        description="SQLite event store; null = <promote.served_dir>/events.sqlite (outside every model "
+        "folder, so promotions and re-exports never touch it)",
+    )
+    keys_file: str = Field(
+        default="api_keys.json",
+        description="hashed API keys (`fuserec keys add`); none = open access, allowed on loopback only",
+    )
+    request_timeout_s: float = Field(
+        default=10.0, gt=0.0, description="a request waiting longer than this for the model gets a 504"
+    )
+    queue_size: int = Field(
+        default=128,
+        ge=1,
+        description="histories waiting for the scoring worker; beyond it: 503 + Retry-After",
+    )
+    max_inflight: int = Field(
+        default=64,
+        ge=1,
+        description="requests handled at once (health, ready, metrics aside); beyond it: 503 + Retry-After",
+    )
+    max_batch: int = Field(default=32, ge=1, description="most queued histories scored in one model run")
+    threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads (0 = one per core)")
+    clock_skew_s: int = Field(
+        default=300, ge=0, description="events dated later than now plus this many seconds get a 422"
+    )
+    history_cap: int = Field(
+        default=10_000, ge=1, description="events kept per user in the store (the oldest go first)"
+    )
+    retention_days: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="events older than this leave the store (checked at start and hourly); null = kept",
+    )
+    watch_s: float = Field(
+        default=5.0,
+        ge=0.0,
+        description="seconds between checks for a promoted or re-exported model to load; 0 = only "
+        "POST /admin/reload",
+    )
+
+
 class DriftConfig(_Section):
     """Drift check of the incoming interactions against the last training set, before retraining."""
 
@@ -438,6 +484,7 @@ class Params(_Section):
     retries: RetriesConfig = Field(default_factory=RetriesConfig, description="retries of I/O tasks")
     promote: PromoteConfig = Field(default_factory=PromoteConfig, description="promotion of a retrained run")
     drift: DriftConfig = Field(default_factory=DriftConfig, description="drift check before retraining")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="the HTTP service")
     algorithms: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="each algorithm plugin's config by plugin name, checked against that plugin's Config",

@@ -63,3 +63,30 @@ def small_params(tmp_path: Path):
     from fuserec.config import load_params
 
     return load_params(write_params(tmp_path, **SMALL))
+
+
+@pytest.fixture(scope="session")
+def serving_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run (synthetic data) whose exported model is a stacking fuser: it reads last_time."""
+    from fuserec.tasks.clean import clean
+    from fuserec.tasks.evaluate import evaluate
+    from fuserec.tasks.export import export
+    from fuserec.tasks.fuse import fuse
+    from fuserec.tasks.split import split
+    from fuserec.tasks.train import train
+    from fuserec.tasks.validate import validate
+
+    root = tmp_path_factory.mktemp("serving")
+    sections = {
+        **SMALL,
+        "train": {"algorithms": ["popularity", "itemknn", "content", "als"]},
+        "fuse": {"fusers": ["stacking"], "components": ["popularity", "itemknn", "content", "als"]},
+        "fusers": {"stacking": {"n_estimators": 40, "folds": 3, "min_child_samples": 10}},
+        "export": {"algorithm": "stacking"},
+    }
+    from fuserec.config import load_params
+
+    params = load_params(write_params(root, **sections))
+    for stage in (validate, clean, split, train, fuse, evaluate, export):
+        stage.fn(params)
+    return params.outputs_dir

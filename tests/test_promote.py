@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from fuserec.config import load_params
 from fuserec.manifest import read_json, write_json
-from fuserec.stages.promote import LOG_FILE, promote_candidate, read_log
+from fuserec.stages import promote as promote_stage
+from fuserec.stages.promote import (
+    LOG_FILE,
+    SERVED_PARTS,
+    collect_garbage,
+    migrate_legacy,
+    promote_candidate,
+    read_log,
+    release_of,
+    rollback,
+)
 from fuserec.tasks.promote import promote
 
 from .conftest import SMALL, write_params
@@ -22,8 +35,21 @@ def fake_run(folder: Path, ndcg: float, algorithm: str = "itemknn") -> Path:
     return folder
 
 
-def served_ndcg(served: Path) -> float:
-    return read_json(served / "current" / "model" / "manifest.json")["ndcg"]
+def served_ndcg(served: Path, pointer: str = "current") -> float:
+    return read_json(served / pointer / "model" / "manifest.json")["ndcg"]
+
+
+def releases(served: Path) -> list[str]:
+    return sorted(p.name for p in (served / "releases").iterdir())
+
+
+def pointed(served: Path, pointer: str) -> str:
+    """The release a pointer names, checking that it is a relative symlink into releases/."""
+    link = served / pointer
+    assert link.is_symlink(), f"{pointer} must be a symlink"
+    text = os.readlink(link)
+    assert not os.path.isabs(text) and Path(text).parent == Path("releases"), text
+    return Path(text).name
 
 
 def test_first_candidate_is_always_promoted(tmp_path: Path) -> None:
@@ -47,6 +73,8 @@ def test_tolerance_boundary(tmp_path: Path, candidate: float, promoted: bool) ->
     assert decision.promoted is promoted, decision.reason
     assert served_ndcg(served) == (candidate if promoted else 0.2)
     assert (served / "previous").exists() is promoted
+    assert (served / "previous").is_symlink() is promoted
+    assert len(releases(served)) == (2 if promoted else 1)
     rejected = list((served / "rejected").glob("*")) if (served / "rejected").exists() else []
     assert len(rejected) == (0 if promoted else 1)
 
@@ -110,6 +138,7 @@ def test_worse_candidate_keeps_served_model_and_better_one_replaces_it(
     better = promote_candidate(knn, served, algorithm="itemknn", tolerance=0.005)
     assert better.promoted, better.reason
     assert exported(served / "current") == "itemknn" and exported(served / "previous") == "popularity"
+    assert Path(better.kept_at) == served / "releases" / pointed(served, "current")
     assert (served / "current" / "split" / "train.parquet").exists()  # what batch scoring reads
 
     worse = promote_candidate(pop, served, algorithm="popularity", tolerance=0.005)
@@ -157,3 +186,155 @@ def test_batch_recommend_flow_scores_every_served_user(tmp_path: Path, two_runs:
     n_users = pd.read_parquet(served / "current" / "clean" / "users.parquet")["user_id"].nunique()
     assert result["users"] == n_users and len(rows) == 5 * n_users == result["rows"]
     assert rows.groupby("user_id")["rank"].max().eq(5).all()
+
+
+# -- releases and pointers ------------------------------------------------------------------------------
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_current_is_a_relative_link_to_a_complete_release(tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    run = fake_run(tmp_path / "a", 0.1)
+    (run / "events.sqlite").write_text("a service's store in the candidate: never copied")
+    decision = promote_candidate(run, served, algorithm="itemknn")
+    name = pointed(served, "current")
+    assert releases(served) == [name] and Path(decision.kept_at) == served / "releases" / name
+    assert release_of(served) == (served / "releases" / name).resolve()
+    assert release_of(served, "previous") is None and not os.path.lexists(served / "previous")
+    record = read_json(served / "current" / "promotion.json")
+    assert record["release"] == name and record["value"] == 0.1
+    assert not (served / "current" / "events.sqlite").exists() and "events.sqlite" not in SERVED_PARTS
+    assert sorted(p.name for p in served.iterdir()) == ["current", "promotions.jsonl", "releases"]
+
+
+def test_promotions_keep_exactly_the_current_and_previous_releases(tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    for ndcg in (0.1, 0.2, 0.3, 0.4):
+        assert promote_candidate(
+            fake_run(tmp_path / f"run{ndcg}", ndcg), served, algorithm="itemknn"
+        ).promoted
+    assert releases(served) == sorted([pointed(served, "current"), pointed(served, "previous")])
+    assert served_ndcg(served) == 0.4 and served_ndcg(served, "previous") == 0.3
+    assert len(set(releases(served))) == 2  # promotions within one second get distinct names
+
+
+def test_rollback_swaps_the_pointers_and_is_logged(tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    promote_candidate(fake_run(tmp_path / "a", 0.1), served, algorithm="itemknn")
+    with pytest.raises(FileNotFoundError, match="nothing to roll back to"):
+        rollback(served)
+    promote_candidate(fake_run(tmp_path / "b", 0.2), served, algorithm="itemknn")
+    new, old = pointed(served, "current"), pointed(served, "previous")
+
+    back = rollback(served)
+    assert (pointed(served, "current"), pointed(served, "previous")) == (old, new)
+    assert served_ndcg(served) == 0.1 and served_ndcg(served, "previous") == 0.2
+    assert Path(back.restored).name == old and Path(back.replaced).name == new
+    assert back.restored_record["value"] == 0.1 and back.replaced_record["value"] == 0.2
+    entry = read_log(served)[-1]
+    assert entry["decision"] == "rolled-back" and entry["restored"] == back.restored
+    assert releases(served) == sorted([old, new]), "a rollback deletes nothing"
+
+    rollback(served)  # rolling back the rollback serves the newer release again
+    assert served_ndcg(served) == 0.2 and served_ndcg(served, "previous") == 0.1
+    assert [e["decision"] for e in read_log(served)] == ["promoted", "promoted", "rolled-back", "rolled-back"]
+
+
+def test_rollback_without_an_atomic_exchange_still_swaps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served = tmp_path / "served"
+    promote_candidate(fake_run(tmp_path / "a", 0.1), served, algorithm="itemknn")
+    promote_candidate(fake_run(tmp_path / "b", 0.2), served, algorithm="itemknn")
+    monkeypatch.setattr(promote_stage, "exchange", lambda a, b: False)
+    rollback(served)
+    assert served_ndcg(served) == 0.1 and served_ndcg(served, "previous") == 0.2
+    assert sorted(p.name for p in served.iterdir()) == ["current", "previous", "promotions.jsonl", "releases"]
+
+
+def legacy_served(served: Path) -> None:
+    """A served folder of the older layout: current/ and previous/ as real folders."""
+    fake_run(served / "previous", 0.1)
+    fake_run(served / "current", 0.2)
+    write_json(
+        served / "current" / "promotion.json", {"algorithm": "itemknn", "promoted_at": "2020-01-02T03:04:05Z"}
+    )
+
+
+def test_a_legacy_served_folder_is_migrated_on_the_next_promotion(tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    legacy_served(served)
+    model_file = served / "current" / "model" / "manifest.json"
+    inode = model_file.stat().st_ino
+    decision = promote_candidate(fake_run(tmp_path / "new", 0.3), served, algorithm="itemknn", tolerance=0.0)
+    assert decision.promoted and decision.served_value == 0.2, decision.reason
+    current, previous = pointed(served, "current"), pointed(served, "previous")
+    assert served_ndcg(served) == 0.3 and served_ndcg(served, "previous") == 0.2
+    assert previous == "20200102T030405Z", "a migrated release is named after its promotion time"
+    # moved (hard-linked), not copied: the old served files are the same files
+    assert (served / "previous" / "model" / "manifest.json").stat().st_ino == inode
+    # the legacy previous is two steps back now: only current and previous remain
+    assert releases(served) == sorted([current, previous])
+
+
+def test_migration_alone_keeps_what_is_served(tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    legacy_served(served)
+    made = migrate_legacy(served)
+    assert [p.name for p in made] == ["20200102T030405Z", "legacy-previous"]
+    assert (
+        pointed(served, "current") == "20200102T030405Z" and pointed(served, "previous") == "legacy-previous"
+    )
+    assert served_ndcg(served) == 0.2 and served_ndcg(served, "previous") == 0.1
+    assert sorted(p.name for p in served.iterdir()) == ["current", "previous", "releases"]
+    assert migrate_legacy(served) == [], "a migrated folder has nothing left to migrate"
+    rollback(served)
+    assert served_ndcg(served) == 0.1
+
+
+def test_a_crash_before_the_pointer_moves_keeps_the_old_release_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served = tmp_path / "served"
+    promote_candidate(fake_run(tmp_path / "a", 0.1), served, algorithm="itemknn")
+    old = pointed(served, "current")
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError("power cut")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="power cut"):
+        promote_candidate(fake_run(tmp_path / "b", 0.2), served, algorithm="itemknn")
+    monkeypatch.undo()
+    assert pointed(served, "current") == old and served_ndcg(served) == 0.1
+    assert (served / "current" / "metrics.json").exists() and (served / "current" / "promotion.json").exists()
+    assert releases(served) == [old], "the release nothing names is removed"
+    assert sorted(p.name for p in served.iterdir()) == ["current", "promotions.jsonl", "releases"]
+    assert [e["decision"] for e in read_log(served)] == ["promoted"], "an unfinished promotion is not logged"
+
+
+def test_leftovers_of_a_killed_promotion_are_collected(tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    promote_candidate(fake_run(tmp_path / "a", 0.1), served, algorithm="itemknn")
+    orphan = fake_run(served / "releases" / "20000101T000000Z", 0.5)  # copied, never pointed to
+    staging = fake_run(served / "releases" / f".staging-x-{dead_pid()}", 0.5)
+    live = fake_run(served / "releases" / f".staging-y-{os.getpid()}", 0.5)
+    assert sorted(collect_garbage(served)) == sorted([orphan, staging])
+    assert live.exists() and served_ndcg(served) == 0.1
+
+
+def test_a_release_holding_an_event_store_is_never_deleted(tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    promote_candidate(fake_run(tmp_path / "a", 0.1), served, algorithm="itemknn")
+    first = pointed(served, "current")
+    (served / "current" / "events.sqlite").write_text("events a service recorded")  # served without --store
+    for ndcg in (0.2, 0.3):
+        promote_candidate(fake_run(tmp_path / f"run{ndcg}", ndcg), served, algorithm="itemknn")
+    assert first in releases(served) and len(releases(served)) == 3
+    assert (served / "releases" / first / "events.sqlite").read_text() == "events a service recorded"
+    assert not (served / "current" / "events.sqlite").exists(), "promotion never copies an event store"

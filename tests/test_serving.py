@@ -12,36 +12,13 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuserec.config import load_params
 from fuserec.layout import Layout
 from fuserec.serving.app import create_app
 
-from .conftest import SMALL, write_params
-
 
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished run (synthetic data) whose exported model is a stacking fuser: it reads last_time."""
-    from fuserec.tasks.clean import clean
-    from fuserec.tasks.evaluate import evaluate
-    from fuserec.tasks.export import export
-    from fuserec.tasks.fuse import fuse
-    from fuserec.tasks.split import split
-    from fuserec.tasks.train import train
-    from fuserec.tasks.validate import validate
-
-    root = tmp_path_factory.mktemp("serving")
-    sections = {
-        **SMALL,
-        "train": {"algorithms": ["popularity", "itemknn", "content", "als"]},
-        "fuse": {"fusers": ["stacking"], "components": ["popularity", "itemknn", "content", "als"]},
-        "fusers": {"stacking": {"n_estimators": 40, "folds": 3, "min_child_samples": 10}},
-        "export": {"algorithm": "stacking"},
-    }
-    params = load_params(write_params(root, **sections))
-    for stage in (validate, clean, split, train, fuse, evaluate, export):
-        stage.fn(params)
-    return params.outputs_dir
+def outputs(serving_run: Path) -> Path:
+    return serving_run
 
 
 def _catalog(outputs: Path) -> list[str]:

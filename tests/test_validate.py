@@ -7,11 +7,15 @@ fixture runs are module-scoped so each is validated once.
 
 from __future__ import annotations
 
+import ast
+import codecs
+import json
 import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -19,12 +23,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import fuserec.stages.validate as validate_module
 from fuserec.config import DataConfig, ValidateConfig
+from fuserec.data.delimited import read_delimited
 from fuserec.data.generic import load_generic
 from fuserec.data.movielens import load_movielens_100k
 from fuserec.data.raw import RawSource
 from fuserec.manifest import read_json
-from fuserec.stages.validate import ValidationError, validate_source
+from fuserec.stages.validate import (
+    ValidationError,
+    check_reconciles,
+    decode_counting,
+    scan_text_file,
+    validate_source,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bad_input"
 GENERIC = FIXTURE / "generic"
@@ -502,19 +514,21 @@ def test_scales_to_1e5_interactions(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 # Property: rows in = kept + rejected, and every kept row satisfies every rule (checked independently)
 
-_ID = st.sampled_from(["1", "2", "3", "4", "12", " 3", "", "-1", "x", "3.0", "007"])
-_RATING = st.sampled_from(["1", "4.5", "5", "0.5", "", "0", "9", "nan", "inf", "abc", "2e0", " 3 "])
-_TS = st.sampled_from(["100", "200", "100", "", "-5", "1.5", "x", "+300", "99999999999"])
+_ID = st.sampled_from(["1", "2", "3", "4", "12", " 3", "", "-1", "x", "3.0", "007", "١٢", "３", "1٢"])
+_RATING = st.sampled_from(
+    ["1", "4.5", "5", "0.5", "", "0", "9", "nan", "inf", "abc", "2e0", " 3 ", "٤", "４.５", "1e٠"]
+)
+_TS = st.sampled_from(["100", "200", "100", "", "-5", "1.5", "x", "+300", "99999999999", "١٠٠", "２００"])
 CFG = ValidateConfig(max_reject_share=1.0, timestamp_min=0, timestamp_max=10**9)
 
 
 def _is_id(text: str) -> bool:
-    return re.fullmatch(r"\d{1,18}", text.strip()) is not None
+    return re.fullmatch(r"[0-9]{1,18}", text.strip()) is not None
 
 
 def _number(text: str) -> float | None:
     text = text.strip()
-    if not re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text):
+    if not re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", text):
         return None
     return float(text)
 
@@ -534,7 +548,7 @@ def _oracle(inter: list[tuple[str, str, str, str]], items: list[str], users: lis
             and _is_id(i)
             and rating is not None
             and CFG.rating_min <= rating <= CFG.rating_max
-            and re.fullmatch(r"[+-]?\d{1,18}", ts) is not None
+            and re.fullmatch(r"[+-]?[0-9]{1,18}", ts) is not None
             and CFG.timestamp_min <= int(ts) <= CFG.timestamp_max
         )
         if not row_ok:
@@ -604,3 +618,291 @@ def test_file_of_only_malformed_lines_is_all_rejected(tmp_path: Path) -> None:
         validate_source(load_generic(tmp_path, cfg), ValidateConfig(), tmp_path / "out")
     assert rejects(tmp_path / "out", "interactions")["_line"].tolist() == [2, 3]
     assert pd.read_parquet(tmp_path / "out" / "validated" / "interactions.parquet").empty
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-ASCII digits: rejected with their rule, never read as numbers (int("١٢٣") == 123)
+
+
+def test_non_ascii_digits_rejected_not_merged_nor_implicit(tmp_path: Path) -> None:
+    (tmp_path / "i.csv").write_text(
+        "user_id,item_id,rating,timestamp\n"
+        "123,1,4,100\n"
+        "١٢٣,1,4,101\n"  # Arabic-Indic 123
+        "１２３,2,3,102\n"  # full-width 123
+        "5,1,٤,103\n"  # Arabic-Indic 4: not NaN-then-implicit, rejected
+        "5,٢,4,104\n"
+        "6,1,4.５,105\n"
+        "6,2,4,１０６\n"
+        "7,1,4,107\n",
+        encoding="utf-8",
+    )
+    cfg = DataConfig.model_validate({"source": "csv", "files": {"interactions": "i.csv"}})
+    report = validate_source(load_generic(tmp_path, cfg), LENIENT, tmp_path / "out")
+    got = rejects(tmp_path / "out", "interactions")
+    assert dict(zip(got["_line"], got["rule"], strict=True)) == {
+        3: "user_id_non_negative_integer",
+        4: "user_id_non_negative_integer",
+        5: "rating_numeric",
+        6: "item_id_non_negative_integer",
+        7: "rating_numeric",
+        8: "timestamp_integer",
+    }
+    assert got["user_id"].tolist()[:2] == ["١٢٣", "１２３"]  # quarantined as read
+    assert got["rating"].tolist()[2] == "٤"
+    kept = pd.read_parquet(tmp_path / "out" / "validated" / "interactions.parquet")
+    assert kept["user_id"].tolist() == [123, 7] and kept["rating"].tolist() == [4.0, 4.0]
+    assert not kept["rating"].isna().any()  # nothing became an implicit positive
+    users = pd.read_parquet(tmp_path / "out" / "validated" / "users.parquet")
+    assert users["user_id"].tolist() == [7, 123]  # no second 123 merged in
+    rules = rules_of(report["tables"]["interactions"])
+    assert "ASCII digits 0-9" in rules["user_id_non_negative_integer"]["description"]
+    assert rules["user_id_non_negative_integer"]["kwargs"] == {"regex": "^[0-9]{1,18}$"}
+
+
+_NON_ASCII_DIGITS = st.text(
+    st.characters(categories=["Nd"], exclude_characters="0123456789"), min_size=1, max_size=18
+)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(digits=_NON_ASCII_DIGITS)
+def test_property_non_ascii_decimal_digits_never_kept(digits: str) -> None:
+    assert int(digits) >= 0  # what a \d pattern followed by int() would have accepted
+    inter = pd.DataFrame(
+        {
+            "user_id": ["1", digits, "2"],
+            "item_id": ["1", "1", digits],
+            "rating": [digits, "4", "4"],
+            "_source": "i.csv",
+            "_line": [2, 3, 4],
+        },
+        dtype=object,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        validate_source(RawSource(inter, files={"interactions": "i.csv"}), LENIENT, Path(tmp))
+        got = rejects(Path(tmp), "interactions")
+        kept = pd.read_parquet(Path(tmp) / "validated" / "interactions.parquet")
+    assert dict(zip(got["_line"], got["rule"], strict=True)) == {
+        2: "rating_numeric",
+        3: "user_id_non_negative_integer",
+        4: "item_id_non_negative_integer",
+    }
+    assert kept.empty
+
+
+def test_numeric_conversions_refuse_non_ascii_digits() -> None:
+    text = pd.Series(["4", "٤", "４.５", "1e٣", "2e1", None], dtype="str")
+    number = validate_module._number(text)
+    assert number.iloc[[0, 4]].tolist() == [4.0, 20.0] and number.iloc[[1, 2, 3, 5]].isna().all()
+    assert validate_module._ascii_int64(pd.Series(["12", "+3"], dtype="str"), "x").tolist() == [12, 3]
+    with pytest.raises(RuntimeError, match=r"t.csv: 1 value\(s\) passed the integer rules but are not ASCII"):
+        validate_module._ascii_int64(pd.Series(["12", "١٢"], dtype="str"), "t.csv")
+
+
+def test_year_and_age_with_non_ascii_digits_are_not_numbers(tmp_path: Path) -> None:
+    items = pd.DataFrame({"item_id": ["1", "2"], "year": ["1999", "١٩٩٩"], "_source": "m", "_line": [2, 3]})
+    users = pd.DataFrame({"user_id": ["1", "2"], "age": ["30", "٣٠"], "_source": "u", "_line": [2, 3]})
+    inter = pd.DataFrame({"user_id": ["1"], "item_id": ["1"], "_source": "i", "_line": [2]})
+    report = validate_source(RawSource(inter, items, users), LENIENT, tmp_path)
+    kept_items = pd.read_parquet(tmp_path / "validated" / "items.parquet")
+    assert kept_items["year"].tolist()[0] == 1999 and pd.isna(kept_items["year"].tolist()[1])
+    assert any("year: 1 value(s)" in n and "[3]" in n for n in report["tables"]["items"]["notes"])
+    kept_users = pd.read_parquet(tmp_path / "validated" / "users.parquet")
+    assert kept_users["age"].tolist() == ["30", "٣٠"]  # kept as text, not read as 30
+    assert any("age kept as text" in n for n in report["tables"]["users"]["notes"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Line breaks other than \n (str.splitlines also breaks on U+0085, U+2028, \x0b, ...)
+
+
+def _items_with_nel(tmp_path: Path) -> tuple[Path, bytes]:
+    data = "item_id,title\n1,Before\u0085After\n2,Two\nx,Three\n4,Four\n".encode()
+    (tmp_path / "m.csv").write_bytes(data)
+    (tmp_path / "i.csv").write_text("user_id,item_id\n1,1\n1,2\n1,4\n")
+    return tmp_path / "m.csv", data
+
+
+def test_title_with_nel_stays_one_row_and_later_lines_keep_their_numbers(tmp_path: Path) -> None:
+    """Rows as a loader splitting on \\n only gives them: validation keeps them and their lines as is."""
+    path, data = _items_with_nel(tmp_path)
+    body = data.decode("utf-8").split("\n")[1:-1]
+    items = pd.DataFrame(
+        [line.split(",") for line in body], columns=["item_id", "title"], dtype=object
+    ).assign(_source=str(path), _line=[2, 3, 4, 5])
+    inter = pd.DataFrame(
+        {"user_id": ["1"] * 3, "item_id": ["1", "2", "4"], "_source": "i", "_line": [2, 3, 4]}
+    )
+    report = validate_source(RawSource(inter, items, files={"items": str(path)}), LENIENT, tmp_path / "out")
+    kept = pd.read_parquet(tmp_path / "out" / "validated" / "items.parquet")
+    assert kept["title"].tolist() == ["Before\u0085After", "Two", "Four"]
+    got = rejects(tmp_path / "out", "items")
+    assert dict(zip(got["_line"], got["rule"], strict=True)) == {4: "item_id_non_negative_integer"}
+    [entry] = report["tables"]["items"]["text_files"]
+    assert entry["other_line_breaks"] == 1 and entry["other_line_break_lines"] == [2]
+    assert entry["physical_lines"] == 5 and entry["last_line_read"] == 5
+    assert entry["line_numbers_consistent"] is True
+
+
+def test_report_flags_line_numbers_shifted_by_a_splitlines_loader(tmp_path: Path) -> None:
+    path, _ = _items_with_nel(tmp_path)
+    # What str.splitlines makes of it: "1,Before" on line 2, "After" malformed on 3, every later line +1.
+    items = pd.DataFrame(
+        {"item_id": ["1", "2", "x", "4"], "title": ["Before", "Two", "Three", "Four"],
+         "_source": str(path), "_line": [2, 4, 5, 6]}
+    )  # fmt: skip
+    bad = pd.DataFrame(
+        {
+            "table": ["items"],
+            "_source": [str(path)],
+            "_line": [3],
+            "raw": ["After"],
+            "rule": ["malformed_line"],
+        }
+    )
+    inter = pd.DataFrame({"user_id": ["1"], "item_id": ["1"], "_source": "i", "_line": [2]})
+    report = validate_source(
+        RawSource(inter, items, None, bad, {"items": str(path)}), LENIENT, tmp_path / "o"
+    )
+    [entry] = report["tables"]["items"]["text_files"]
+    assert entry["line_numbers_consistent"] is False
+    assert (entry["physical_lines"], entry["last_line_read"]) == (5, 6)
+    assert any("shifted after line 2" in note for note in report["tables"]["items"]["notes"])
+
+
+def test_generic_loader_keeps_title_with_nel_in_one_row(tmp_path: Path) -> None:
+    _items_with_nel(tmp_path)
+    cfg = DataConfig.model_validate({"source": "csv", "files": {"interactions": "i.csv", "items": "m.csv"}})
+    source = load_generic(tmp_path, cfg)
+    assert source.items is not None
+    assert source.items["title"].tolist() == ["Before\u0085After", "Two", "Three", "Four"]
+    assert source.items["_line"].tolist() == [2, 3, 4, 5] and source.malformed.empty
+
+
+def test_latin1_reader_keeps_byte_0x85_in_one_row(tmp_path: Path) -> None:
+    (tmp_path / "u.item").write_bytes(b"1|Les Mis\x85rables|x\n2|Two|y\n")  # cp1252 ellipsis byte
+    rows, bad = read_delimited(
+        tmp_path / "u.item", "|", ["item_id", "title", "g"], "items", encoding="latin-1"
+    )
+    assert rows["_line"].tolist() == [1, 2] and bad.empty
+
+
+def test_byte_0x85_in_utf8_file_is_one_row_and_counted_as_replaced(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_bytes(b"item_id,title\n1,Les Mis\x85rables\n2,Two\nx,Three\n")
+    (tmp_path / "i.csv").write_text("user_id,item_id\n1,1\n1,2\n")
+    cfg = DataConfig.model_validate({"source": "csv", "files": {"interactions": "i.csv", "items": "m.csv"}})
+    report = validate_source(load_generic(tmp_path, cfg), LENIENT, tmp_path / "out")
+    kept = pd.read_parquet(tmp_path / "out" / "validated" / "items.parquet")
+    assert kept["title"].tolist() == ["Les Mis\ufffdrables", "Two"]
+    assert rejects(tmp_path / "out", "items")["_line"].tolist() == [4]
+    entry = report["tables"]["items"]
+    assert entry["encoding_errors_replaced"] == 1
+    assert entry["text_files"][0]["encoding_error_lines"] == [2]
+    assert entry["text_files"][0]["line_numbers_consistent"] is True
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding errors replaced on reading are counted in the report (lines, never values)
+
+
+def test_invalid_utf8_bytes_counted_in_report(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_bytes(
+        b"item_id,title\n"
+        + "1,Café\n".encode()
+        + "2,Already \ufffd in the file\n".encode()  # valid UTF-8: not a replacement
+        + b"3,Bad \xff\xfe bytes\n"  # two invalid bytes: two U+FFFD
+        + b"4,Lone \xc3 lead\n"
+        + b"5,Fine\n"
+        + b"6,Trunc \xe2\x82\n"  # a cut 3-byte sequence: one U+FFFD
+    )
+    (tmp_path / "i.csv").write_text("user_id,item_id\n1,1\n")
+    cfg = DataConfig.model_validate({"source": "csv", "files": {"interactions": "i.csv", "items": "m.csv"}})
+    report = validate_source(load_generic(tmp_path, cfg), LENIENT, tmp_path / "out")
+    items = report["tables"]["items"]
+    [entry] = items["text_files"]
+    assert items["encoding_errors_replaced"] == entry["encoding_errors_replaced"] == 4
+    assert entry["encoding_error_lines"] == [4, 5, 7] and entry["invalid_utf8_sequences"] == 4
+    assert entry["file"] == str(tmp_path / "m.csv")
+    assert "Bad" not in json.dumps(items["text_files"])  # line numbers only, no raw values
+    assert any("4 byte sequence(s) are not valid UTF-8" in note for note in items["notes"])
+    assert report["tables"]["interactions"]["encoding_errors_replaced"] == 0
+    assert report["tables"]["users"]["text_files"] == []  # derived: no file
+    assert read_json(tmp_path / "out" / "validation_report.json") == report
+
+
+def test_latin1_file_is_not_counted_as_replaced(tmp_path: Path) -> None:
+    source = tmp_path / "ml100k"
+    source.mkdir()
+    for fixture in (FIXTURE / "ml100k").glob("*.fixture"):
+        shutil.copy(fixture, source / fixture.stem)
+    item = source / "u.item"
+    item.write_bytes(item.read_bytes().replace(b"|", b"\xe9|", 1))  # é in latin-1: not UTF-8
+    report = validate_source(load_movielens_100k(source), LENIENT, tmp_path / "out")
+    entry = report["tables"]["items"]["text_files"][0]
+    assert entry["invalid_utf8_sequences"] == 1 and entry["encoding_errors_replaced"] == 0
+    assert report["tables"]["items"]["encoding_errors_replaced"] == 0
+    assert any("nothing replaced" in note for note in report["tables"]["items"]["notes"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=64))
+def test_property_decode_counting_counts_replacements_only(data: bytes) -> None:
+    text, starts = decode_counting(data)
+    assert text == data.decode("utf-8", errors="replace")
+    assert len(starts) == text.count("\ufffd") - data.count("\ufffd".encode())
+    assert starts == sorted(starts)
+
+
+_LINE_BYTES = st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b""))
+
+
+@settings(max_examples=100, deadline=None)
+@given(lines=st.lists(_LINE_BYTES, max_size=12), chunk=st.integers(1, 40), newline_end=st.booleans())
+def test_property_scan_lines_match_a_split_on_newline(
+    lines: list[bytes], chunk: int, newline_end: bool
+) -> None:
+    data = b"\n".join(lines) + (b"\n" if newline_end and lines else b"")
+
+    def invalid(line: bytes) -> int:
+        seen: list[int] = []
+        codecs.register_error("test.count", lambda e: (seen.append(1), ("\ufffd", e.end))[1])  # type: ignore[arg-type]
+        line.decode("utf-8", errors="test.count")
+        return len(seen)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "f.txt"
+        path.write_bytes(data)
+        with mock.patch.object(validate_module, "_SCAN_CHUNK", chunk):
+            scan = scan_text_file(path, n=3)
+    counts = [invalid(line) for line in lines]
+    assert scan.invalid_utf8 == sum(counts)
+    assert scan.invalid_utf8_lines == [k + 1 for k, c in enumerate(counts) if c][:3]
+    assert scan.physical_lines == len(lines) - (1 if lines and not newline_end and lines[-1] == b"" else 0)
+    latin1 = [k + 1 for k, line in enumerate(lines) if re.search(rb"[\x0b\x0c\x1c-\x1e\x85]", line)]
+    assert scan.breaks_latin1_lines == latin1[:3]
+
+
+# --------------------------------------------------------------------------------------------------
+# rows in = kept + rejected is a real check (no assert: python -O removes those)
+
+
+def test_validate_module_has_no_assert_statements() -> None:
+    tree = ast.parse(Path(validate_module.__file__).read_text(encoding="utf-8"))
+    assert [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert)] == []
+
+
+def test_reconcile_check_raises_with_file_and_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_reconciles("items", "m.csv", 5, 3, 2)  # consistent: no error
+    with pytest.raises(RuntimeError, match=r"m.csv: items rows do not reconcile: 5 rows in != 3 kept \+ 1"):
+        check_reconciles("items", "m.csv", 5, 3, 1)
+    real = validate_module._rejects
+
+    def losing_one(result: object, columns: list[str]) -> pd.DataFrame:
+        return real(result, columns).iloc[1:]  # type: ignore[arg-type]
+
+    monkeypatch.setattr(validate_module, "_rejects", losing_one)
+    with pytest.raises(
+        RuntimeError, match=r"interactions.csv: interactions rows do not reconcile: 29 rows in"
+    ):
+        validate_source(load_generic(GENERIC, generic_config()), LENIENT, tmp_path)

@@ -31,7 +31,7 @@ def read_delimited(
     if not path.is_file():
         raise FileNotFoundError(f"{table} file not found: {path}. Check data.path in params.yaml.")
     text = path.read_bytes().decode(encoding, errors="replace")
-    lines = pd.Series(text.splitlines(), dtype=object)
+    lines = pd.Series(split_lines(text), dtype=object)
     numbers = np.arange(1, len(lines) + 1)
     order = columns
     if header:
@@ -76,3 +76,15 @@ def _empty(columns: list[str]) -> pd.DataFrame:
 
 def _empty_malformed() -> pd.DataFrame:
     return pd.DataFrame(columns=list(MALFORMED_COLUMNS))
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines ended by ``\n`` (a trailing ``\r`` dropped), and nothing else.
+
+    ``str.splitlines`` also breaks at U+0085, U+2028, form feeds and more, which occur inside titles: one
+    row would become two malformed ones and every later line number would shift.
+    """
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fuserec.config import DataConfig, GenericFiles
-from fuserec.data.delimited import read_delimited
+from fuserec.data.delimited import read_delimited, split_lines
 from fuserec.data.raw import (
     LINE_COL,
     OPTIONAL_COLUMNS,
@@ -181,7 +181,7 @@ def _csv_header(path: Path, sep: str) -> list[str] | None:
     """The header's names exactly as ``read_delimited`` splits them; None when the file has no lines."""
     with open(path, "rb") as fh:
         head = fh.read(1 << 16)
-    lines = head.decode("utf-8", errors="replace").splitlines()
+    lines = split_lines(head.decode("utf-8", errors="replace"))
     if not lines and not head:
         return None
     if not "".join(lines).strip():

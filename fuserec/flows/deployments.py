@@ -106,7 +106,8 @@ def batch_recommend(
     from fuserec.serving.batch import recommend_batch
 
     params = load_params(params_file, list(overrides or []))
-    served = Path(params.promote.served_dir) / CURRENT
+    # the release current points at now: a promotion during the batch cannot mix two releases' files
+    served = (Path(params.promote.served_dir) / CURRENT).resolve()
     if not (served / "model").exists():
         raise FileNotFoundError(
             f"no served model in {served}; run the nightly-retrain deployment (or `fuserec run` and the "
@@ -115,7 +116,7 @@ def batch_recommend(
     if users_file is None:
         import pandas as pd
 
-        users_file = str(served / "batch_users.parquet")
+        users_file = str(Path(params.promote.served_dir) / "batch_users.parquet")
         pd.read_parquet(served / "clean" / "users.parquet", columns=["user_id"]).astype(str).to_parquet(
             users_file, index=False
         )

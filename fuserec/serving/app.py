@@ -1,29 +1,79 @@
-"""The HTTP API over :class:`~fuserec.serving.service.Service`: validation, routing, status codes.
+"""The HTTP API over :class:`~fuserec.serving.service.Service`: keys, limits, routing, status codes.
 
 ``POST /recommend`` (a stored user, an explicit history, or a cold start), ``POST /events`` and
-``GET /events`` (append and read back), ``GET /explain``, ``GET /health``, ``GET /ready`` and Prometheus
-``GET /metrics``. Every bad input is a 4xx that says why without echoing the input.
+``GET /events`` (append and read back), ``GET /explain``, ``POST /admin/reload``, ``GET /health``,
+``GET /ready`` and Prometheus ``GET /metrics``. Every bad input is a 4xx that says why without echoing the
+input; overload is a 503 with ``Retry-After``, a model that does not answer in time a 504, never a 500.
+
+Health, readiness and metrics stay outside the admission limit and never queue behind scoring, so a load
+balancer sees a busy service as alive.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fuserec.serving.metrics import install_metrics
-from fuserec.serving.service import MAX_HISTORY_REQUEST, EventsIn, RecommendIn, Service
+from fuserec.config import ServeConfig
+from fuserec.serving.auth import HEADER, KeyRing, check_open
+from fuserec.serving.deployment import Deployment
+from fuserec.serving.metrics import METRICS_PATH, install_metrics
+from fuserec.serving.service import (
+    MAX_HISTORY_REQUEST,
+    RETRY_AFTER_S,
+    EventsIn,
+    RecommendIn,
+    Service,
+    default_store,
+)
+from fuserec.serving.store import SQLiteEventStore
 
 __all__ = ["create_app"]
 
+log = logging.getLogger("fuserec.serving")
+
 QueryId = Annotated[str, Query(min_length=1, max_length=128)]
+UNLIMITED = frozenset({"/health", "/ready", METRICS_PATH})  # never refused by the admission limit
+PRUNE_EVERY_S = 3600.0
+# every error body is {"detail": ...}: a sentence, or (request validation) a list of {type, loc, msg}
+_DETAIL = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}
+_ERROR = {
+    "content": {
+        "application/json": {
+            "schema": {"type": "object", "properties": {"detail": _DETAIL}, "required": ["detail"]}
+        }
+    }
+}
+GUARDED: dict[int | str, dict[str, Any]] = {
+    400: {"description": "the body is not parseable JSON", **_ERROR},
+    422: {"description": "the request is invalid: what and where, never the value", **_ERROR},
+    401: {"description": "missing or unknown API key", **_ERROR},
+    403: {"description": "the key lacks this route's scope", **_ERROR},
+    413: {"description": "request body too large", **_ERROR},
+    503: {"description": "overloaded (retry after Retry-After seconds)", **_ERROR},
+}
+SCORED: dict[int | str, dict[str, Any]] = {
+    **GUARDED,
+    504: {"description": "the model did not answer within serve.request_timeout_s", **_ERROR},
+}
+# module level: route signatures are resolved from the module's globals (postponed annotations)
+API_KEY = APIKeyHeader(
+    name=HEADER,
+    auto_error=False,
+    description="an API key from `fuserec keys add`; its scopes (read, write, admin) decide the routes",
+)
 MAX_BODY_BYTES = 2_000_000  # a 10,000-id history is ~200 kB; anything far larger is not a request
 
 
@@ -67,30 +117,114 @@ async def _empty_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
+class Admission:
+    """503 + ``Retry-After`` at once when ``limit`` requests are already in progress.
+
+    Waiting requests cost memory and make every latency worse; past the limit a client is better served
+    by a quick "retry" than by a slow answer. Health, readiness and metrics are never refused.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.inflight = 0
+        self.refused = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNLIMITED:
+            await self.app(scope, receive, send)
+            return
+        if self.inflight >= self.limit:
+            self.refused += 1
+            response = JSONResponse(
+                status_code=503,
+                content={"detail": f"overloaded: {self.limit} requests in progress; retry later"},
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+            await response(scope, receive, send)
+            return
+        self.inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.inflight -= 1
+
+
 def create_app(
     outputs: str | Path,
     store: str | Path | None = None,
     providers: list[str] | None = None,
-    max_batch: int = 32,
-    threads: int = 0,
+    max_batch: int | None = None,
+    threads: int | None = None,
+    *,
+    settings: ServeConfig | None = None,
+    keys: KeyRing | None = None,
+    host: str = "127.0.0.1",
 ) -> FastAPI:
-    """The FastAPI app over ``outputs`` (a finished pipeline run: ``outputs/model`` and the splits).
+    """The FastAPI app over ``outputs`` (a finished run, or ``served/current``: ``model/`` and the splits).
 
-    ``threads``: onnxruntime intra-op threads (0 = one per core).
+    ``store``: the SQLite event store (default :func:`default_store`). ``keys``: the API keys (none: open
+    access, refused unless ``host`` is a loopback address). ``max_batch``/``threads`` override ``settings``.
     """
-    service = Service(Path(outputs), Path(store) if store else None, providers, max_batch, threads)
+    settings = settings or ServeConfig()
+    keys = keys if keys is not None else KeyRing()
+    check_open(keys, host)
+    if not keys:
+        log.warning("no API keys configured: serving with open access, on loopback (%s) only", host)
+    events = SQLiteEventStore(Path(store) if store else default_store(settings), settings.history_cap)
+
+    def load(root: Path, shared: SQLiteEventStore) -> Service:
+        return Service(root, shared, providers, max_batch, threads, settings)
+
+    deployment = Deployment(Path(outputs), events, settings, load)
     gc.freeze()  # the catalogue, store and tables live for the process: keep them out of every GC pass
+
+    async def watch() -> None:
+        """Reload a promoted or re-exported model; apply the retention window hourly."""
+        pruned_at = asyncio.get_running_loop().time()
+        while True:
+            await asyncio.sleep(settings.watch_s or PRUNE_EVERY_S)
+            try:
+                if settings.watch_s and await asyncio.to_thread(deployment.changed):
+                    await asyncio.to_thread(deployment.reload)
+                if asyncio.get_running_loop().time() - pruned_at >= PRUNE_EVERY_S:
+                    await asyncio.to_thread(deployment.prune)
+                    pruned_at = asyncio.get_running_loop().time()
+            except Exception:  # a model that fails to load: the old one goes on serving
+                log.exception("watch: the new model could not be loaded; still serving %s", deployment.loaded)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        watcher = asyncio.create_task(watch())
         yield
-        service.close()
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        deployment.close()
 
-    version = str(service.manifest.get("sha256", ""))[:12]
+    first = deployment.current
+    version = str(first.manifest.get("sha256", ""))[:12]
     app = FastAPI(title="fuserec", version=version, lifespan=lifespan)
-    app.state.service = service
+    app.state.deployment = deployment
+    app.add_middleware(Admission, limit=settings.max_inflight)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
-    install_metrics(app, model_version=version, model_name=service.manifest["algorithm"]["name"])
+    install_metrics(app, model_version=version, model_name=first.manifest["algorithm"]["name"])
+
+    def scope(name: str) -> Any:
+        async def check(key: Annotated[str | None, Security(API_KEY)] = None) -> None:
+            if not keys:
+                return  # open access: allowed on loopback only (checked above)
+            found = keys.find(key)
+            if found is None:
+                raise HTTPException(
+                    status_code=401,
+                    detail=f"missing or unknown API key: send one in the {HEADER} header",
+                    headers={"WWW-Authenticate": "ApiKey"},
+                )
+            if name not in found.scopes:
+                raise HTTPException(status_code=403, detail=f"this API key lacks the {name!r} scope")
+
+        return Depends(check)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -103,15 +237,18 @@ def create_app(
         return JSONResponse(status_code=422, content={"detail": errors})
 
     @app.get("/health")
-    def health() -> dict[str, str]:
-        """Liveness: the process answers. Load balancers poll it; it touches no model or store."""
+    async def health() -> dict[str, str]:
+        """Liveness: the process answers. On the event loop itself: it never waits for a worker thread."""
         return {"status": "ok"}
 
-    @app.get("/ready")
-    def ready() -> dict[str, Any]:
-        """Readiness: the served model (name, components, sha256, providers), catalogue and store sizes."""
-        return {
-            "ready": True,
+    @app.get("/ready", responses={503: {"description": "the scoring worker is not running"}})
+    def ready() -> JSONResponse:
+        """Readiness: the served model (name, components, sha256, providers), catalogue and store sizes;
+        503 when the scoring worker is not alive."""
+        service = deployment.current
+        alive = service.batcher.alive
+        body = {
+            "ready": alive,
             "model": service.manifest["algorithm"]["name"],
             "components": service.components,
             "sha256": service.manifest.get("sha256"),
@@ -119,35 +256,68 @@ def create_app(
             "items": service.n_items,
             "events": service.store.count(),
             "batches": {"runs": service.batcher.runs, "histories": service.batcher.scored},
+            "queue": service.batcher.waiting,
+            "reloads": deployment.reloads,
+            "auth": "api-keys" if keys else "open (loopback only)",
         }
+        if not alive:
+            body["reason"] = "the scoring worker is not running; restart the service"
+        return JSONResponse(body, status_code=200 if alive else 503)
 
-    @app.post("/recommend")
+    @app.post("/recommend", dependencies=[scope("read")], responses=SCORED)
     async def recommend(req: RecommendIn) -> JSONResponse:
         """Top-k items for a history, or for a user's stored events, scored by the exported graph.
 
         Each item comes with its score and every component model's share of it. Seen items are left
         out; cold users get the onboarding or attribute-based fallback; ``filter`` and ``diversity``
-        re-rank the list.
+        re-rank the list. 503 when overloaded, 504 when the model does not answer in time.
         """
         # async: a request waits on the batcher without holding a thread; plain JSON, no re-encoding pass
-        return JSONResponse(await service.recommend_async(req))
+        return JSONResponse(await deployment.call_async("recommend_async", req))
 
-    @app.get("/explain")
+    @app.get("/explain", dependencies=[scope("read")], responses=SCORED)
     def explain(user_id: QueryId, item_id: QueryId) -> dict[str, Any]:
         """Why ``item_id`` ranks where it does for ``user_id``: its rank, each model's contribution, and
         the history items and shared attributes behind it."""
-        return service.explain(user_id, item_id)
+        result: dict[str, Any] = deployment.call("explain", user_id, item_id)
+        return result
 
-    @app.post("/events")
+    @app.post("/events", dependencies=[scope("write")], responses=GUARDED)
     def add_events(req: EventsIn) -> dict[str, Any]:
-        """Append interactions to the event store; the next ``/recommend`` of those users reads them."""
-        return service.add_events(req)
+        """Append interactions to the event store; the next ``/recommend`` of those users reads them.
 
-    @app.get("/events")
+        All or none: one bad event refuses the request. 503 when the store cannot write (nothing stored).
+        """
+        result: dict[str, Any] = deployment.call("add_events", req)
+        return result
+
+    @app.get("/events", dependencies=[scope("admin")], responses=GUARDED)
     def read_events(
         user_id: QueryId, limit: Annotated[int, Query(ge=1, le=MAX_HISTORY_REQUEST)] = 100
     ) -> dict[str, Any]:
-        """A user's latest ``limit`` stored events (oldest first), as they were stored."""
-        return service.events(user_id, limit)
+        """A user's latest ``limit`` stored events (oldest first), as they were stored (admin scope:
+        a history is personal data)."""
+        result: dict[str, Any] = deployment.call("events", user_id, limit)
+        return result
+
+    @app.post(
+        "/admin/reload",
+        dependencies=[scope("admin")],
+        responses={**GUARDED, 409: {"description": "the new model could not be loaded", **_ERROR}},
+    )
+    async def reload() -> JSONResponse:
+        """Load the model the served path holds now (after a promotion or re-export) and swap it in with
+        no failed request; on failure the old model keeps serving (409)."""
+        try:
+            return JSONResponse(await asyncio.to_thread(deployment.reload))
+        except Exception as exc:
+            log.exception("reload failed")
+            return JSONResponse(
+                status_code=409,
+                content={
+                    "detail": f"the model could not be loaded ({type(exc).__name__}: {exc}); "
+                    f"still serving sha256 {deployment.loaded[1][:12]}"
+                },
+            )
 
     return app

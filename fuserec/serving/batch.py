@@ -99,16 +99,19 @@ def indexed_history(
     min_rating: float | None,
     now: int,
 ) -> tuple[list[int], int, bool]:
-    """One user's latest positive events as catalogue indices (items not in it dropped), the time of the
-    latest (``now`` if none), and whether the store had any; the one reading the service and batch share."""
-    events = store.history(user_id, max_history, min_rating)
+    """One user's latest positive events by ``now`` as catalogue indices (items not in it dropped), the time
+    of the latest (``now`` if none), and whether the store had any; the one reading the service and batch
+    share."""
+    events = store.history(user_id, max_history, min_rating, until=now)
     items = [index[i] for i, _ in events if i in index]
     return items, max((ts for _, ts in events), default=now), bool(events)
 
 
-def indexed_seen(store: SQLiteEventStore, user_id: str, index: dict[str, int]) -> list[int]:
-    """Catalogue indices of every item the user has an event for: what the service and batch never list."""
-    return [index[i] for i in store.seen(user_id) if i in index]
+def indexed_seen(
+    store: SQLiteEventStore, user_id: str, index: dict[str, int], now: int | None = None
+) -> list[int]:
+    """Catalogue indices of every item the user has an event for by ``now``: what is never listed."""
+    return [index[i] for i in store.seen(user_id, until=now) if i in index]
 
 
 def training_events(layout: Layout) -> pd.DataFrame:
@@ -154,7 +157,7 @@ def store_histories(
         if not found:
             unknown.append(user)
         items.append(history)
-        seen.append(indexed_seen(store, user, index))
+        seen.append(indexed_seen(store, user, index, now))
     return UserHistories(list(user_ids), items, last, unknown, f"event store {store.path}", seen)
 
 

@@ -6,16 +6,21 @@ graph's Gather), the history is the user's stored positive events (or the reques
 exported graph scores it, through :class:`~fuserec.serving.batcher.Batcher` so concurrent requests share a
 run. Users with no usable history are served by explicit cold-start rules (onboarding genres, user
 attributes, popularity), each named in the response. The HTTP layer (``app.py``) only validates and routes.
+
+A request never waits without bound: scoring waits at most ``serve.request_timeout_s`` (then 504), a full
+scoring queue answers 503 with ``Retry-After`` at once, and a store that cannot write (disk full, read-only)
+answers 503 for events while recommendations go on from what it can read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -23,13 +28,14 @@ import torch
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
+from fuserec.config import ServeConfig
 from fuserec.features import item_content_vectors
 from fuserec.layout import CATALOG_FILE, MODEL_FILE, Layout
-from fuserec.manifest import read_json
+from fuserec.manifest import file_sha256, read_json
 from fuserec.onnx_model import OnnxRecommender
 from fuserec.rerank import Rerank, mmr_top_k, unit_vectors
 from fuserec.serving.batch import catalog_titles, indexed_history, indexed_seen, training_events
-from fuserec.serving.batcher import Batcher, Scored
+from fuserec.serving.batcher import Batcher, Overloaded, Scored
 from fuserec.serving.coldstart import ColdStart, attribute_values, genre_sets
 from fuserec.serving.store import Event, SQLiteEventStore
 
@@ -43,6 +49,14 @@ MAX_GENRES = 50
 EXPLAIN_DRIVERS = 50  # latest history items tried one by one when explaining a score
 DRIVERS_SHOWN = 3
 
+RETRY_AFTER_S = 1  # what a 503 tells a client to wait before retrying
+EventKind = Literal["view", "click", "like", "purchase", "interaction", "rating", "dislike"]
+EVENT_KINDS = (
+    "view, click, like, purchase and interaction are positives; rating is a positive when its rating "
+    "reaches the training's implicit threshold (and needs a rating); dislike never is. Any event, "
+    "whatever its kind, marks the item as seen, so it is not recommended again."
+)
+
 Id = Annotated[str, Field(min_length=1, max_length=128)]
 Genre = Annotated[str, Field(min_length=1, max_length=64)]
 
@@ -51,9 +65,17 @@ class EventIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: Id
     item_id: Id
-    kind: Annotated[str, Field(min_length=1, max_length=32)] = "interaction"
-    rating: float | None = Field(None, ge=-1e6, le=1e6, allow_inf_nan=False)
-    timestamp: int | None = Field(None, ge=0, le=2**40, description="unix seconds; default: now")
+    kind: EventKind = Field("interaction", description=EVENT_KINDS)
+    rating: float | None = Field(
+        None, ge=-1e6, le=1e6, allow_inf_nan=False, description="within the run's validated rating range"
+    )
+    timestamp: int | None = Field(
+        None,
+        ge=0,
+        le=2**40,
+        description="unix seconds (0 is a time, not 'missing'); absent: now; "
+        "later than now + serve.clock_skew_s: 422",
+    )
 
 
 class EventsIn(BaseModel):
@@ -89,7 +111,12 @@ class RecommendIn(BaseModel):
     history: list[Id] | None = Field(None, max_length=MAX_HISTORY_REQUEST)
     k: int = Field(10, ge=1, le=MAX_K)
     exclude: list[Id] = Field(default_factory=list, max_length=MAX_HISTORY_REQUEST)
-    time: int | None = Field(None, ge=0, le=2**40, description="unix seconds of the request; default now")
+    time: int | None = Field(
+        None,
+        ge=0,
+        le=2**40,
+        description="unix seconds of the request (only events by then are read); default now",
+    )
     filter: ItemFilter | None = None
     diversity: float | None = Field(None, ge=0.0, lt=1.0, description="MMR weight of dissimilarity")
     onboarding: Onboarding | None = None
@@ -109,19 +136,62 @@ def _client_error(detail: str) -> HTTPException:
     return HTTPException(status_code=422, detail=detail)
 
 
+def unavailable(detail: str) -> HTTPException:
+    """503 with ``Retry-After``: the service is fine but cannot take this request now."""
+    return HTTPException(status_code=503, detail=detail, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def timed_out(seconds: float) -> HTTPException:
+    return HTTPException(
+        status_code=504,
+        detail=f"the model did not answer within {seconds:g} s (serve.request_timeout_s); retry later",
+    )
+
+
+def default_store(settings: ServeConfig, served_dir: str | Path = "served") -> Path:
+    """``serve.store``, else ``<promote.served_dir>/events.sqlite``: never inside a model's folder, so
+    promotions and re-exports leave it alone."""
+    return Path(settings.store) if settings.store else Path(served_dir) / "events.sqlite"
+
+
+def verify_model(folder: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a model file whose bytes are not the ones the export checked and recorded."""
+    for name, key in ((MODEL_FILE, "sha256"), (f"{MODEL_FILE}.data", "external_data_sha256")):
+        expected = manifest.get(key)
+        if not expected:
+            if key == "sha256":
+                raise RuntimeError(
+                    f"{folder / 'manifest.json'} records no sha256 of {name}; re-export the model"
+                )
+            continue
+        actual = file_sha256(folder / name)
+        if actual != expected:
+            raise RuntimeError(
+                f"{folder / name} has sha256 {actual[:12]}..., but its manifest records "
+                f"{str(expected)[:12]}...: "
+                "the file changed after export (a partial copy, a manual edit); re-export or restore it"
+            )
+
+
 class Service:
     """Model, catalogue, store and cold-start priors, loaded once; what every request reads."""
 
     def __init__(
         self,
         outputs: Path,
-        store: Path | None = None,
+        store: Path | SQLiteEventStore | None = None,
         providers: list[str] | None = None,
-        max_batch: int = 32,
-        threads: int = 0,
+        max_batch: int | None = None,
+        threads: int | None = None,
+        settings: ServeConfig | None = None,
     ) -> None:
+        """``store``: a path, or an open store shared with other Services (a reload keeps it)."""
+        self.settings = settings = settings or ServeConfig()
+        max_batch = settings.max_batch if max_batch is None else max_batch
+        threads = settings.threads if threads is None else threads
         layout = Layout(Path(outputs))
         self.manifest = read_json(layout.export / "manifest.json")
+        verify_model(layout.export, self.manifest)
         requested = list(providers or self.manifest["providers"])
         self.model = OnnxRecommender(
             layout.export / MODEL_FILE,
@@ -154,10 +224,18 @@ class Service:
             "keep": int(shape.get("keep", default.keep)),
             "order": str(shape.get("order", default.order)),
         }
-        self.store = SQLiteEventStore(store or layout.root / "events.sqlite")
+        rating_range = self.manifest.get("rating_range")
+        self.rating_range: tuple[float, float] | None = (
+            (float(rating_range[0]), float(rating_range[1])) if rating_range else None
+        )
+        self.owns_store = not isinstance(store, SQLiteEventStore)
+        if isinstance(store, SQLiteEventStore):
+            self.store = store
+        else:
+            self.store = SQLiteEventStore(store or default_store(settings), settings.history_cap)
         self.cold = ColdStart(layout, self.n_items, self.genres)
         self._import_training(layout)
-        self.batcher = Batcher(self.model, max_batch)
+        self.batcher = Batcher(self.model, max_batch, settings.queue_size)
 
     # -- loading ------------------------------------------------------------------------------------
     def _import_training(self, layout: Layout) -> None:
@@ -208,7 +286,7 @@ class Service:
         seen: list[int] = []
         if req.user_id is not None:
             items, last = self.history(req.user_id, now)
-            seen = indexed_seen(self.store, req.user_id, self.index)  # low ratings, older positives too
+            seen = indexed_seen(self.store, req.user_id, self.index, now)  # low ratings, older positives too
         else:
             items, last = self.indices(list(req.history or [])[-self.max_history :], "history"), now
         excluded = self.indices(req.exclude, "excluded")
@@ -240,15 +318,34 @@ class Service:
 
     def recommend(self, req: RecommendIn) -> dict[str, Any]:
         plan = self.plan(req)
-        return self.finish(plan, self.batcher.score(plan.items, plan.last) if plan.items else None)
+        return self.finish(plan, self.score(plan.items, plan.last) if plan.items else None)
 
     async def recommend_async(self, req: RecommendIn) -> dict[str, Any]:
         """:meth:`recommend` without holding a worker thread while the batcher scores."""
         plan = self.plan(req)
         if not plan.items:
             return self.finish(plan, None)
-        scored = await asyncio.wrap_future(self.batcher.submit(plan.items, plan.last))
+        timeout = self.settings.request_timeout_s
+        try:
+            waiting = self.batcher.submit(plan.items, plan.last)
+        except Overloaded as exc:
+            raise unavailable(f"overloaded: {exc}; retry after {RETRY_AFTER_S} s") from None
+        try:
+            # wait_for cancels the wrapped future on timeout; the batcher then skips it (or, mid-run,
+            # answers into the void): neither harms the worker
+            scored = await asyncio.wait_for(asyncio.wrap_future(waiting), timeout)
+        except TimeoutError:
+            raise timed_out(timeout) from None
         return self.finish(plan, scored)
+
+    def score(self, items: list[int], last: int) -> Scored:
+        """One history through the batcher, with the request timeout and overload mapped to 504 / 503."""
+        try:
+            return self.batcher.score(items, last, timeout=self.settings.request_timeout_s)
+        except Overloaded as exc:
+            raise unavailable(f"overloaded: {exc}; retry after {RETRY_AFTER_S} s") from None
+        except TimeoutError:
+            raise timed_out(self.settings.request_timeout_s) from None
 
     def cold_scores(self, req: RecommendIn) -> tuple[np.ndarray, np.ndarray, list[str], str]:
         """A user with no usable history: onboarding genres, else attributes, else popularity."""
@@ -298,7 +395,7 @@ class Service:
             scores, parts, names, strategy = cold.scores, cold.parts, cold.names, cold.strategy
             drivers: list[dict[str, Any]] = []
         else:
-            scored = self.batcher.score(items, last)
+            scored = self.score(items, last)
             scores, parts, names, strategy = scored.scores, scored.contributions, self.components, "history"
             drivers = self._drivers(items, last, target, float(scores[target]))
         contributions = {n: float(parts[m, target]) for m, n in enumerate(names)}
@@ -346,10 +443,36 @@ class Service:
         ]
 
     def add_events(self, req: EventsIn) -> dict[str, Any]:
+        """Check every event, then store them all in one transaction (all or none)."""
         self.indices([e.item_id for e in req.events], "event")
         now = int(time.time())
-        events = [Event(e.user_id, e.item_id, e.timestamp or now, e.kind, e.rating) for e in req.events]
-        return {"stored": self.store.append(events)}
+        latest = now + self.settings.clock_skew_s
+        for n, e in enumerate(req.events):
+            if e.timestamp is not None and e.timestamp > latest:
+                raise _client_error(
+                    f"events[{n}].timestamp is {e.timestamp - now} s in the future; events may be dated at "
+                    f"most serve.clock_skew_s={self.settings.clock_skew_s} s after the server's clock"
+                )
+            if e.kind == "rating" and e.rating is None:
+                raise _client_error(f"events[{n}] is of kind 'rating' but has no rating")
+            if e.rating is not None and self.rating_range is not None:
+                low, high = self.rating_range
+                if not low <= e.rating <= high:
+                    raise _client_error(
+                        f"events[{n}].rating is outside the run's validated range [{low:g}, {high:g}] "
+                        "(validate.rating_min / rating_max)"
+                    )
+        events = [
+            Event(e.user_id, e.item_id, now if e.timestamp is None else e.timestamp, e.kind, e.rating)
+            for e in req.events
+        ]
+        try:
+            return {"stored": self.store.append(events)}
+        except sqlite3.Error as exc:  # disk full, read-only file, locked too long: nothing was stored
+            log.error("event store cannot write (%s): %d events refused", type(exc).__name__, len(events))
+            raise unavailable(
+                f"the event store cannot write ({exc}); nothing was stored, retry later"
+            ) from None
 
     def events(self, user_id: str, limit: int) -> dict[str, Any]:
         stored = self.store.events(user_id, limit)
@@ -363,4 +486,5 @@ class Service:
 
     def close(self) -> None:
         self.batcher.close()
-        self.store.close()
+        if self.owns_store:
+            self.store.close()

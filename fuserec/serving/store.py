@@ -3,6 +3,12 @@
 The model scores histories, so "real time" needs no retraining: only a durable, ordered log of events
 per user. SQLite in WAL mode is one file, survives restarts (each append is a committed transaction) and
 lets readers run while a writer appends. ``EventStore`` is the interface a server database would implement.
+
+What counts as a positive is decided here, once, for the service and batch scoring alike: an event is a
+positive unless its kind is ``dislike`` or its rating is under the training's implicit threshold. Every
+event, positive or not, marks its item as seen. Reads take an ``until`` time so a request dated T sees
+only what had happened by T. The store is bounded: ``history_cap`` events per user (the oldest go first)
+and :meth:`SQLiteEventStore.prune` for a retention window.
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ class Event:
 class EventStore(Protocol):
     def append(self, events: list[Event]) -> int: ...
 
-    def history(self, user_id: str, limit: int, min_rating: float | None = None) -> list[tuple[str, int]]: ...
+    def history(
+        self, user_id: str, limit: int, min_rating: float | None = None, until: int | None = None
+    ) -> list[tuple[str, int]]: ...
 
     def events(self, user_id: str, limit: int) -> list[Event]: ...
 
-    def seen(self, user_id: str) -> list[str]: ...
+    def seen(self, user_id: str, until: int | None = None) -> list[str]: ...
 
     def count(self) -> int: ...
 
@@ -51,13 +59,17 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_user ON events (user_id, timestamp, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+NEVER_POSITIVE = "dislike"  # the one kind that is never a positive, whatever its rating
+LATEST = 2**62  # "no time bound" in queries
 
 
 class SQLiteEventStore:
     """Events in one SQLite file (WAL); safe to share between the server's worker threads."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, history_cap: int | None = None) -> None:
+        """``history_cap``: events kept per user, the oldest dropped when an append goes over it."""
         self.path = Path(path)
+        self.history_cap = history_cap
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -74,24 +86,30 @@ class SQLiteEventStore:
                     "INSERT INTO events (user_id, item_id, kind, rating, timestamp) VALUES (?, ?, ?, ?, ?)",
                     rows,
                 )
+                if self.history_cap is not None:
+                    for user in {e.user_id for e in events}:
+                        self._cap(user, self.history_cap)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
         return len(rows)
 
-    def history(self, user_id: str, limit: int, min_rating: float | None = None) -> list[tuple[str, int]]:
-        """The user's latest ``limit`` positive (item id, timestamp) pairs, oldest first.
+    def history(
+        self, user_id: str, limit: int, min_rating: float | None = None, until: int | None = None
+    ) -> list[tuple[str, int]]:
+        """The user's latest ``limit`` positive (item id, timestamp) pairs dated at or before ``until``,
+        oldest first.
 
         With ``min_rating`` (the training's implicit threshold), a rated event below it is not a positive,
-        exactly as cleaning treated the training data; events without a rating always are.
+        exactly as cleaning treated the training data; a dislike never is; other events always are.
         """
         floor = -1e308 if min_rating is None else float(min_rating)
         with self._lock:
             rows = self._db.execute(
-                "SELECT item_id, timestamp FROM events WHERE user_id = ? AND (rating IS NULL OR rating >= ?) "
-                "ORDER BY timestamp DESC, seq DESC LIMIT ?",
-                (user_id, floor, limit),
+                "SELECT item_id, timestamp FROM events WHERE user_id = ? AND timestamp <= ? AND kind != ? "
+                "AND (rating IS NULL OR rating >= ?) ORDER BY timestamp DESC, seq DESC LIMIT ?",
+                (user_id, LATEST if until is None else int(until), NEVER_POSITIVE, floor, limit),
             ).fetchall()
         return [(str(item), int(ts)) for item, ts in reversed(rows)]
 
@@ -105,17 +123,34 @@ class SQLiteEventStore:
             ).fetchall()
         return [Event(user_id, str(i), int(ts), str(kind), rating) for i, ts, kind, rating in reversed(rows)]
 
-    def seen(self, user_id: str) -> list[str]:
-        """Every item the user has any event for (any kind, any rating, however old), in first-seen order.
+    def seen(self, user_id: str, until: int | None = None) -> list[str]:
+        """Every item the user has any event for by ``until`` (any kind, any rating, however old), in
+        first-seen order.
 
         Why not just the history: a film rated one star is no positive, and a positive older than the
         served history window is no longer scored, yet the user has seen both; neither may be recommended.
         """
         with self._lock:
             rows = self._db.execute(
-                "SELECT item_id FROM events WHERE user_id = ? GROUP BY item_id ORDER BY MIN(seq)", (user_id,)
+                "SELECT item_id FROM events WHERE user_id = ? AND timestamp <= ? GROUP BY item_id "
+                "ORDER BY MIN(seq)",
+                (user_id, LATEST if until is None else int(until)),
             ).fetchall()
         return [str(item) for (item,) in rows]
+
+    def prune(self, before: int) -> int:
+        """Delete every event dated before ``before`` (a retention window); returns how many went."""
+        with self._lock:
+            cursor = self._db.execute("DELETE FROM events WHERE timestamp < ?", (int(before),))
+        return int(cursor.rowcount)
+
+    def _cap(self, user_id: str, cap: int) -> None:
+        """Keep the user's latest ``cap`` events (inside the caller's transaction)."""
+        self._db.execute(
+            "DELETE FROM events WHERE user_id = ? AND seq NOT IN (SELECT seq FROM events WHERE user_id = ? "
+            "ORDER BY timestamp DESC, seq DESC LIMIT ?)",
+            (user_id, user_id, cap),
+        )
 
     def meta(self, key: str) -> str | None:
         """A note the store keeps about itself (e.g. which imports it has had), None when unset."""

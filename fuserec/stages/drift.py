@@ -261,7 +261,7 @@ def reference_path(params: Params) -> Path | None:
         params.outputs_dir / "validated" / "interactions.parquet",
     ):
         if candidate.exists():
-            return candidate
+            return candidate.resolve()  # the release itself: served/current moves at the next promotion
     return None
 
 

@@ -1,10 +1,21 @@
-"""Export: the chosen model's scoring -> one ONNX file + catalog + id maps, checked under onnxruntime."""
+"""Export: the chosen model's scoring -> one ONNX file + catalog + id maps, checked under onnxruntime.
+
+Everything is written to a staging folder beside ``model/`` and checked there (the parity check loads the
+graph from it); only a complete, checked export replaces ``model/``, in one atomic step
+(:func:`fuserec.atomic.replace_dir`). A failed export leaves the previous ``model/`` as it was and no
+staging folder behind, so ``model/`` never mixes one export's manifest with another's graph.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pandas as pd
 
+from fuserec.api import Algorithm
 from fuserec.artifacts import load_scorer, scorer_folder
+from fuserec.atomic import remove, remove_stale_staging, replace_dir, staging_path
 from fuserec.config import Params
 from fuserec.data.dataset import Dataset
 from fuserec.features import item_content_vectors
@@ -27,11 +38,27 @@ from fuserec.rerank import Rerank, novelty_bonus
 
 
 def export(params: Params) -> str:
+    """Export ``export.algorithm`` to ``<outputs>/model``; returns that folder's path."""
     layout = Layout(params.outputs_dir)
+    out = layout.export
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)  # left by an export that was killed
+    staging = staging_path(out)
+    remove(staging)
+    try:
+        _export_into(params, layout, staging)
+        replace_dir(staging, out)
+    except BaseException:
+        remove(staging)
+        raise
+    return str(out)
+
+
+def _export_into(params: Params, layout: Layout, out: Path) -> None:
+    """Write and check the export in ``out`` (a fresh staging folder); raises if the graph disagrees."""
     cfg = params.export
     folder = scorer_folder(layout, cfg.algorithm)
     algo = load_scorer(layout, folder)
-    out = layout.export
     data = Dataset.load(layout.clean, interactions=layout.split_file("train"))
     test = pd.read_parquet(layout.split_file("test"))
     rerank = Rerank(cfg.rerank_diversity, cfg.rerank_novelty, **cfg.rerank_shape)
@@ -40,20 +67,13 @@ def export(params: Params) -> str:
         with_history = int((data.histories().lengths > 0).sum())
         bonus = novelty_bonus(data.item_popularity(), with_history)
         reranker = Reranker(rerank, item_content_vectors(data.items), bonus)
-    for stale in (out / MODEL_FILE, out / f"{MODEL_FILE}.data"):  # a previous export's weights file
-        stale.unlink(missing_ok=True)
     onnx_path = export_onnx(algo, out / MODEL_FILE, cfg.k, cfg.opset, reranker)
+    # over 1 GiB of weights: kept beside the graph, which names it relative to itself (it moves with it)
     weights = out / f"{MODEL_FILE}.data"
     session = OnnxRecommender(onnx_path, cfg.providers, prepack=cfg.prepack)
-    parity = parity_check(algo, session, parity_batch(data, test), cfg.k, reranker)
-    # a lone one-item history: the length-1 shape that once broke ALS's fold-in (a served user's first event)
-    single = parity_check(algo, session, Histories.from_lists([[0]], data.n_items), cfg.k, reranker)
-    parity["one_item_history_top_items_match"] = single["top_items_match_up_to_ties"]
-    exact = getattr(algo, "exact_scores", True)  # rank-based fusers: only the ranking must agree
-    scores_ok = parity["scores_match"] and parity["top_scores_match"] if exact else True
-    ranking_ok = parity["top_items_match_up_to_ties"] and single["top_items_match_up_to_ties"]
-    if not (scores_ok and ranking_ok and contributions_agree(parity, exact)):
-        raise RuntimeError(f"exported ONNX model disagrees with {cfg.algorithm}.score: {parity}")
+    parity = _checked_parity(algo, session, data, test, cfg.k, cfg.algorithm, reranker)
+    providers = session.providers
+    del session  # the graph (and a mapped weights file) is released before the folder moves
     data.items.to_parquet(out / CATALOG_FILE, index=False)
     data.users[["user", "user_id"]].to_parquet(out / USERS_FILE, index=False)
     write_manifest(
@@ -62,7 +82,8 @@ def export(params: Params) -> str:
         algorithm=read_json(folder / "manifest.json"),
         file=MODEL_FILE,
         sha256=file_sha256(onnx_path),
-        external_data=weights.name if weights.exists() else None,  # over 1 GiB of weights: kept beside
+        external_data=weights.name if weights.exists() else None,
+        external_data_sha256=file_sha256(weights) if weights.exists() else None,
         input={
             "name": INPUT_NAME,
             "dtype": "int64",
@@ -93,10 +114,32 @@ def export(params: Params) -> str:
         },
         max_history=cfg.max_history,
         implicit_threshold=params.clean.implicit_threshold,  # what the service counts as a positive event
+        rating_range=[params.validate_.rating_min, params.validate_.rating_max],  # what events may carry
         n_items=data.n_items,
-        providers=session.providers,
+        providers=providers,
         prepack=cfg.prepack,
         opset=cfg.opset,
         parity=parity,
     )
-    return str(out)
+
+
+def _checked_parity(
+    algo: Algorithm | Fuser,
+    session: OnnxRecommender,
+    data: Dataset,
+    test: pd.DataFrame,
+    k: int,
+    name: str,
+    reranker: Reranker | None,
+) -> dict[str, Any]:
+    """The parity report of the exported graph against ``algo.score``; raises if they disagree."""
+    parity = parity_check(algo, session, parity_batch(data, test), k, reranker)
+    # a lone one-item history: the length-1 shape that once broke ALS's fold-in (a served user's first event)
+    single = parity_check(algo, session, Histories.from_lists([[0]], data.n_items), k, reranker)
+    parity["one_item_history_top_items_match"] = single["top_items_match_up_to_ties"]
+    exact = getattr(algo, "exact_scores", True)  # rank-based fusers: only the ranking must agree
+    scores_ok = parity["scores_match"] and parity["top_scores_match"] if exact else True
+    ranking_ok = parity["top_items_match_up_to_ties"] and single["top_items_match_up_to_ties"]
+    if not (scores_ok and ranking_ok and contributions_agree(parity, exact)):
+        raise RuntimeError(f"exported ONNX model disagrees with {name}.score: {parity}")
+    return parity

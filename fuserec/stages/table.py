@@ -148,7 +148,7 @@ STAGES: tuple[Stage, ...] = (
         "One ONNX graph of the chosen scorer, checked against Python under onnxruntime.",
         inputs=("clean", "split", "models", "fusers"),
         outputs=(Output("model"),),
-        params=("export", "clean.implicit_threshold"),
+        params=("export", "clean.implicit_threshold", "validate.rating_min", "validate.rating_max"),
         code=("fuserec/stages/export.py", "fuserec/onnx_model.py", "fuserec/parity.py", "fuserec/rerank.py"),
     ),
     Stage(

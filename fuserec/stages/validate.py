@@ -1,4 +1,4 @@
-"""Validate: raw source tables -> typed valid rows, quarantined rejects and a report.
+r"""Validate: raw source tables -> typed valid rows, quarantined rejects and a report.
 
 Great Expectations (1.x) evaluates every row-level rule: one suite per table on a *check frame* that
 holds the stripped text of each raw value (None when blank) plus derived helper columns where GX has
@@ -12,8 +12,20 @@ an id is in the items table). Each table is validated in two passes:
 
 A row that fails any rule goes to ``rejects/<table>.parquet`` with its raw values and every rule it
 failed; lines the loader could not split (``RawSource.malformed``) go there too. Nothing is dropped
-silently: rows in = rows kept + rows rejected, per table, and the code asserts it. The report
-(``validation_report.json``) gives, per table and rule, the GX expectation, count and sample lines.
+silently: rows in = rows kept + rows rejected, per table, checked at run time (RuntimeError, also under
+``python -O``). The report (``validation_report.json``) gives, per table and rule, the GX expectation,
+count and sample lines.
+
+Numbers are ASCII: every id / number / integer pattern uses ``[0-9]``, never ``\d`` (which also matches
+"١٢٣" or "１２３"), and text is only converted to a number after it matched such a pattern (``int()``,
+``float()`` and pandas' ``astype`` would turn "١٢٣" into 123 and merge it with user 123).
+
+Each delimited text file a table was read from is scanned once more, as bytes split on ``\n`` only
+(:func:`scan_text_file`): the report's ``text_files`` entry of the table gives per file the byte
+sequences that are not UTF-8 and were replaced by U+FFFD when read (``encoding_errors_replaced`` and the
+first lines, never the values), the characters other than ``\n`` / ``\r`` that ``str.splitlines``
+would break a line on, and whether the loader's line numbers fit in the file.
+
 Missing required columns and empty files stop the stage at once (there is nothing to validate); a
 table whose rejected share exceeds ``validate.max_reject_share`` raises :class:`ValidationError`
 after rejects and report have been written.
@@ -23,6 +35,9 @@ after rejects and report have been written.
 
 from __future__ import annotations
 
+import codecs
+import re
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +51,14 @@ from fuserec.data.raw import LINE_COL, REQUIRED_COLUMNS, SOURCE_COL, TABLES, Raw
 from fuserec.layout import Layout
 from fuserec.manifest import write_json
 
-# Ids are non-negative integers that fit int64 (at most 18 digits).
-ID_REGEX = r"^\d{1,18}$"
-NUMBER_REGEX = r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$"
-INTEGER_REGEX = r"^[+-]?\d{1,18}$"
+# Ids are non-negative integers that fit int64 (at most 18 digits). ASCII digits only: ``\d`` matches
+# any Unicode decimal digit ("١٢٣", "１２３"), which int() / float() / pandas then read as 123.
+ID_BODY = r"[0-9]{1,18}"
+NUMBER_BODY = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+INTEGER_BODY = r"[+-]?[0-9]{1,18}"
+ID_REGEX = f"^{ID_BODY}$"
+NUMBER_REGEX = f"^{NUMBER_BODY}$"
+INTEGER_REGEX = f"^{INTEGER_BODY}$"
 TEXT_COLUMNS = ("title", "genres", "tags", "text")
 RAW_LINE = "raw"  # rejects column with the text of a malformed line
 RULE = "rule"
@@ -196,12 +215,37 @@ def raw_strings(values: pd.Series) -> pd.Series:
     return pd.Series(out, index=values.index, dtype=object)
 
 
+def _matches(text: pd.Series, body: str) -> np.ndarray:
+    """Per value: does the whole text match ``body`` (False when missing)."""
+    return text.str.fullmatch(body).fillna(False).to_numpy(dtype=bool)
+
+
 def _number(text: pd.Series) -> pd.Series:
-    """Float value of each text (NaN when not a number); "inf"/"nan" words are not numbers."""
-    num = pd.to_numeric(text, errors="coerce").astype(np.float64)
-    words = np.isinf(num.to_numpy()) & ~text.str.contains(r"\d", regex=True).fillna(False).to_numpy(bool)
-    num[words] = np.nan
-    return num
+    """Float value of each text, NaN unless it is a number written in ASCII (``NUMBER_BODY``).
+
+    Only matching texts are converted: "inf"/"nan" words are not numbers, and neither are "٤" or "４"
+    (which ``float()`` and pandas would read as 4).
+    """
+    numeric = _matches(text, NUMBER_BODY)
+    num = np.full(len(text), np.nan)
+    if numeric.any():
+        num[numeric] = text[numeric].astype(np.float64).to_numpy()
+    return pd.Series(num, index=text.index, dtype=np.float64)
+
+
+def _ascii_int64(text: pd.Series, what: str) -> np.ndarray:
+    """int64 of texts that passed an id / integer rule; RuntimeError for any that is not ASCII digits.
+
+    A guard, not a rule: the GX regex rules already rejected such rows, but ``astype("int64")`` (like
+    ``int()``) would turn "١٢٣" into 123, so nothing but ``[+-]?[0-9]{1,18}`` is ever converted.
+    """
+    good = _matches(text, INTEGER_BODY)
+    if not good.all():
+        raise RuntimeError(
+            f"{what}: {int((~good).sum())} value(s) passed the integer rules but are not ASCII integers "
+            f"(GX and the ASCII check disagree); refusing to convert them"
+        )
+    return text.astype("int64").to_numpy(dtype=np.int64)
 
 
 def _id_rules(column: str) -> list[Rule]:
@@ -219,7 +263,7 @@ def _id_rules(column: str) -> list[Rule]:
             column,
             (column,),
             {"regex": ID_REGEX},
-            f"{column} must be a non-negative integer (digits only, at most 18)",
+            f"{column} must be a non-negative integer (ASCII digits 0-9 only, at most 18)",
         ),
     ]
 
@@ -237,7 +281,7 @@ def row_rules(table: str, columns: Iterable[str], cfg: ValidateConfig) -> list[R
             Rule("rating_not_null", "expect_column_values_to_not_be_null", "rating", ("rating",),
                  description="rating must not be empty (the source has a rating column)"),
             Rule("rating_numeric", "expect_column_values_to_match_regex", "rating", ("rating",),
-                 {"regex": NUMBER_REGEX}, "rating must be a number"),
+                 {"regex": NUMBER_REGEX}, "rating must be a number (ASCII digits 0-9)"),
             Rule("rating_in_range", "expect_column_values_to_be_between", "rating__number", ("rating",),
                  {"min_value": cfg.rating_min, "max_value": cfg.rating_max},
                  f"rating must be within [{cfg.rating_min}, {cfg.rating_max}] (validate.rating_min/max)"),
@@ -247,7 +291,7 @@ def row_rules(table: str, columns: Iterable[str], cfg: ValidateConfig) -> list[R
             Rule("timestamp_not_null", "expect_column_values_to_not_be_null", "timestamp", ("timestamp",),
                  description="timestamp must not be empty (the source has a timestamp column)"),
             Rule("timestamp_integer", "expect_column_values_to_match_regex", "timestamp", ("timestamp",),
-                 {"regex": INTEGER_REGEX}, "timestamp must be an integer (unix seconds)"),
+                 {"regex": INTEGER_REGEX}, "timestamp must be an integer (unix seconds, ASCII digits 0-9)"),
             Rule("timestamp_in_range", "expect_column_values_to_be_between", "timestamp__number",
                  ("timestamp",), {"min_value": cfg.timestamp_min, "max_value": cfg.timestamp_max},
                  f"timestamp must be within [{cfg.timestamp_min}, {cfg.timestamp_max}] "
@@ -356,7 +400,7 @@ def _check_rows(
         ok[failed[f"{column}_not_null"]] = False
         ok[failed[f"{column}_non_negative_integer"]] = False
         values = np.zeros(len(raw), dtype=np.int64)
-        values[ok] = frame[column][ok].astype("int64").to_numpy()
+        values[ok] = _ascii_int64(frame[column][ok], f"{file}: {table}.{column}")
         ids[column], id_ok[column] = values, ok
     result = TableResult(table, file, raw, rules, failed, {}, malformed, ids, id_ok)
     return result, frame
@@ -377,7 +421,7 @@ def _check_relations(
         key_cols = {"user_id": result.ids["user_id"], "item_id": result.ids["item_id"]}
         if "timestamp" in raw:
             ts = np.zeros(len(raw), dtype=np.int64)
-            ts[ok] = frame["timestamp"][ok].astype("int64").to_numpy()
+            ts[ok] = _ascii_int64(frame["timestamp"][ok], f"{result.file}: {table}.timestamp")
             key_cols["timestamp"] = ts
         else:
             key_cols["timestamp"] = raw[LINE_COL].to_numpy(np.int64)
@@ -436,7 +480,7 @@ def _typed_interactions(result: TableResult, frame: pd.DataFrame, keep: np.ndarr
         out["rating"] = np.full(int(keep.sum()), np.nan)
         result.notes.append("no rating column: rating is NaN for every row (implicit feedback)")
     if "timestamp" in raw:
-        out["timestamp"] = frame["timestamp"][keep].astype("int64").to_numpy()
+        out["timestamp"] = _ascii_int64(frame["timestamp"][keep], f"{result.file}: interactions.timestamp")
     else:
         out["timestamp"] = raw[LINE_COL].to_numpy(np.int64)[keep]
         result.notes.append("no timestamp column: timestamp is the row's line number (file order)")
@@ -452,7 +496,7 @@ def _typed_items(result: TableResult, keep: np.ndarray) -> pd.DataFrame:
         )
     if "year" in raw:
         text = text_form(raw["year"])
-        num = pd.to_numeric(text, errors="coerce")
+        num = _number(text)  # ASCII digits only: "٢٠٠١" is not a year (it becomes null, noted)
         integral = num.notna() & (num == np.floor(num)) & (num.abs() < 10_000)
         unparsed = text.notna() & ~integral
         if unparsed.any():
@@ -477,7 +521,7 @@ def _typed_users(result: TableResult, keep: np.ndarray) -> pd.DataFrame:
             continue
         if column == "age":
             text = text_form(raw[column])
-            num = pd.to_numeric(text, errors="coerce")
+            num = _number(text)  # ASCII digits only: "٤٥" is not a number (age kept as text, noted)
             bad = text.notna() & num.isna()
             if not bad.any():
                 whole = num.dropna()
@@ -578,6 +622,18 @@ def _malformed_report(bad: pd.DataFrame, n: int) -> dict[str, Any] | None:
     }
 
 
+def check_reconciles(table: str, file: str | None, rows_in: int, kept: int, rejected: int) -> None:
+    """Rows in = rows kept + rows rejected, or RuntimeError naming the file and the counts.
+
+    An explicit check, not an ``assert``: ``python -O`` must not turn a lost row into a silent one.
+    """
+    if rows_in != kept + rejected:
+        raise RuntimeError(
+            f"{file or 'derived'}: {table} rows do not reconcile: {rows_in} rows in != {kept} kept + "
+            f"{rejected} rejected ({kept + rejected}); a row was lost or counted twice (a bug, not bad data)"
+        )
+
+
 def _table_report(result: TableResult, kept: int, rejected: int, n: int) -> dict[str, Any]:
     rows_in = len(result.raw) + len(result.malformed)
     value_columns = [c for c in result.raw.columns if c not in (SOURCE_COL, LINE_COL)]
@@ -585,9 +641,7 @@ def _table_report(result: TableResult, kept: int, rejected: int, n: int) -> dict
     malformed = _malformed_report(result.malformed, n)
     if malformed:
         rules.insert(0, malformed)
-    assert rows_in == kept + rejected, (
-        f"{result.name}: {rows_in} rows in != {kept} kept + {rejected} rejected"
-    )
+    check_reconciles(result.name, result.file, rows_in, kept, rejected)
     return {
         "file": result.file,
         "derived_from": result.derived_from,
@@ -600,6 +654,226 @@ def _table_report(result: TableResult, kept: int, rejected: int, n: int) -> dict
         "notes": result.notes,
         "rules": rules,
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Text files: replaced encoding errors, line breaks other than \n, line numbers
+
+# Characters ``str.splitlines()`` breaks a line on besides \n and \r: a loader using it splits a title
+# holding one of them into two malformed rows and shifts every later line number.
+OTHER_LINE_BREAKS = "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+_OTHER_BREAK_TEXT = re.compile(f"[{OTHER_LINE_BREAKS}]")
+# The same in a single-byte (latin-1) reading of the bytes: U+0085 is the byte 0x85 there.
+_OTHER_BREAK_LATIN1 = re.compile(rb"[\x0b\x0c\x1c\x1d\x1e\x85]")
+_OTHER_BREAK_BYTES = (b"\x0b", b"\x0c", b"\x1c", b"\x1d", b"\x1e", b"\x85")
+_SCAN_CHUNK = 1 << 24  # bytes read at a time (whole lines: a chunk ends after a \n)
+_COUNT_ERRORS = "fuserec.validate.count_replace"
+_decode_state = threading.local()
+
+
+def _count_replace(err: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: like ``errors="replace"`` (one U+FFFD per bad sequence), recording where."""
+    if not isinstance(err, UnicodeDecodeError):
+        raise err
+    _decode_state.starts.append(err.start)
+    return "\ufffd", err.end
+
+
+codecs.register_error(_COUNT_ERRORS, _count_replace)
+
+
+def decode_counting(data: bytes, encoding: str = "utf-8") -> tuple[str, list[int]]:
+    """``data.decode(encoding, errors="replace")`` plus the byte offset of every replaced sequence.
+
+    Counts replacements only: a U+FFFD that the input itself holds (valid ``EF BF BD``) is no error.
+    """
+    _decode_state.starts = []
+    try:
+        text = data.decode(encoding, errors=_COUNT_ERRORS)
+        starts: list[int] = _decode_state.starts
+    finally:
+        del _decode_state.starts
+    return text, starts
+
+
+@dataclass
+class TextScan:
+    """One text file read as bytes, lines split on \n only (\r\n is one break, a lone \r another)."""
+
+    path: str
+    physical_lines: int = 0  # lines by \n, \r\n and lone \r (what any line-numbering reader may count)
+    invalid_utf8: int = 0  # byte sequences that are not UTF-8 (each one U+FFFD when decoded "replace")
+    invalid_utf8_lines: list[int] = field(default_factory=list)  # first lines holding one
+    breaks_utf8: int = 0  # characters in OTHER_LINE_BREAKS, the file decoded as UTF-8
+    breaks_utf8_lines: list[int] = field(default_factory=list)
+    breaks_latin1: int = 0  # the same, the file decoded as latin-1
+    breaks_latin1_lines: list[int] = field(default_factory=list)
+
+
+def scan_text_file(path: str | Path, n: int = 5) -> TextScan:
+    """Count, by physical line (split on ``\n``), what a decode or line split could silently change.
+
+    Reads the file in chunks of whole lines (a UTF-8 sequence never spans a \n byte), so memory stays
+    bounded; keeps the first ``n`` line numbers of each finding and never any value.
+    """
+    scan = TextScan(str(path))
+    first_line, rest, tail_cr = 1, b"", 0
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(_SCAN_CHUNK)
+            data = rest + block
+            if block:
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:
+                    rest = data
+                    continue
+                data, rest = data[:cut], data[cut:]
+            if not data:
+                break
+            _scan_chunk(scan, data, first_line, n)
+            newlines = data.count(b"\n")
+            tail_cr += data.count(b"\r") - data.count(b"\r\n")
+            first_line += newlines
+            scan.physical_lines += newlines
+            if not block:
+                scan.physical_lines += 0 if data.endswith(b"\n") else 1
+                break
+    scan.physical_lines += tail_cr
+    return scan
+
+
+def _scan_chunk(scan: TextScan, data: bytes, first_line: int, n: int) -> None:
+    def lines_of(offsets: Iterable[int], found: list[int]) -> None:
+        line, last = first_line, 0
+        for offset in offsets:
+            if len(found) >= n:
+                return
+            line += data.count(b"\n", last, offset)
+            last = offset
+            if not found or found[-1] != line:
+                found.append(line)
+
+    latin1: list[int] = []
+    if any(byte in data for byte in _OTHER_BREAK_BYTES):  # memchr-fast; the regex only when needed
+        latin1 = [m.start() for m in _OTHER_BREAK_LATIN1.finditer(data)]
+    scan.breaks_latin1 += len(latin1)
+    lines_of(latin1, scan.breaks_latin1_lines)
+    if data.isascii():  # both readings are the same text
+        scan.breaks_utf8 += len(latin1)
+        lines_of(latin1, scan.breaks_utf8_lines)
+        return
+    text, bad = decode_counting(data)
+    scan.invalid_utf8 += len(bad)
+    lines_of(bad, scan.invalid_utf8_lines)
+    utf8 = [m.start() for m in _OTHER_BREAK_TEXT.finditer(text)]
+    scan.breaks_utf8 += len(utf8)
+    if utf8 and len(scan.breaks_utf8_lines) < n:
+        line, last = first_line, 0
+        for offset in utf8:  # character offsets: count \n in the text, not the bytes
+            line += text.count("\n", last, offset)
+            last = offset
+            if len(scan.breaks_utf8_lines) >= n:
+                break
+            if not scan.breaks_utf8_lines or scan.breaks_utf8_lines[-1] != line:
+                scan.breaks_utf8_lines.append(line)
+
+
+def _is_text_file(path: str) -> bool:
+    """A file on disk that is not Parquet (Parquet strings are typed, not decoded from lines)."""
+    file = Path(path)
+    if not file.is_file():
+        return False  # e.g. "synthetic", or a frame built in memory
+    with open(file, "rb") as fh:
+        return fh.read(4) != b"PAR1"
+
+
+def _holds_replacement(result: TableResult, path: str) -> bool:
+    """Does any value read from ``path`` (or a column name) hold U+FFFD, i.e. was it decoded as UTF-8?"""
+    if any("\ufffd" in str(c) for c in result.raw.columns):
+        return True
+    raw = result.raw[result.raw[SOURCE_COL].astype(str) == path]
+    for column in raw.columns:
+        if column in (SOURCE_COL, LINE_COL):
+            continue
+        values = raw_strings(raw[column]).dropna()
+        if len(values) and values.str.contains("\ufffd", regex=False).any():
+            return True
+    bad = result.malformed
+    if len(bad):
+        lines = bad[RAW_LINE][bad[SOURCE_COL].astype(str) == path].astype(str)
+        return bool(lines.str.contains("\ufffd", regex=False).any())
+    return False
+
+
+def _last_lines(result: TableResult) -> dict[str, int]:
+    """The highest line number the loader gave a row or malformed line, per source file."""
+    last: dict[str, int] = {}
+    for frame in (result.raw, result.malformed):
+        if len(frame):
+            top = frame[LINE_COL].astype(np.int64).groupby(frame[SOURCE_COL].astype(str)).max()
+            for path, line in top.items():
+                last[str(path)] = max(last.get(str(path), 0), int(line))
+    return last
+
+
+def _text_files_report(result: TableResult, file: str | None, n: int) -> tuple[dict[str, Any], list[str]]:
+    """``encoding_errors_replaced`` (all files) and ``text_files`` (one entry per file) and notes.
+
+    A file that is not UTF-8 was either decoded as UTF-8 with replacement (the values read hold U+FFFD:
+    those sequences are counted as replaced) or with a single-byte encoding (nothing replaced; line
+    breaks are then looked for in the latin-1 reading, where the byte 0x85 is U+0085).
+    """
+    last_lines = _last_lines(result)
+    paths = set(last_lines)
+    if file and not result.derived_from:
+        paths.add(file)
+    entries: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for path in sorted(p for p in paths if _is_text_file(p)):
+        scan = scan_text_file(path, n)
+        as_utf8 = scan.invalid_utf8 == 0 or _holds_replacement(result, path)
+        replaced = scan.invalid_utf8 if as_utf8 else 0
+        breaks = scan.breaks_utf8 if as_utf8 else scan.breaks_latin1
+        break_lines = scan.breaks_utf8_lines if as_utf8 else scan.breaks_latin1_lines
+        last_line = last_lines.get(path, 0)
+        consistent = last_line <= scan.physical_lines
+        entries.append(
+            {
+                "file": path,
+                "encoding_errors_replaced": replaced,
+                "encoding_error_lines": scan.invalid_utf8_lines if replaced else [],
+                "invalid_utf8_sequences": scan.invalid_utf8,
+                "other_line_breaks": breaks,
+                "other_line_break_lines": break_lines,
+                "physical_lines": scan.physical_lines,
+                "last_line_read": last_line,
+                "line_numbers_consistent": consistent,
+            }
+        )
+        if replaced:
+            notes.append(
+                f"{path}: {replaced} byte sequence(s) are not valid UTF-8 and were replaced by U+FFFD "
+                f"when read (encoding_errors_replaced; first lines {scan.invalid_utf8_lines})"
+            )
+        elif scan.invalid_utf8:
+            notes.append(
+                f"{path}: {scan.invalid_utf8} byte sequence(s) are not UTF-8 (first lines "
+                f"{scan.invalid_utf8_lines}) but no value read holds U+FFFD: decoded with another "
+                f"encoding (or those fields were not read), nothing replaced"
+            )
+        if breaks:
+            notes.append(
+                f"{path}: {breaks} character(s) that str.splitlines() treats as a line break (U+0085, "
+                f"U+2028, \\x0b, ...) inside lines {break_lines}: they are not line ends here"
+            )
+        if not consistent:
+            notes.append(
+                f"{path}: the loader numbered lines up to {last_line} but the file has "
+                f"{scan.physical_lines} lines: it split lines on something other than \\n, so the "
+                f"line numbers of this file are shifted after line {break_lines[0] if break_lines else '?'}"
+            )
+    total = sum(int(e["encoding_errors_replaced"]) for e in entries)
+    return {"encoding_errors_replaced": total, "text_files": entries}, notes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -649,7 +923,8 @@ def validate_source(source: RawSource, cfg: ValidateConfig, out_dir: str | Path)
         results[table] = result
 
     interactions = results["interactions"].validated
-    assert interactions is not None  # every checked table got its validated frame above
+    if interactions is None:  # every checked table got its validated frame above
+        raise RuntimeError("validate: the interactions table has no validated frame (a bug)")
     for table, id_col in (("items", "item_id"), ("users", "user_id")):
         if table in results:
             continue
@@ -680,10 +955,14 @@ def validate_source(source: RawSource, cfg: ValidateConfig, out_dir: str | Path)
         rejects = _rejects(result, columns)
         _write_rejects(rejects, rejects_dir / f"{table}.parquet")
         validated = result.validated
-        assert validated is not None  # set above for every table, checked or derived
+        if validated is None:  # set above for every table, checked or derived
+            raise RuntimeError(f"validate: the {table} table has no validated frame (a bug)")
         validated.to_parquet(validated_dir / f"{table}.parquet", index=False)
         kept = 0 if result.derived_from else len(validated)
         entry = _table_report(result, kept, len(rejects), cfg.sample_rows)
+        fields, notes = _text_files_report(result, source.files.get(table), cfg.sample_rows)
+        entry.update(fields)
+        entry["notes"] = [*entry["notes"], *notes]
         entry["passed"] = entry["reject_share"] <= cfg.max_reject_share
         report["passed"] = report["passed"] and entry["passed"]
         report["tables"][table] = entry
