@@ -144,4 +144,3 @@ def test_docs_speak_of_no_issue_or_dated_rerun() -> None:
     bad = re.compile(r"\bissue \d|must-show|\b20\d\d-\d\d-\d\d\b|\bp = \d", re.IGNORECASE)
     found = [f"{p.relative_to(REPO)}: {m.group(0)}" for p in pages for m in bad.finditer(p.read_text())]
     assert not found, f"lab notes in the docs (keep them to results.md): {found}"
-
