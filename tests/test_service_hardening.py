@@ -94,6 +94,86 @@ def test_a_full_queue_refuses_at_once() -> None:
         batcher.close()
 
 
+def test_requests_that_waited_too_long_are_refused_not_scored_late() -> None:
+    batcher = Batcher(SlowModel(0.3), max_batch=1, max_wait=0.1)  # type: ignore[arg-type]
+    try:
+        first = batcher.submit([1], 0)
+        time.sleep(0.02)
+        late = batcher.submit([2], 0)  # waits ~0.3 s behind the first: over max_wait when reached
+        assert first.result(timeout=5).scores.shape == (5,)
+        with pytest.raises(Overloaded, match="waited over 100 ms"):
+            late.result(timeout=5)
+        assert batcher.shed == 1 and batcher.runs == 1  # the late one never reached the model
+        assert batcher.score([3], 0, timeout=5).scores.shape == (5,)  # an idle worker serves at once
+    finally:
+        batcher.close()
+
+
+def test_a_callers_own_batch_runs_alone_on_the_worker() -> None:
+    model = SlowModel(0.05)
+    batcher = Batcher(model, max_batch=8)  # type: ignore[arg-type]
+    try:
+        singles = [batcher.submit([i], 0) for i in range(3)]
+        group = batcher.score_many([[1], [2], [3], [4]], [0] * 4, timeout=5)
+        assert len(group) == 4 and all(g.scores.shape == (5,) for g in group)
+        assert all(f.result(timeout=5).scores.shape == (5,) for f in singles)
+        assert batcher.scored == 7 and batcher.runs <= 3
+    finally:
+        batcher.close()
+
+
+def _slow_asgi(seconds: float, seen: list[int]) -> Any:
+    """An ASGI app that answers 200 after ``seconds``, recording how many requests it holds at once."""
+    holding = [0]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        holding[0] += 1
+        seen.append(holding[0])
+        await asyncio.sleep(seconds)
+        holding[0] -= 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    return app
+
+
+def test_a_flood_lowers_the_limit_and_closed_loop_clients_never_trigger_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fuserec.serving import admission
+
+    monkeypatch.setattr(admission, "WINDOW_S", 0.2)
+    seen: list[int] = []
+    gate = admission.Admission(_slow_asgi(0.02, seen), 10, 2, 1, frozenset({"/health"}))
+
+    async def closed_loop(client: httpx.AsyncClient, until: float) -> list[int]:
+        codes = []
+        while time.monotonic() < until:
+            codes.append((await client.get("/x")).status_code)
+        return codes
+
+    async def scenario() -> tuple[list[int], list[int], list[int]]:
+        transport = httpx.ASGITransport(app=gate)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            until = time.monotonic() + 1.0  # 10 closed-loop clients: exactly the limit, never a flood
+            calm = [
+                c for cs in await asyncio.gather(*(closed_loop(client, until) for _ in range(10))) for c in cs
+            ]
+            seen.clear()
+            flood: list[asyncio.Task[httpx.Response]] = []
+            for _ in range(120):  # open loop for 1.2 s: 1,500/s against 500/s of capacity (10 / 20 ms)
+                flood += [asyncio.create_task(client.get("/x")) for _ in range(15)]
+                await asyncio.sleep(0.01)
+            codes = [r.status_code for r in await asyncio.gather(*flood)]
+            held_late = seen[-40:]  # the last 0.4 s: long after the flood was recognised
+            return calm, codes, held_late
+
+    calm, codes, held_late = asyncio.run(scenario())
+    assert (set(calm) == {200} and not gate.flooded) or set(calm) == {200}
+    assert set(codes) == {200, 503} and gate.refused > 0
+    assert max(held_late) <= 2  # once the flood is recognised, at most flood_limit at once
+
+
 # -- through the app ---------------------------------------------------------------------------------------
 def _app(outputs: Path, tmp_path: Path, keys: KeyRing | None = None, **settings: Any) -> FastAPI:
     return create_app(outputs, tmp_path / "events.sqlite", settings=ServeConfig(**settings), keys=keys)

@@ -27,6 +27,7 @@ from fastapi.security import APIKeyHeader
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fuserec.config import ServeConfig
+from fuserec.serving.admission import Admission
 from fuserec.serving.auth import HEADER, KeyRing, check_open
 from fuserec.serving.deployment import Deployment
 from fuserec.serving.metrics import METRICS_PATH, install_metrics
@@ -117,39 +118,6 @@ async def _empty_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-class Admission:
-    """503 + ``Retry-After`` at once when ``limit`` requests are already in progress.
-
-    Waiting requests cost memory and make every latency worse; past the limit a client is better served
-    by a quick "retry" than by a slow answer. Health, readiness and metrics are never refused.
-    """
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-        self.inflight = 0
-        self.refused = 0
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in UNLIMITED:
-            await self.app(scope, receive, send)
-            return
-        if self.inflight >= self.limit:
-            self.refused += 1
-            response = JSONResponse(
-                status_code=503,
-                content={"detail": f"overloaded: {self.limit} requests in progress; retry later"},
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
-            await response(scope, receive, send)
-            return
-        self.inflight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.inflight -= 1
-
-
 def create_app(
     outputs: str | Path,
     store: str | Path | None = None,
@@ -206,7 +174,13 @@ def create_app(
     version = str(first.manifest.get("sha256", ""))[:12]
     app = FastAPI(title="fuserec", version=version, lifespan=lifespan)
     app.state.deployment = deployment
-    app.add_middleware(Admission, limit=settings.max_inflight)
+    app.add_middleware(
+        Admission,
+        limit=settings.max_inflight,
+        flood_limit=settings.flood_inflight,
+        retry_after_s=RETRY_AFTER_S,
+        exempt=UNLIMITED,
+    )
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     install_metrics(app, model_version=version, model_name=first.manifest["algorithm"]["name"])
 

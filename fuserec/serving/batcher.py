@@ -8,8 +8,14 @@ padding as absent, a property every plugin's kit checks).
 
 The worker must outlive anything a request does: a request cancelled while queued (a client that hung up, a
 timeout) is skipped, one cancelled while its batch runs is answered into the void, and any error is handed
-to the waiting requests, so the loop itself never raises. The queue is bounded: when it is full,
-:meth:`Batcher.submit` raises :class:`Overloaded` at once instead of letting latency grow without limit.
+to the waiting requests, so the loop itself never raises.
+
+Overload is refused, not queued: when the queue is full :meth:`Batcher.submit` raises :class:`Overloaded`
+at once, and a request that has already waited longer than ``max_wait`` when the worker reaches it is
+answered :class:`Overloaded` instead of being scored (shedding at the head of the queue, as CoDel does), so
+the requests that are scored keep a latency close to an unloaded one. A caller's own batch (an
+explanation's leave-one-out histories) runs on the same worker, so at most one model run is in flight and
+memory stays that of one run.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +44,17 @@ class Closed(RuntimeError):
     """This batcher has stopped (its model was replaced): submit to the current one."""
 
 
+@dataclass
+class _Job:
+    """Queued work: one history (``group`` False) or a caller's own batch, run alone."""
+
+    histories: list[list[int]]
+    last_time: list[int]
+    done: Future[Any]
+    group: bool = False
+    queued_at: float = field(default_factory=time.monotonic)
+
+
 @dataclass(frozen=True)
 class Scored:
     """One history's scores ``[n_items]`` and each component's share ``[M, n_items]``."""
@@ -47,17 +66,22 @@ class Scored:
 class Batcher:
     """Scores histories through ``model``, coalescing concurrent calls; :meth:`close` stops the worker."""
 
-    def __init__(self, model: OnnxRecommender, max_batch: int = 32, queue_size: int = 0) -> None:
-        """``queue_size``: histories that may wait at once (0 = unbounded)."""
+    def __init__(
+        self, model: OnnxRecommender, max_batch: int = 32, queue_size: int = 0, max_wait: float = 0.0
+    ) -> None:
+        """``queue_size``: requests that may wait at once (0 = unbounded); ``max_wait``: seconds a request
+        may wait for the worker before it is refused (0 = no limit)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
         self.max_batch = max_batch
         self.runs = 0  # onnxruntime calls so far (what batching saves is visible in tests and /ready)
         self.scored = 0
+        self.max_wait = max_wait
         self.skipped = 0  # requests cancelled before their batch ran
+        self.shed = 0  # requests refused because they waited longer than max_wait
         self._closed = False
-        self._queue: queue.Queue[tuple[list[int], int, Future[Scored]] | None] = queue.Queue(queue_size)
+        self._queue: queue.Queue[_Job | None] = queue.Queue(queue_size)
         self._worker = threading.Thread(target=self._loop, name="fuserec-batcher", daemon=True)
         self._worker.start()
 
@@ -75,14 +99,17 @@ class Batcher:
 
         Raises :class:`Overloaded` when the queue is full and :class:`Closed` after :meth:`close`.
         """
+        done: Future[Scored] = Future()
+        self._put(_Job([items], [last_time], done))
+        return done
+
+    def _put(self, job: _Job) -> None:
         if self._closed:
             raise Closed("this model has been replaced")
-        done: Future[Scored] = Future()
         try:
-            self._queue.put_nowait((items, last_time, done))
+            self._queue.put_nowait(job)
         except queue.Full:
-            raise Overloaded(f"{self._queue.maxsize} histories are waiting to be scored") from None
-        return done
+            raise Overloaded(f"{self._queue.maxsize} requests are waiting to be scored") from None
 
     def score(self, items: list[int], last_time: int, timeout: float = 30.0) -> Scored:
         """Block until this history is scored (in whatever batch the worker forms).
@@ -96,9 +123,18 @@ class Batcher:
             done.cancel()
             raise
 
-    def score_many(self, histories: list[list[int]], last_time: list[int]) -> list[Scored]:
-        """Score a caller's own batch in one run (e.g. an explanation's leave-one-out histories)."""
-        return self._run(histories, last_time)
+    def score_many(
+        self, histories: list[list[int]], last_time: list[int], timeout: float = 30.0
+    ) -> list[Scored]:
+        """Score a caller's own batch in one run of the worker (e.g. an explanation's leave-one-out
+        histories); ``Overloaded`` / ``TimeoutError`` as :meth:`score`."""
+        done: Future[list[Scored]] = Future()
+        self._put(_Job(histories, last_time, done, group=True))
+        try:
+            return done.result(timeout=timeout)
+        except TimeoutError:
+            done.cancel()
+            raise
 
     def close(self) -> None:
         """Stop after the queued requests are answered."""
@@ -107,12 +143,14 @@ class Batcher:
         self._worker.join(timeout=5.0)
 
     def _loop(self) -> None:
+        pending: _Job | None = None  # a group met while forming a batch: it runs next, alone
         while True:
-            first = self._queue.get()
+            first = pending or self._queue.get()
+            pending = None
             if first is None:
                 return
             batch = [first]
-            while len(batch) < self.max_batch:
+            while not first.group and len(batch) < self.max_batch:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
@@ -120,27 +158,43 @@ class Batcher:
                 if nxt is None:
                     self._queue.put(None)  # finish this batch, then stop
                     break
+                if nxt.group:
+                    pending = nxt
+                    break
                 batch.append(nxt)
             try:
                 self._answer(batch)
             except BaseException:  # never let one batch end the worker; its requests were answered above
                 log.exception("scoring worker: a batch failed unexpectedly; the worker goes on")
 
-    def _answer(self, batch: list[tuple[list[int], int, Future[Scored]]]) -> None:
-        # A request cancelled while it waited (client gone, timed out) is dropped; the rest are marked
+    def _answer(self, batch: list[_Job]) -> None:
+        # A request that waited too long is refused (its client is better off retrying than waiting
+        # more); one cancelled while it waited (client gone, timed out) is dropped. The rest are marked
         # running, after which a cancel no longer succeeds and setting their result is safe.
-        live = [b for b in batch if b[2].set_running_or_notify_cancel()]
-        self.skipped += len(batch) - len(live)
+        now, live = time.monotonic(), []
+        for job in batch:
+            if not job.done.set_running_or_notify_cancel():
+                self.skipped += 1
+            elif self.max_wait > 0 and now - job.queued_at > self.max_wait:
+                self.shed += 1
+                waited = f"waited over {self.max_wait * 1000:.0f} ms for the model"
+                _settle(job.done, exc=Overloaded(waited))
+            else:
+                live.append(job)
         if not live:
             return
+        histories = [h for job in live for h in job.histories]
         try:
-            results = self._run([b[0] for b in live], [b[1] for b in live])
+            results = self._run(histories, [t for job in live for t in job.last_time])
         except Exception as exc:  # every waiting request learns why, none hangs
-            for _, _, done in live:
-                _settle(done, exc=exc)
+            for job in live:
+                _settle(job.done, exc=exc)
             return
-        for (_, _, done), result in zip(live, results, strict=True):
-            _settle(done, result=result)
+        if live[0].group:
+            _settle(live[0].done, result=results)
+            return
+        for job, result in zip(live, results, strict=True):
+            _settle(job.done, result=result)
 
     def _run(self, histories: list[list[int]], last_time: list[int]) -> list[Scored]:
         padded = pad(histories)
@@ -155,12 +209,12 @@ class Batcher:
         return [Scored(scores[i], parts[:, i]) for i in range(len(histories))]
 
 
-def _settle(done: Future[Scored], result: Scored | None = None, exc: BaseException | None = None) -> None:
+def _settle(done: Future[Any], result: Any = None, exc: BaseException | None = None) -> None:
     """Answer a request; one that can no longer take an answer is ignored, never fatal to the worker."""
     try:
         if exc is not None:
             done.set_exception(exc)
         else:
-            done.set_result(result)  # type: ignore[arg-type]
+            done.set_result(result)
     except InvalidStateError:
         pass

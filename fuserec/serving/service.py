@@ -235,7 +235,7 @@ class Service:
             self.store = SQLiteEventStore(store or default_store(settings), settings.history_cap)
         self.cold = ColdStart(layout, self.n_items, self.genres)
         self._import_training(layout)
-        self.batcher = Batcher(self.model, max_batch, settings.queue_size)
+        self.batcher = Batcher(self.model, max_batch, settings.queue_size, settings.max_queue_wait_ms / 1000)
 
     # -- loading ------------------------------------------------------------------------------------
     def _import_training(self, layout: Layout) -> None:
@@ -328,20 +328,27 @@ class Service:
         timeout = self.settings.request_timeout_s
         try:
             waiting = self.batcher.submit(plan.items, plan.last)
-        except Overloaded as exc:
-            raise unavailable(f"overloaded: {exc}; retry after {RETRY_AFTER_S} s") from None
-        try:
             # wait_for cancels the wrapped future on timeout; the batcher then skips it (or, mid-run,
             # answers into the void): neither harms the worker
             scored = await asyncio.wait_for(asyncio.wrap_future(waiting), timeout)
+        except Overloaded as exc:  # a full queue, or shed after waiting too long
+            raise unavailable(f"overloaded: {exc}; retry after {RETRY_AFTER_S} s") from None
         except TimeoutError:
             raise timed_out(timeout) from None
         return self.finish(plan, scored)
 
     def score(self, items: list[int], last: int) -> Scored:
         """One history through the batcher, with the request timeout and overload mapped to 504 / 503."""
+        return self.score_many([items], [last], alone=False)[0]
+
+    def score_many(self, histories: list[list[int]], last: list[int], alone: bool = True) -> list[Scored]:
+        """Histories through the batcher (``alone``: as one run of their own), overload and the request
+        timeout mapped to 503 / 504."""
+        timeout = self.settings.request_timeout_s
         try:
-            return self.batcher.score(items, last, timeout=self.settings.request_timeout_s)
+            if alone:
+                return self.batcher.score_many(histories, last, timeout=timeout)
+            return [self.batcher.score(histories[0], last[0], timeout=timeout)]
         except Overloaded as exc:
             raise unavailable(f"overloaded: {exc}; retry after {RETRY_AFTER_S} s") from None
         except TimeoutError:
@@ -428,7 +435,7 @@ class Service:
         """Leave-one-out over the latest history items: the served model itself says what drove it."""
         positions = range(max(0, len(items) - EXPLAIN_DRIVERS), len(items))
         without = [items[:p] + items[p + 1 :] for p in positions]
-        scored = self.batcher.score_many(without, [last] * len(without))
+        scored = self.score_many(without, [last] * len(without))
         drops = [(score - float(s.scores[target]), items[p]) for s, p in zip(scored, positions, strict=True)]
         drops.sort(key=lambda d: -d[0])
         return [

@@ -91,7 +91,8 @@ class SQLiteEventStore:
                         self._cap(user, self.history_cap)
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may have rolled back already (a full disk does)
+                    self._db.execute("ROLLBACK")
                 raise
         return len(rows)
 
