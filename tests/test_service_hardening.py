@@ -109,15 +109,32 @@ def test_requests_that_waited_too_long_are_refused_not_scored_late() -> None:
         batcher.close()
 
 
-def test_a_callers_own_batch_runs_alone_on_the_worker() -> None:
-    model = SlowModel(0.05)
-    batcher = Batcher(model, max_batch=8)  # type: ignore[arg-type]
+def test_callers_own_batches_run_one_at_a_time_beside_the_worker() -> None:
+    """Explanations' leave-one-out batches never run two at once (bounded memory) and do not queue behind
+    the worker's batches (both cores busy)."""
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    class Counting(SlowModel):
+        def run(self, padded: np.ndarray, times: np.ndarray) -> list[np.ndarray]:
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            try:
+                return super().run(padded, times)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+    batcher = Batcher(Counting(0.1), max_batch=8)  # type: ignore[arg-type]
     try:
-        singles = [batcher.submit([i], 0) for i in range(3)]
-        group = batcher.score_many([[1], [2], [3], [4]], [0] * 4, timeout=5)
-        assert len(group) == 4 and all(g.scores.shape == (5,) for g in group)
-        assert all(f.result(timeout=5).scores.shape == (5,) for f in singles)
-        assert batcher.scored == 7 and batcher.runs <= 3
+        from concurrent.futures import ThreadPoolExecutor
+
+        single = batcher.submit([1], 0)
+        with ThreadPoolExecutor(4) as pool:
+            groups = list(pool.map(lambda n: batcher.score_many([[n], [n + 1]], [0, 0], 5), range(4)))
+        assert all(len(g) == 2 for g in groups) and single.result(timeout=5).scores.shape == (5,)
+        assert most[0] == 2  # the worker's run and one caller's batch, never more
     finally:
         batcher.close()
 

@@ -13,9 +13,11 @@ to the waiting requests, so the loop itself never raises.
 Overload is refused, not queued: when the queue is full :meth:`Batcher.submit` raises :class:`Overloaded`
 at once, and a request that has already waited longer than ``max_wait`` when the worker reaches it is
 answered :class:`Overloaded` instead of being scored (shedding at the head of the queue, as CoDel does), so
-the requests that are scored keep a latency close to an unloaded one. A caller's own batch (an
-explanation's leave-one-out histories) runs on the same worker, so at most one model run is in flight and
-memory stays that of one run.
+the requests that are scored keep a latency close to an unloaded one (off unless ``max_wait`` is set).
+
+A caller's own batch (an explanation's leave-one-out histories) runs in the caller's thread beside the
+worker, one such batch at a time: both cores stay busy, and at most two model runs (so two runs' working
+memory) are ever in flight, however many explanations are asked for at once.
 """
 
 from __future__ import annotations
@@ -46,12 +48,11 @@ class Closed(RuntimeError):
 
 @dataclass
 class _Job:
-    """Queued work: one history (``group`` False) or a caller's own batch, run alone."""
+    """One queued history and the future its caller waits on."""
 
-    histories: list[list[int]]
-    last_time: list[int]
-    done: Future[Any]
-    group: bool = False
+    items: list[int]
+    last_time: int
+    done: Future[Scored]
     queued_at: float = field(default_factory=time.monotonic)
 
 
@@ -81,6 +82,7 @@ class Batcher:
         self.skipped = 0  # requests cancelled before their batch ran
         self.shed = 0  # requests refused because they waited longer than max_wait
         self._closed = False
+        self._side = threading.BoundedSemaphore(1)  # one caller's own batch at a time, beside the worker
         self._queue: queue.Queue[_Job | None] = queue.Queue(queue_size)
         self._worker = threading.Thread(target=self._loop, name="fuserec-batcher", daemon=True)
         self._worker.start()
@@ -100,7 +102,7 @@ class Batcher:
         Raises :class:`Overloaded` when the queue is full and :class:`Closed` after :meth:`close`.
         """
         done: Future[Scored] = Future()
-        self._put(_Job([items], [last_time], done))
+        self._put(_Job(items, last_time, done))
         return done
 
     def _put(self, job: _Job) -> None:
@@ -126,15 +128,16 @@ class Batcher:
     def score_many(
         self, histories: list[list[int]], last_time: list[int], timeout: float = 30.0
     ) -> list[Scored]:
-        """Score a caller's own batch in one run of the worker (e.g. an explanation's leave-one-out
-        histories); ``Overloaded`` / ``TimeoutError`` as :meth:`score`."""
-        done: Future[list[Scored]] = Future()
-        self._put(_Job(histories, last_time, done, group=True))
+        """Score a caller's own batch in one run, in this thread, once no other such batch runs (e.g. an
+        explanation's leave-one-out histories); ``TimeoutError`` when that takes over ``timeout``."""
+        if self._closed:
+            raise Closed("this model has been replaced")
+        if not self._side.acquire(timeout=timeout):
+            raise TimeoutError(f"another caller's batch ran for over {timeout:g} s")
         try:
-            return done.result(timeout=timeout)
-        except TimeoutError:
-            done.cancel()
-            raise
+            return self._run(histories, last_time)
+        finally:
+            self._side.release()
 
     def close(self) -> None:
         """Stop after the queued requests are answered."""
@@ -143,23 +146,18 @@ class Batcher:
         self._worker.join(timeout=5.0)
 
     def _loop(self) -> None:
-        pending: _Job | None = None  # a group met while forming a batch: it runs next, alone
         while True:
-            first = pending or self._queue.get()
-            pending = None
+            first = self._queue.get()
             if first is None:
                 return
             batch = [first]
-            while not first.group and len(batch) < self.max_batch:
+            while len(batch) < self.max_batch:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:
                     self._queue.put(None)  # finish this batch, then stop
-                    break
-                if nxt.group:
-                    pending = nxt
                     break
                 batch.append(nxt)
             try:
@@ -183,15 +181,11 @@ class Batcher:
                 live.append(job)
         if not live:
             return
-        histories = [h for job in live for h in job.histories]
         try:
-            results = self._run(histories, [t for job in live for t in job.last_time])
+            results = self._run([job.items for job in live], [job.last_time for job in live])
         except Exception as exc:  # every waiting request learns why, none hangs
             for job in live:
                 _settle(job.done, exc=exc)
-            return
-        if live[0].group:
-            _settle(live[0].done, result=results)
             return
         for job, result in zip(live, results, strict=True):
             _settle(job.done, result=result)
