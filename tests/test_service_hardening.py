@@ -474,9 +474,12 @@ def test_a_watching_service_loads_a_promoted_model_by_itself(serving_run: Path, 
     app = create_app(served / "current", tmp_path / "e.sqlite", settings=ServeConfig(watch_s=0.1))
     with TestClient(app) as client:
         first = client.get("/ready").json()
+        app.state.model_info.info({"version": "stale", "name": "stale"})  # a reload must relabel it
         _promote(serving_run, served)
         deadline = time.monotonic() + 10
         while client.get("/ready").json()["reloads"] == first["reloads"] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert client.get("/ready").json()["reloads"] == first["reloads"] + 1
+        metrics = client.get("/metrics").text
+        assert "stale" not in metrics and f'version="{first["sha256"][:12]}"' in metrics
         assert client.post("/recommend", json={"user_id": "0"}).status_code == 200

@@ -184,6 +184,12 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     install_metrics(app, model_version=version, model_name=first.manifest["algorithm"]["name"])
 
+    def relabel(service: Service) -> None:
+        sha, name = str(service.manifest.get("sha256", ""))[:12], service.manifest["algorithm"]["name"]
+        app.state.model_info.info({"version": sha, "name": name})
+
+    deployment.listeners.append(relabel)
+
     def scope(name: str) -> Any:
         async def check(key: Annotated[str | None, Security(API_KEY)] = None) -> None:
             if not keys:

@@ -58,6 +58,7 @@ class Deployment:
         self.loaded = identity(self.outputs)
         self.current = load(Path(self.loaded[0]), store)
         self.reloads = 0
+        self.listeners: list[Callable[[Any], None]] = []  # told of each new service (metrics labels)
         self.pruned = self.prune()
 
     def changed(self) -> bool:
@@ -74,6 +75,11 @@ class Deployment:
             fresh = self._load(Path(found[0]), self.store)
             old, self.current, self.loaded = self.current, fresh, found
             self.reloads += 1
+        for listener in self.listeners:
+            try:
+                listener(fresh)
+            except Exception:  # a listener's failure must not undo a finished swap
+                log.exception("reload listener failed")
         grace = self.settings.request_timeout_s + 1.0
         retire = threading.Timer(grace, old.close)
         retire.daemon = True

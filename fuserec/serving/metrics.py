@@ -98,6 +98,7 @@ def install_metrics(app: FastAPI, model_version: str, model_name: str) -> None:
         raise RuntimeError("install_metrics was already called on this app: requests would count twice")
     metrics = _Metrics(CollectorRegistry(), model_version, model_name)
     app.state.metrics_registry = metrics.registry
+    app.state.model_info = metrics.model  # a reload relabels it with the new model
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     def prometheus(_: Request) -> Response:
