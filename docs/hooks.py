@@ -412,6 +412,7 @@ class _SchemaOnlyDeployment:
     def __init__(self, outputs: Any, store: Any, settings: Any, load: Any) -> None:
         self.current = load(outputs, store)
         self.loaded = ("schema-only", "")
+        self.listeners: list[Any] = []
 
     def close(self) -> None:
         pass

@@ -420,3 +420,22 @@ def test_oversized_bodies_are_refused_before_parsing(client: TestClient) -> None
     response = client.post("/events", content=stream(), headers={"content-type": "application/json"})
     assert response.status_code == 413
     assert client.get("/health").status_code == 200  # and the service is fine
+
+
+def test_explain_ranks_each_item_where_recommend_lists_it(outputs: Path, tmp_path: Path) -> None:
+    """Low-rated and older items are seen, not positives: /explain must leave them out as /recommend does."""
+    items = _catalog(outputs)
+    with TestClient(create_app(outputs, tmp_path / "e.sqlite")) as client:
+        events = [{"user_id": "walk", "item_id": items[n], "timestamp": 1_000 + n} for n in range(4)]
+        events += [
+            {"user_id": "walk", "item_id": items[9], "kind": "rating", "rating": 1.0, "timestamp": 1_005}
+        ]
+        events += [{"user_id": "walk", "item_id": items[12], "kind": "dislike", "timestamp": 1_006}]
+        assert client.post("/events", json={"events": events}).status_code == 200
+        for user in ("walk", "0"):
+            top = client.post("/recommend", json={"user_id": user, "k": 10}).json()["items"]
+            for position, entry in enumerate(top, start=1):
+                why = client.get("/explain", params={"user_id": user, "item_id": entry["item_id"]}).json()
+                assert why["rank"] == position, (user, entry["item_id"], why["rank"], position)
+        seen = client.get("/explain", params={"user_id": "walk", "item_id": items[9]}).json()
+        assert seen["rank"] is None and seen["seen"] and not seen["in_history"]

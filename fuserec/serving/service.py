@@ -407,9 +407,12 @@ class Service:
             drivers = self._drivers(items, last, target, float(scores[target]))
         contributions = {n: float(parts[m, target]) for m, n in enumerate(names)}
         score = float(scores[target])
+        # the item's place in /recommend's list for the same user and time: the same items are left out
+        # (the history and everything else seen by then) and ties go to the lower index, as rank() orders
         unblocked = np.ones(self.n_items, dtype=bool)
-        unblocked[items] = False
-        rank = int(((scores > score) & unblocked).sum()) + 1 if unblocked[target] else None
+        unblocked[items + indexed_seen(self.store, user_id, self.index, now)] = False
+        ahead = (scores > score) | ((scores == score) & (np.arange(self.n_items) < target))
+        rank = int((ahead & unblocked).sum()) + 1 if unblocked[target] else None
         out = {
             "user_id": user_id,
             "item_id": item_id,
@@ -418,7 +421,8 @@ class Service:
             "strategy": strategy,
             "score": score,
             "rank": rank,
-            "in_history": bool(not unblocked[target]),
+            "in_history": target in items,
+            "seen": bool(not unblocked[target]),
             "contributions": contributions,
             "unexplained": score - float(sum(contributions.values())),
             "because_you_liked": drivers,
