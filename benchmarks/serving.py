@@ -481,6 +481,7 @@ def open_loop(spec: dict) -> dict:
     codes: Counter[int] = Counter()
     ok: list[float] = []
     ok_scheduled: list[float] = []
+    ok_second: list[int] = []  # the second of the phase each 200 was due in
     refused: list[float] = []
     lag: list[float] = []
     failed = {"connection_errors": 0, "unanswered": 0, "not_sent_no_connection": 0}
@@ -493,7 +494,7 @@ def open_loop(spec: dict) -> dict:
             idle.append(await Connection.connect(port))
             opened += 1
 
-        async def one(conn: Connection | None, raw: bytes, due: float) -> None:
+        async def one(conn: Connection | None, raw: bytes, due: float, second: int) -> None:
             nonlocal opened
             try:
                 async with asyncio.timeout(deadline):
@@ -518,6 +519,7 @@ def open_loop(spec: dict) -> dict:
             if status == 200:
                 ok.append(end - start)
                 ok_scheduled.append(end - due)
+                ok_second.append(second)
             elif status == 503:
                 refused.append(end - start)
             if conn.open:
@@ -549,7 +551,7 @@ def open_loop(spec: dict) -> dict:
             peak = max(peak, opened)
             last_send = time.perf_counter()
             lag.append(last_send - due)
-            task = loop.create_task(one(conn, requests[i % len(requests)], due))
+            task = loop.create_task(one(conn, requests[i % len(requests)], due, int(due - t0)))
             pending.add(task)
             task.add_done_callback(pending.discard)
         sending = max(last_send - t0, seconds)
@@ -568,6 +570,7 @@ def open_loop(spec: dict) -> dict:
         "codes": dict(codes),
         "ok": ok,
         "ok_scheduled": ok_scheduled,
+        "ok_second": ok_second,
         "refused": refused,
         "lag": lag,
         **failed,
@@ -775,6 +778,10 @@ def overload(
     ok = [x for r in loads for x in r["ok"]]
     ok_scheduled = [x for r in loads for x in r["ok_scheduled"]]
     refused = [x for r in loads for x in r["refused"]]
+    by_second: dict[int, list[float]] = {}
+    for r in loads:
+        for latency, second in zip(r["ok"], r["ok_second"], strict=True):
+            by_second.setdefault(second, []).append(latency)
     lag = [x for r in loads for x in r["lag"]]
     offered = sent / sending
     limit = 4.0 * unloaded_p99_ms
@@ -801,6 +808,9 @@ def overload(
         "answered_200_rps": codes.get("200", 0) / sending,
         "ok_200": ok_ms,
         "ok_200_from_schedule": _ms(ok_scheduled),
+        "ok_200_per_second": [
+            {"second": t, "answered": len(by_second[t]), **_ms(by_second[t])} for t in sorted(by_second)
+        ],
         "refused_503": _ms(refused),
         "unloaded_p99_ms": unloaded_p99_ms,
         "p99_limit_ms": limit,
@@ -851,6 +861,15 @@ def overload_lines(o: dict) -> list[str]:
         f"overload: /health {o['health']['probes']} probes, codes {o['health']['codes']}, errors "
         f"{o['health']['errors']}, p50/p99/max {fmt(o['health'])} (limit < 50 ms)",
     ]
+    per_second = o.get("ok_200_per_second") or []
+    if per_second:
+
+        def second(d: dict) -> str:
+            return f"{d['second']}s {d['answered']} x {d['p99_ms']:.0f}"
+
+        first = ", ".join(second(d) for d in per_second[:3])
+        worst = ", ".join(second(d) for d in sorted(per_second, key=lambda d: -d["p99_ms"])[:3])
+        lines.append(f"overload: 200s per second (count x p99 ms): first {first}; worst {worst}")
     cpu = o.get("cpu_s") or {}
     if cpu:
         lines.append(
@@ -936,6 +955,9 @@ def main() -> None:
         "ort_at_least_torch_at_batch_256": speed["ort_over_torch_batch256"] >= 1.0,
     }
     result["served"] = served
+    result["server_set"] = list(SERVER_SETTINGS)  # what the server was started with, beside params.yaml
+    if not args.legacy_server:
+        result["serve_settings"] = serve_settings().model_dump()
     result.update(phase)
     print(json.dumps(result, indent=2))
     if "overload" in result:

@@ -376,16 +376,22 @@ class ServeConfig(_Section):
         description="requests handled at once (health, ready, metrics aside); beyond it: 503 + Retry-After",
     )
     flood_inflight: int = Field(
-        default=8,
+        default=2,
         ge=1,
-        description="the limit while requests arrive faster than they complete (a flood): keeps the "
-        "answered ones near unloaded latency",
+        description="the limit during a flood (from the first request that finds max_inflight in progress "
+        "until arrivals fall back to completions): keeps the answered ones near unloaded latency",
     )
     max_queue_wait_ms: float = Field(
         default=0.0,
         ge=0.0,
         description="a request that waited longer than this for the scoring worker gets 503 + Retry-After "
         "instead of a late answer; 0 = no limit",
+    )
+    flood_queue_wait_ms: float = Field(
+        default=10.0,
+        ge=0.0,
+        description="the same bound while a flood lasts (0 = max_queue_wait_ms): requests the flood's start "
+        "left queued, and any that wait behind a batch, are refused rather than answered late",
     )
     max_batch: int = Field(default=32, ge=1, description="most queued histories scored in one model run")
     threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads (0 = one per core)")

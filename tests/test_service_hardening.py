@@ -154,14 +154,15 @@ def _slow_asgi(seconds: float, seen: list[int]) -> Any:
     return app
 
 
-def test_a_flood_lowers_the_limit_and_closed_loop_clients_never_trigger_it(
+def test_a_flood_lowers_the_limit_until_it_ends_and_closed_loop_clients_never_trigger_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from fuserec.serving import admission
 
     monkeypatch.setattr(admission, "WINDOW_S", 0.2)
     seen: list[int] = []
-    gate = admission.Admission(_slow_asgi(0.02, seen), 10, 2, 1, frozenset({"/health"}))
+    changes: list[bool] = []
+    gate = admission.Admission(_slow_asgi(0.02, seen), 10, 2, 1, frozenset({"/health"}), changes.append)
 
     async def closed_loop(client: httpx.AsyncClient, until: float) -> list[int]:
         codes = []
@@ -169,13 +170,14 @@ def test_a_flood_lowers_the_limit_and_closed_loop_clients_never_trigger_it(
             codes.append((await client.get("/x")).status_code)
         return codes
 
-    async def scenario() -> tuple[list[int], list[int], list[int]]:
+    async def scenario() -> tuple[list[int], bool, list[int], list[int], list[int]]:
         transport = httpx.ASGITransport(app=gate)
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             until = time.monotonic() + 1.0  # 10 closed-loop clients: exactly the limit, never a flood
             calm = [
                 c for cs in await asyncio.gather(*(closed_loop(client, until) for _ in range(10))) for c in cs
             ]
+            flooded_while_calm = gate.flooded or bool(changes)
             seen.clear()
             flood: list[asyncio.Task[httpx.Response]] = []
             for _ in range(120):  # open loop for 1.2 s: 1,500/s against 500/s of capacity (10 / 20 ms)
@@ -183,12 +185,18 @@ def test_a_flood_lowers_the_limit_and_closed_loop_clients_never_trigger_it(
                 await asyncio.sleep(0.01)
             codes = [r.status_code for r in await asyncio.gather(*flood)]
             held_late = seen[-40:]  # the last 0.4 s: long after the flood was recognised
-            return calm, codes, held_late
+            await asyncio.sleep(0.45)  # a quiet window, then closed-loop clients again: the limit is back
+            until = time.monotonic() + 0.5
+            after = [
+                c for cs in await asyncio.gather(*(closed_loop(client, until) for _ in range(10))) for c in cs
+            ]
+            return calm, flooded_while_calm, codes, held_late, after
 
-    calm, codes, held_late = asyncio.run(scenario())
-    assert (set(calm) == {200} and not gate.flooded) or set(calm) == {200}
+    calm, flooded_while_calm, codes, held_late, after = asyncio.run(scenario())
+    assert set(calm) == {200} and not flooded_while_calm
     assert set(codes) == {200, 503} and gate.refused > 0
     assert max(held_late) <= 2  # once the flood is recognised, at most flood_limit at once
+    assert set(after) == {200} and changes == [True, False] and not gate.flooded
 
 
 # -- through the app ---------------------------------------------------------------------------------------
@@ -255,6 +263,23 @@ def test_overload_is_a_fast_503_with_retry_after(
     refused = [r for r in responses if r.status_code == 503]
     assert all(r.headers["retry-after"] == "1" and "overloaded" in r.json()["detail"] for r in refused)
     assert sum(c == 200 for c in codes) >= 2  # what the queue holds is answered
+
+
+def test_a_flood_bounds_the_queue_wait_and_a_reloaded_service_inherits_it(
+    serving_run: Path, tmp_path: Path
+) -> None:
+    app = _app(serving_run, tmp_path, max_queue_wait_ms=0, flood_queue_wait_ms=7)
+    deployment = app.state.deployment
+    try:
+        assert deployment.current.batcher.max_wait == 0
+        app.state.on_flood(True)
+        assert deployment.current.batcher.max_wait == pytest.approx(0.007)
+        deployment.reload()
+        assert deployment.current.batcher.max_wait == pytest.approx(0.007)
+        app.state.on_flood(False)
+        assert deployment.current.batcher.max_wait == 0
+    finally:
+        deployment.close()
 
 
 # -- keys and scopes ---------------------------------------------------------------------------------------

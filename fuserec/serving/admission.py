@@ -4,23 +4,25 @@ Past its capacity a service can queue (every answer gets later, without bound) o
 with ``Retry-After``). :class:`Admission` refuses past ``limit`` requests in progress. That alone bounds
 memory but not latency: with 64 admitted and the model scoring a few hundred a second, each admitted
 request waits a few hundred milliseconds. Closed-loop clients (each waits for its answer before asking
-again) produce exactly that queue and ask no faster than they are served, so it is their normal state. A
-flood is different: requests arrive faster than they complete, window after window. Then the service
-admits only ``flood_limit`` at once, so the requests it does answer keep close to unloaded latency, and
-returns to ``limit`` as soon as arrivals fall back to what it completes.
+again) produce exactly that queue and ask no faster than they are served, so it is their normal state; they
+never find the service full. A flood does: more requests arrive than ``limit`` can hold. From the first one
+refused that way the service admits only ``flood_limit`` at once, so the requests it does answer keep close
+to unloaded latency, and it returns to ``limit`` after a window (``WINDOW_S``) in which arrivals fell back
+to what it completed, or no request came. Clients that retry at once instead of after ``Retry-After`` look
+like a flood, and are one. ``on_flood`` hears each change, so the scoring queue can stop holding requests that
+already waited too long: the flood's start leaves up to ``limit`` of them behind, each a late answer.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-WINDOW_S = 1.0
-FLOOD_RATIO = 1.5  # arrivals / completions over a window that counts as a flooded window
-CALM_RATIO = 1.1  # ... and one that ends a flood
-FLOOD_WINDOWS = 2  # flooded windows in a row before the limit drops (a start-up burst is one)
+WINDOW_S = 0.25  # how often a flood is checked for its end
+CALM_RATIO = 1.1  # arrivals / completions over a window that ends a flood
 
 
 class Admission:
@@ -33,34 +35,39 @@ class Admission:
         flood_limit: int,
         retry_after_s: int,
         exempt: frozenset[str],
+        on_flood: Callable[[bool], None] | None = None,
     ) -> None:
         self.app = app
         self.limit = limit
         self.flood_limit = min(flood_limit, limit)
         self.retry_after = str(retry_after_s)
         self.exempt = exempt
+        self.on_flood = on_flood
         self.inflight = 0
         self.refused = 0
         self.flooded = False
-        self._arrived = self._completed = self._streak = 0
+        self._arrived = self._completed = 0
         self._window_start = time.monotonic()
 
     @property
     def current_limit(self) -> int:
         return self.flood_limit if self.flooded else self.limit
 
+    def _flood(self, now: bool) -> None:
+        if now != self.flooded:
+            self.flooded = now
+            self._arrived = self._completed = 0
+            self._window_start = time.monotonic()
+            if self.on_flood is not None:
+                self.on_flood(now)
+
     def _tick(self) -> None:
         now = time.monotonic()
         if now - self._window_start < WINDOW_S:
             return
-        ratio = self._arrived / max(self._completed, 1)
-        if ratio >= FLOOD_RATIO:
-            self._streak += 1
-            self.flooded = self.flooded or self._streak >= FLOOD_WINDOWS
-        else:
-            self._streak = 0
-            if ratio <= CALM_RATIO:
-                self.flooded = False
+        quiet = now - self._window_start >= 2 * WINDOW_S  # no request for a whole window
+        if self.flooded and (quiet or self._arrived <= CALM_RATIO * self._completed):
+            self._flood(False)
         self._arrived = self._completed = 0
         self._window_start = now
 
@@ -73,6 +80,7 @@ class Admission:
         limit = self.current_limit
         if self.inflight >= limit:
             self.refused += 1
+            self._flood(True)
             response = JSONResponse(
                 status_code=503,
                 content={"detail": f"overloaded: {limit} requests in progress; retry later"},

@@ -174,12 +174,29 @@ def create_app(
     version = str(first.manifest.get("sha256", ""))[:12]
     app = FastAPI(title="fuserec", version=version, lifespan=lifespan)
     app.state.deployment = deployment
+    flooded = [False]
+
+    def queue_wait(service: Service) -> None:
+        """The scoring queue's wait bound follows the flood state (and a reloaded service inherits it)."""
+        wait_ms = settings.max_queue_wait_ms
+        if flooded[0] and settings.flood_queue_wait_ms > 0:
+            wait_ms = settings.flood_queue_wait_ms
+        service.batcher.max_wait = wait_ms / 1000
+
+    def on_flood(now: bool) -> None:
+        flooded[0] = now
+        queue_wait(deployment.current)
+        log.warning("flood %s", "recognised: admission limit lowered" if now else "over: limit restored")
+
+    app.state.on_flood = on_flood  # what the admission middleware calls; tests call it too
+
     app.add_middleware(
         Admission,
         limit=settings.max_inflight,
         flood_limit=settings.flood_inflight,
         retry_after_s=RETRY_AFTER_S,
         exempt=UNLIMITED,
+        on_flood=on_flood,
     )
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     install_metrics(app, model_version=version, model_name=first.manifest["algorithm"]["name"])
@@ -189,6 +206,7 @@ def create_app(
         app.state.model_info.info({"version": sha, "name": name})
 
     deployment.listeners.append(relabel)
+    deployment.listeners.append(queue_wait)
 
     def scope(name: str) -> Any:
         async def check(key: Annotated[str | None, Security(API_KEY)] = None) -> None:
