@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 # interactions -> (users, items) of the MovieLens release with that many ratings
 SHAPES = {100_000: (943, 1682), 1_000_000: (6040, 3706), 10_000_000: (69878, 10677)}
-STAGES = ("validate", "clean", "split", "train", "fuse", "evaluate", "export", "report")
+STAGES = ("validate", "clean", "split", "train", "fuse", "export", "evaluate", "report")
 
 
 class MemorySampler(threading.Thread):

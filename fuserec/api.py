@@ -88,6 +88,10 @@ class Algorithm(ABC):
 
     api_version: ClassVar[str] = API_VERSION
     Config: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
+    #: Columns of the users table (``data.users``) the plugin may read, e.g. ``{"age", "gender"}``. Validate
+    #: keeps only the attributes some configured plugin declares (data minimisation, docs/privacy.md), so a
+    #: plugin that reads an attribute it does not declare finds it missing.
+    user_attributes: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: AlgorithmConfig | dict[str, Any] | None = None) -> None:
         if config is None:
@@ -131,6 +135,16 @@ class Algorithm(ABC):
 
     def explain(self, history: np.ndarray, item: int) -> dict[str, Any] | None:
         """What drove ``item``'s score for this history (e.g. contributing history items); None if unknown."""
+        return None
+
+    def explain_state(self) -> dict[str, np.ndarray] | None:
+        """Arrays (numeric or text, as :meth:`get_state`'s) with which :meth:`explain` runs in the service,
+        which has the exported graph but not this artifact; None (the default): it does not explain there.
+
+        The export saves them beside the graph; the service restores them with :meth:`set_state` on a
+        fresh instance of the same config, and calls only :meth:`explain` on it. So keep them to what
+        ``explain`` reads: they are loaded by every served process.
+        """
         return None
 
     # -- persistence (no pickle) --------------------------------------------------------------------

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fuserec.api import Algorithm
+from fuserec.config import AUTO, Params
 from fuserec.fusion import Fuser
 from fuserec.layout import Layout
 from fuserec.manifest import read_json
@@ -61,6 +62,31 @@ def load_fuser(folder: Path, layout: Layout, models: Mapping[str, Any] | None = 
     if models is None:
         models = {name: load_algorithm(layout.model(name)) for name in manifest["components"]}
     return get_fuser(manifest["name"]).load(folder, models)
+
+
+def chosen_algorithm(params: Params, layout: Layout) -> str:
+    """The scorer ``export.algorithm`` names: itself, or for ``auto`` the fuse stage's choice on validation.
+
+    Every reader of ``export.algorithm`` (export, evaluate, promote) resolves it here, so ``auto`` means
+    the same everywhere: the best candidate in ``selection.json`` (:mod:`fuserec.selection`).
+    """
+    name = params.export.algorithm
+    if name != AUTO:
+        return name
+    if not layout.selection.exists():
+        raise FileNotFoundError(
+            f"export.algorithm is auto, chosen on validation by the fuse stage, but {layout.selection} is "
+            "missing. To fix: run the fuse stage (`fuserec stage fuse`, `dvc repro fuse` or `fuserec run`), "
+            "or set export.algorithm to a trained algorithm or fitted fuser"
+        )
+    record = read_json(layout.selection)
+    if not record.get("chosen"):
+        raise ValueError(
+            f"export.algorithm is auto but {layout.selection} has no candidate (left out: "
+            f"{record.get('left_out') or 'nothing was fitted'}). To fix: fuse at least one trained algorithm "
+            "(fuse.components), or set export.algorithm to a trained algorithm or fitted fuser"
+        )
+    return str(record["chosen"])
 
 
 def scorer_folder(layout: Layout, name: str) -> Path:

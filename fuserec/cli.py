@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -38,7 +38,7 @@ def run(
     from fuserec.flows.pipeline import train_pipeline
 
     train_pipeline(str(params), overrides)
-    _show(loaded.outputs_dir, user)
+    _show(loaded.outputs_dir, user, _pseudonymiser(params, overrides) if user is not None else None)
 
 
 @app.command()
@@ -55,7 +55,7 @@ def stage(
     if name == "validate" and not set_ and dvc_file.exists():  # as DVC runs it: the project's params
         from fuserec.stages.table import stale_raw_data
 
-        problem = stale_raw_data(dvc_file, loaded.data)
+        problem = stale_raw_data(dvc_file, loaded.data, erasures=loaded.privacy.erasures)
         if problem:
             Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {problem}", highlight=False)
             raise typer.Exit(2)
@@ -77,8 +77,14 @@ def dvc_yaml(
     from fuserec.stages.table import dvc_yaml as generate
     from fuserec.stages.table import raw_data_dependency, settings_dependency
 
-    data = _load_params(params, None).data
-    text = generate(raw_data=raw_data_dependency(data), settings=settings_dependency(data))
+    loaded = _load_params(params, None)
+    data, register = loaded.data, Path(loaded.privacy.erasures)
+    if not check and not register.exists():  # DVC needs every dependency to exist: empty = nobody erased
+        register.parent.mkdir(parents=True, exist_ok=True)
+        register.touch()
+    text = generate(
+        raw_data=raw_data_dependency(data), settings=settings_dependency(data), erasures=register.as_posix()
+    )
     if check:
         if not path.exists() or path.read_text() != text:
             console.print(
@@ -208,31 +214,38 @@ def serve(
 
     import uvicorn
 
+    from fuserec.privacy.pseudonyms import Pseudonymiser, check_key
     from fuserec.serving.app import create_app
     from fuserec.serving.auth import KeyRing
+    from fuserec.serving.privacy import UserPrivacy, read_privacy_record
     from fuserec.serving.service import default_store
 
     logging.basicConfig(level=logging.INFO)
     settings = _serve_params(params, overrides)
     root = model.parent if model is not None else outputs
+    serve_cfg = settings.serve
+    if serve_cfg.retention_days is None and settings.privacy.retention_days is not None:
+        serve_cfg = serve_cfg.model_copy(update={"retention_days": settings.privacy.retention_days})
     try:
-        keys = KeyRing.load(settings.serve.keys_file)
+        keys = KeyRing.load(serve_cfg.keys_file)
+        privacy = UserPrivacy.from_params(settings)  # the store is the running service's own
+        check_key(Pseudonymiser.from_params(settings), read_privacy_record(root), f"the served run {root}")
         application = create_app(
             root,
-            store or default_store(settings.serve, settings.promote.served_dir),
+            store or default_store(serve_cfg, settings.promote.served_dir),
             providers or None,
             max_batch,
             threads,
-            settings=settings.serve,
+            settings=serve_cfg,
             keys=keys,
             host=host,
+            privacy=privacy,
         )
     except (PermissionError, ValueError, FileNotFoundError, RuntimeError) as exc:
         Console(stderr=True, soft_wrap=True).print(f"error: {exc}", highlight=False, markup=False)
         raise typer.Exit(2) from exc
-    # the access log's lines carry paths and queries; no route takes personal data in its query but
-    # GET /events (admin only), so the default access log stays on
-    uvicorn.run(application, host=host, port=port, log_level="info")
+    # uvicorn's access log prints paths and queries (user ids): the app logs route templates instead
+    uvicorn.run(application, host=host, port=port, log_level="info", access_log=False)
 
 
 @app.command()
@@ -250,6 +263,104 @@ def rollback(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) 
         Console(stderr=True, soft_wrap=True).print(f"error: {exc}", markup=False)
         raise typer.Exit(2) from exc
     print(f"current -> {done.restored} (previous -> {done.replaced})")
+
+
+AlsoOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--also", help="another folder or file holding user tables (batch outputs); repeatable"),
+]
+StoreOpt = Annotated[Path | None, typer.Option(help="SQLite event store (default: serve.store)")]
+
+
+def _privacy(params: Path, overrides: list[str] | None, also: list[Path] | None, store: Path | None) -> Any:
+    """The project's :class:`UserPrivacy` with the store at ``store``; exits 2 when no key is set up."""
+    from fuserec.privacy.pseudonyms import MissingKeyError
+    from fuserec.serving.privacy import UserPrivacy
+    from fuserec.serving.service import default_store
+
+    settings = _serve_params(params, overrides)
+    path = store or default_store(settings.serve, settings.promote.served_dir)
+    try:
+        privacy = UserPrivacy.from_params(settings, also or [], path)
+    except MissingKeyError as exc:
+        Console(stderr=True, soft_wrap=True).print(f"error: {exc}", highlight=False, markup=False)
+        raise typer.Exit(2) from exc
+    if privacy is None:
+        Console(stderr=True, soft_wrap=True).print(
+            "error: erasure and access need the privacy key, for the register's keyed hashes: set the "
+            f"variable {settings.privacy.key_env} or create {settings.privacy.key_file} (docs: privacy)",
+            highlight=False,
+            markup=False,
+        )
+        raise typer.Exit(2)
+    return privacy, settings, path
+
+
+@app.command("privacy-key")
+def privacy_key(
+    path: Annotated[Path | None, typer.Option(help="where to write it (default: privacy.key_file)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+) -> None:
+    """Create the pseudonym key (32 random bytes as hex, owner-readable only). Refuses to overwrite one:
+    a new key changes every pseudonym (docs: privacy, key rotation)."""
+    from fuserec.privacy.pseudonyms import new_key_file
+
+    target = path or Path(_serve_params(params, overrides).privacy.key_file)
+    try:
+        written = new_key_file(target)
+    except FileExistsError as exc:
+        Console(stderr=True, soft_wrap=True).print(f"error: {exc}", highlight=False, markup=False)
+        raise typer.Exit(2) from exc
+    print(f"key written to {written}; keep it out of the repository and the outputs")
+
+
+@app.command()
+def forget(
+    user_ids: Annotated[list[str], typer.Argument(help="the ids as the data source and clients know them")],
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    store: StoreOpt = None,
+    also: AlsoOpt = None,
+) -> None:
+    """Erase people: their events (bytes too), their rows in every output and served table, the stage
+    cache; one audit line each in privacy.erasures (a keyed hash, no id). Exits 1 if a search still finds
+    an id afterwards. Then `dvc repro` retrains without them (docs: privacy)."""
+    import json
+
+    privacy, _, _ = _privacy(params, overrides, also, store)
+    result = privacy.forget(user_ids, None, where="cli")
+    print(json.dumps(result, indent=2))
+    if result["residue"]:
+        raise typer.Exit(1)
+
+
+@app.command("export-user")
+def export_user(
+    user_id: Annotated[str, typer.Argument(help="the id as the data source and clients know it")],
+    outputs: Annotated[
+        Path | None,
+        typer.Option(help="the served run folder (default: served/current, else outputs)"),
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    store: StoreOpt = None,
+    also: AlsoOpt = None,
+) -> None:
+    """Everything fuserec holds about a person, as one JSON document on stdout: stored events, table rows
+    (attributes, rejected lines), current recommendations and the first one's explanation."""
+    import json
+
+    from fuserec.serving.service import Service
+
+    privacy, settings, path = _privacy(params, overrides, also, store)
+    current = Path(settings.promote.served_dir) / "current"
+    root = outputs or (current if current.exists() else settings.outputs_dir)
+    service = Service(root, path, settings=settings.serve)
+    try:
+        print(json.dumps(privacy.export(user_id, service), indent=2, default=str))
+    finally:
+        service.close()
 
 
 keys_app = typer.Typer(
@@ -316,14 +427,26 @@ def recommend(
     store: Annotated[
         Path | None, typer.Option(help="the service's SQLite event store (default: the training split)")
     ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
 ) -> None:
-    """Write every listed user's top-k from the exported model: the rows POST /recommend would return."""
+    """Write every listed user's top-k from the exported model: the rows POST /recommend would return.
+    Ids are looked up as the run stores them (pseudonyms, with privacy.pseudonymise) and written as listed."""
     from rich.markup import escape
 
     from fuserec.serving.batch import recommend_batch
 
+    pseudonymiser = _pseudonymiser(params, overrides)
     try:
-        summary = recommend_batch(outputs, users, out, k=k, batch_size=batch_size, store=store)
+        summary = recommend_batch(
+            outputs,
+            users,
+            out,
+            k=k,
+            batch_size=batch_size,
+            store=store,
+            pseudonym=pseudonymiser.stored if pseudonymiser is not None else None,
+        )
     except (FileNotFoundError, ValueError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from exc
@@ -371,7 +494,8 @@ def show(
     user: Annotated[str | None, typer.Option(help="raw user id")] = None,
 ) -> None:
     """Print the last run's metrics table and a user's top-10 from the exported ONNX model."""
-    _show(_load_params(params, set_).outputs_dir, user)
+    pseudonymiser = _pseudonymiser(params, set_) if user is not None else None
+    _show(_load_params(params, set_).outputs_dir, user, pseudonymiser)
 
 
 def _load_params(params: Path, overrides: list[str] | None) -> Params:
@@ -401,11 +525,24 @@ def _serve_params(params: Path, overrides: list[str] | None) -> Params:
         raise typer.Exit(2) from exc
 
 
-def _show(outputs: Path, user: str | None) -> None:
+def _pseudonymiser(params: Path, overrides: list[str] | None) -> Any:
+    """The run's pseudonymiser (None: ids are stored as given); exits 2 when its key is missing."""
+    from fuserec.privacy.pseudonyms import MissingKeyError, Pseudonymiser
+
+    try:
+        return Pseudonymiser.from_params(_serve_params(params, overrides))
+    except MissingKeyError as exc:
+        Console(stderr=True, soft_wrap=True).print(f"error: {exc}", highlight=False, markup=False)
+        raise typer.Exit(2) from exc
+
+
+def _show(outputs: Path, user: str | None, pseudonymiser: Any = None) -> None:
+    """The metrics table and one user's top-k; ``user`` as the data names them (mapped to its pseudonym)."""
     from fuserec.report import metrics_table, top_items_for_user
 
     console.print(metrics_table(outputs))
-    console.print(top_items_for_user(outputs, user))
+    stored = pseudonymiser.stored(user) if pseudonymiser is not None and user is not None else user
+    console.print(top_items_for_user(outputs, stored))
 
 
 if __name__ == "__main__":

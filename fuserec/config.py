@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import itertools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,11 +264,18 @@ class EvaluateConfig(_Section):
         return sorted(set(ks))
 
 
+#: ``export.algorithm`` value that serves whichever candidate the fuse stage found best on validation.
+AUTO = "auto"
+
+
 class ExportConfig(_Section):
     """The export stage: the ONNX graph that is served."""
 
     algorithm: str = Field(
-        default="stacking", description="the trained algorithm or fitted fuser to export, by name"
+        default=AUTO,
+        description="the trained algorithm or fitted fuser to export, by name; auto = the fitted fuser or "
+        "model fitted on train' that scores best on validation users it was not fitted on (tune.metric; "
+        "outputs/selection.json says why)",
     )
     k: int = Field(default=10, ge=1, description="items the served graph returns per request")
     max_history: int = Field(
@@ -339,7 +347,9 @@ class PromoteConfig(_Section):
         default="served", description="served model, decision log and rejected candidates"
     )
     metric: str = Field(default="ndcg@10", description="a key of metrics.json (higher is better)")
-    algorithm: str | None = Field(default=None, description="whose metric decides; default: export.algorithm")
+    algorithm: str | None = Field(
+        default=None, description="whose metric decides; default: the exported one (export.algorithm)"
+    )
     tolerance: float = Field(
         default=0.005,
         ge=0.0,
@@ -457,6 +467,73 @@ class DriftConfig(_Section):
     )
 
 
+#: Age groups of MovieLens-1M: each age becomes its group (under 18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+).
+DEFAULT_AGE_BUCKETS = (18, 25, 35, 45, 50, 56)
+
+
+class PrivacyConfig(_Section):
+    """People's data in the pipeline: pseudonymous user ids, the user attributes kept, how long events
+    are trained on (docs/privacy.md). Pseudonyms and minimisation happen at validate, retention at clean."""
+
+    pseudonymise: bool | Literal["auto"] = Field(
+        default="auto",
+        description="replace user ids at validate by a keyed hash (HMAC-SHA-256, 63 bits), so every later "
+        "stage, artifact and the model hold pseudonyms; auto = on for every source but synthetic",
+    )
+    key_env: str = Field(
+        default="FUSEREC_PSEUDONYM_KEY",
+        description="environment variable holding the pseudonym key (read before key_file)",
+    )
+    key_file: str = Field(
+        default="~/.config/fuserec/pseudonym.key",
+        description="file holding the pseudonym key when key_env is unset (~ is expanded); keep it out of "
+        "the repository and the outputs",
+    )
+    drop_user_columns: list[str] = Field(
+        default_factory=lambda: ["zip"],
+        description="user attributes never kept, even when a plugin declares them (zip codes by default)",
+    )
+    age_buckets: list[int] | None = Field(
+        default_factory=lambda: list(DEFAULT_AGE_BUCKETS),
+        description="lower edges of the age groups the users' age is replaced by (labels like 25-34); "
+        "null = exact ages kept",
+    )
+    cold_start_attributes: list[str] = Field(
+        default_factory=lambda: ["age", "gender", "occupation"],
+        description="user attributes kept for the service's cold-start rule besides those the trained "
+        "plugins declare ([] = only the plugins')",
+    )
+    erasures: str = Field(
+        default="erasures.jsonl",
+        description="the erasure register and audit log (`fuserec forget`, DELETE /users/{id}): a keyed "
+        "hash per person erased, never an id; validate drops their rows from the raw data",
+    )
+    retention_days: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="clean drops interactions older than this many days before the newest one in the "
+        "data (counted in clean/summary.json); null = every interaction is trained on",
+    )
+
+    @field_validator("age_buckets")
+    @classmethod
+    def _increasing(cls, edges: list[int] | None) -> list[int] | None:
+        if edges is not None and (not edges or any(b <= a for a, b in itertools.pairwise(edges))):
+            raise ValueError(
+                "privacy.age_buckets must be a non-empty, strictly increasing list of ages, e.g. "
+                "[18, 25, 35, 45, 50, 56], or null to keep exact ages"
+            )
+        if edges is not None and edges[0] < 1:
+            raise ValueError(
+                "privacy.age_buckets: the first edge must be at least 1 (ages below it form a group)"
+            )
+        return edges
+
+    def enabled(self, source: str) -> bool:
+        """Whether ids are pseudonymised for ``source`` (``auto``: every source but synthetic)."""
+        return source != "synthetic" if self.pseudonymise == "auto" else bool(self.pseudonymise)
+
+
 class CacheConfig(_Section):
     """Prefect task caching of ``fuserec run``; ``fuserec stage`` and DVC never read it.
 
@@ -503,6 +580,9 @@ class Params(_Section):
     promote: PromoteConfig = Field(default_factory=PromoteConfig, description="promotion of a retrained run")
     drift: DriftConfig = Field(default_factory=DriftConfig, description="drift check before retraining")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="the HTTP service")
+    privacy: PrivacyConfig = Field(
+        default_factory=PrivacyConfig, description="pseudonymous ids, minimised attributes, retention"
+    )
     algorithms: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="each algorithm plugin's config by plugin name, checked against that plugin's Config",

@@ -70,6 +70,10 @@ class ContentFeatures:
 
 DEFAULTS = ContentFeatures()
 
+#: The user attributes the encoders here are written for (ages banded, zip codes cut to their region): what a
+#: plugin reading attributes through them declares as ``user_attributes`` (validate keeps no others).
+USER_ATTRIBUTES = frozenset({"age", "gender", "occupation", "zip"})
+
 #: Item fields that become knowledge-graph entities (one entity per distinct token).
 ENTITY_FIELDS = ("genres", "tags", "year")
 

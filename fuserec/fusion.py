@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self, cast
 
@@ -35,6 +36,24 @@ STATE_FILE = "state.npz"
 
 #: ``combine`` of a fuser whose ``uses_time`` is True: ``(scores, seen, last_time)``.
 TimedCombine = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+#: Length of the held-out lists a fuser keeps (:class:`HeldOut`): any metric@k up to it can be read off them.
+HELD_OUT_DEPTH = 100
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A fuser's ranked lists for validation users it was not fitted on: its honest validation estimate.
+
+    Learned fusers that hold users out anyway (stacking's folds, the torch fusers' early stopping) keep
+    these, so choosing what to export (:mod:`fuserec.selection`) scores them beside the single models with
+    the same metric code, and fits nothing again. Kept in memory by the fit only, never saved.
+    """
+
+    users: np.ndarray  # int64 [U]: dataset rows of the held-out users
+    top: np.ndarray  # int64 [U, HELD_OUT_DEPTH]: their best items, train' items excluded (-1 past the end)
+    method: str  # how they were held out, for the record
 
 
 class FuserConfig(BaseModel):
@@ -74,6 +93,8 @@ class Fuser(ABC):
         self.names_: list[str] | None = None
         self.n_items_: int | None = None
         self.components_: dict[str, Algorithm] = {}
+        #: Set by :meth:`fit` in fusers that score validation users they held out (:class:`HeldOut`).
+        self.held_out_: HeldOut | None = None
 
     # -- learning on validation ---------------------------------------------------------------------
     def fit(self, components: Mapping[str, Algorithm], data: Dataset, truth: pd.DataFrame) -> Self:
@@ -426,16 +447,38 @@ class ValidationScores:
         """``bool [U]``: which rows are simulated cold copies."""
         return np.arange(len(self.users)) >= self.n_real
 
+    def top_k(
+        self, fused: torch.Tensor | np.ndarray, k: int = 10, rows: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``int64 [U, k]``: each user's best items by ``fused [U, n]``, ``exclude``'s items excluded.
+
+        ``rows`` says which of the validation users ``fused`` holds (all of them by default).
+        """
+        from fuserec.metrics import top_k
+
+        values = fused.numpy() if isinstance(fused, torch.Tensor) else fused
+        seen = self.exclude_csr if rows is None else self.exclude_csr[rows]
+        return top_k(np.asarray(values, dtype=np.float32), k, exclude=seen)
+
     def ndcg(self, fused: torch.Tensor | np.ndarray, k: int = 10, rows: np.ndarray | None = None) -> float:
         """Mean NDCG@k of ``fused [U, n]`` scores, ``exclude``'s items excluded (the protocol's ranking).
 
         ``rows`` says which of the validation users ``fused`` holds (all of them by default).
         """
-        from fuserec.metrics import ndcg_at_k, top_k
+        from fuserec.metrics import ndcg_at_k
 
-        values = fused.numpy() if isinstance(fused, torch.Tensor) else fused
-        seen, truth = self.exclude_csr, self.truth
-        if rows is not None:
-            seen, truth = seen[rows], truth[rows]
-        ranked = top_k(np.asarray(values, dtype=np.float32), k, exclude=seen)
-        return float(np.nanmean(ndcg_at_k(ranked, truth, k)))
+        truth = self.truth if rows is None else self.truth[rows]
+        return float(np.nanmean(ndcg_at_k(self.top_k(fused, k, rows), truth, k)))
+
+    def held_out(self, parts: list[tuple[np.ndarray, np.ndarray]], method: str) -> HeldOut | None:
+        """:class:`HeldOut` lists from ``(rows, their top lists)`` pairs, e.g. one per fold; None if empty.
+
+        Only real users count: a simulated cold copy is a training device, not a user to judge by.
+        """
+        parts = [(rows, top) for rows, top in parts if len(rows)]
+        if not parts:
+            return None
+        rows = np.concatenate([r for r, _ in parts])
+        top = np.concatenate([t for _, t in parts])
+        real = ~self.simulated[rows]
+        return HeldOut(self.users[rows[real]].astype(np.int64), top[real], method)

@@ -47,6 +47,60 @@ def comparison_table(metrics: dict[str, Any], served_alone: dict[str, str] | Non
     return f"<table>{head}{''.join(body)}</table>"
 
 
+def served_block(metrics: dict[str, Any], selection: dict[str, Any] | None) -> str:
+    """What is served and why: the exported graph's test metrics beside its Python row, and every
+    candidate's validation score (``selection.json``), so the choice can be checked from the report."""
+    served, selection = metrics.get("served") or {}, selection or {}
+    if not served and not selection:
+        return "<p>No exported graph was scored in this run.</p>"
+    parts = []
+    name, metric = served.get("algorithm") or selection.get("chosen"), selection.get("metric")
+    if name:
+        how = "named in export.algorithm"
+        if served.get("export_algorithm", "auto") == "auto" and metric:
+            how = f"the best {html.escape(str(metric))} on validation users it was not fitted on"
+        parts.append(f"<p>Served: <b>{html.escape(str(name))}</b>, {how}.</p>")
+    if served:
+        python = metrics.get("models", {}).get(name) or metrics.get("fusers", {}).get(name) or {}
+        cols = [c for c in COLUMNS if c in served]
+        rows = [(f"exported graph under onnxruntime ({served.get('graph', 'model')})", served)]
+        rows += [(f"{name} in Python", python)] if python else []
+        parts.append(
+            _table(["test", *cols], [[label, *(values.get(c, "-") for c in cols)] for label, values in rows])
+        )
+    candidates = selection.get("candidates") or {}
+    if candidates and metric:
+        chosen = selection.get("chosen")
+        table = [
+            [
+                f"{n} (served)" if n == chosen else n,
+                c.get("kind"),
+                c.get(metric, "-"),
+                c.get("n_users", "-"),
+                c.get("method", ""),
+            ]
+            for n, c in candidates.items()
+        ]
+        head = ["candidate", "kind", f"validation {metric}", "users", "how it holds users out"]
+        parts.append(_table(head, table))
+        if selection.get("users"):
+            parts.append(
+                f"<p class='note'>Each candidate is scored on {html.escape(selection['users'])}.</p>"
+            )
+    left_out = selection.get("left_out") or {}
+    if left_out:
+        items = "".join(f"<li>{html.escape(n)}: {html.escape(str(why))}</li>" for n, why in left_out.items())
+        parts.append(f"<p class='note'>Not candidates:</p><ul class='note'>{items}</ul>")
+    return "".join(parts)
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+    """A plain HTML table, every cell escaped."""
+    top = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{top}</tr>{body}</table>"
+
+
 def bar_chart(groups: dict[str, dict[str, float]], title: str, width: int = 1000) -> str:
     """Grouped horizontal bars: one group per segment, one bar per model or fuser."""
     names = sorted({n for values in groups.values() for n in values})
@@ -196,8 +250,10 @@ def render(
     metrics: dict[str, Any],
     gating: dict[str, dict[str, float]] | None = None,
     served_alone: dict[str, str] | None = None,
+    selection: dict[str, Any] | None = None,
 ) -> str:
-    """The whole report as one HTML string; ``served_alone``: fuser -> the component it fell back to."""
+    """The whole report as one HTML string; ``served_alone``: fuser -> the component it fell back to;
+    ``selection``: the fuse stage's validation scores of the candidates for export (``selection.json``)."""
     protocol = metrics.get("protocol", {})
     segments = {
         seg: {name: float(v.get("ndcg@10", 0.0)) for name, v in values.items() if v.get("n_users", 0)}
@@ -219,6 +275,7 @@ def render(
 <h1>fuserec report</h1>
 <p class="note">Split {html.escape(str(protocol.get("split")))}, {protocol.get("test_users")} test users,
 {protocol.get("n_items")} items; ranking: {html.escape(str(protocol.get("ranking")))}.</p>
+<h2>What is served, and why</h2>{served_block(metrics, selection)}
 <h2>Every model and fuser on test</h2>{comparison_table(metrics, served_alone)}
 <h2>Best fuser against the best single model</h2>{significance_block(metrics.get("significance", {}))}
 <h2>NDCG@10 by segment</h2>{bar_chart(segments, "NDCG@10 per segment")}

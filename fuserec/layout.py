@@ -23,6 +23,7 @@ REPORT_FILE = "report.html"
 GATING_FILE = "gating_weights.csv"
 RERANK_CURVE_FILE = "rerank_curve.csv"
 DRIFT_REPORT_FILE = "drift_report.json"
+SELECTION_FILE = "selection.json"  # the fuse stage's validation score of every candidate for export
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,11 @@ class Layout:
 
     def fuser(self, name: str) -> Path:
         return self.fusers / name
+
+    @property
+    def selection(self) -> Path:
+        """Validation scores of the candidates; the best is what ``export.algorithm: auto`` serves."""
+        return self.root / SELECTION_FILE
 
     @property
     def curves(self) -> Path:

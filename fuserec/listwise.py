@@ -15,7 +15,13 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from fuserec.fusion import COLD_COPIES_HELP, FuserConfig, ValidationScores, masked_zscore
+from fuserec.fusion import (
+    COLD_COPIES_HELP,
+    FuserConfig,
+    HeldOut,
+    ValidationScores,
+    masked_zscore,
+)
 
 MASKED = -1e4  # logit of a component without signal: exp underflows to exactly 0 in float32
 
@@ -62,6 +68,7 @@ def fit_listwise(
     holdout_ndcg: Callable[[ModuleT, np.ndarray], float],
     origin: np.ndarray,
     cfg: ListwiseConfig,
+    holdout_top: Callable[[ModuleT, np.ndarray], np.ndarray] | None = None,
 ) -> tuple[ModuleT, dict[str, Any]]:
     """Adam on mini-batches of users; held-out NDCG@10 picks the steps; then refit on every user.
 
@@ -71,8 +78,10 @@ def fit_listwise(
     short histories, and the number of steps is chosen for the users it will serve.
 
     ``build()`` must return freshly initialised parameters, the same each call (seeded). Returns the final
-    module and a record: ``steps`` (chosen), ``holdout_fused`` (held-out NDCG@10 at those steps) and
-    ``holdout_rows`` (which validation users were held out).
+    module and a record: ``steps`` (chosen), ``holdout_fused`` (held-out NDCG@10 at those steps),
+    ``holdout_rows`` (which validation users were held out) and ``holdout_top``: ``[(rows, lists)]``, the
+    held-out users' top lists from ``holdout_top(module, rows)`` at those steps, before the refit saw them
+    (empty without ``holdout_top`` or held-out users; :func:`held_out_lists` reads it).
     """
     from fuserec.training import torch_threads
 
@@ -122,11 +131,21 @@ def fit_listwise(
     with torch_threads(cfg.threads):
         if len(hold) == 0:
             module, steps, score = run(learn, cfg.steps, None)
-            return module, {"steps": steps, "holdout_fused": np.nan, "holdout_rows": hold}
+            return module, {"steps": steps, "holdout_fused": np.nan, "holdout_rows": hold, "holdout_top": []}
         module, steps, score = run(learn, cfg.steps, hold)
+        top = []
+        if holdout_top is not None:
+            with torch.no_grad():
+                top = [(hold, holdout_top(module, hold))]
         if cfg.refit and steps > 0:  # steps == 0: the untrained (uniform) gate held out best; keep it
             module, _, _ = run(np.arange(n_rows), steps, None)
-    return module, {"steps": steps, "holdout_fused": score, "holdout_rows": hold}
+    return module, {"steps": steps, "holdout_fused": score, "holdout_rows": hold, "holdout_top": top}
+
+
+def held_out_lists(val: ValidationScores, record: dict[str, Any], cfg: ListwiseConfig) -> HeldOut | None:
+    """The :class:`~fuserec.fusion.HeldOut` lists in a :func:`fit_listwise` record: early stopping's users."""
+    method = f"held out: {cfg.holdout:.0%} of validation users, which also chose the training steps"
+    return val.held_out(record.pop("holdout_top", []), method)
 
 
 def holdout_baselines(val: ValidationScores, rows: np.ndarray) -> dict[str, float]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from rich.table import Table
 
+from fuserec.config import AUTO
 from fuserec.data.dataset import Dataset
 from fuserec.layout import CATALOG_FILE, MODEL_FILE, Layout
 from fuserec.manifest import read_json
@@ -18,14 +20,31 @@ SHOWN = ("ndcg@10", "recall@10", "hr@10", "coverage@10", "novelty@10")
 
 
 def metrics_table(outputs: Path) -> Table:
-    metrics = read_json(Layout(outputs).metrics)
+    """Test metrics of every model, and last the served graph's, with why it was chosen in the caption."""
+    layout = Layout(outputs)
+    metrics = read_json(layout.metrics)
     table = Table(title=f"test metrics ({metrics['protocol']['test_users']} users)")
     table.add_column("model", no_wrap=True)
     for metric in SHOWN:
         table.add_column(metric, justify="right", no_wrap=True)
     for name, values in sorted(metrics["models"].items(), key=lambda kv: -kv[1].get("ndcg@10", 0)):
         table.add_row(name, *(f"{values[m]:.4f}" if m in values else "-" for m in SHOWN))
+    served = metrics.get("served")
+    if served:
+        label = f"served: {served['algorithm']} (onnxruntime)"
+        table.add_row(label, *(f"{served[m]:.4f}" if m in served else "-" for m in SHOWN))
+        table.caption = served_caption(layout, served)
     return table
+
+
+def served_caption(layout: Layout, served: dict[str, Any]) -> str:
+    """Why the served scorer is served: named, or best on validation with the runner-up's score."""
+    if served.get("export_algorithm") != AUTO or not layout.selection.exists():
+        return f"{served['algorithm']} is served: named in export.algorithm"
+    selection = read_json(layout.selection)
+    metric = selection["metric"]
+    scores = [f"{n} {c[metric]:.4f}" for n, c in list(selection["candidates"].items())[:3]]
+    return f"{served['algorithm']} is served: best validation {metric} ({', '.join(scores)}, ...)"
 
 
 def top_items_for_user(outputs: Path, user_id: str | None) -> Table:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fuserec.artifacts import chosen_algorithm
 from fuserec.config import load_params
 from fuserec.data.dataset import Dataset, interactions_matrix
 from fuserec.features import item_content_vectors
@@ -99,7 +100,7 @@ def scorer_on_half_b(
     inner, valid, models = fusion_inputs(layout, component_names(params, layout))
     users = np.random.default_rng(split).permutation(np.unique(valid["user"].to_numpy()))
     half_a, half_b = np.sort(users[: len(users) // 2]), np.sort(users[len(users) // 2 :])
-    name = params.export.algorithm
+    name = chosen_algorithm(params, layout)
     if name not in available(FUSERS_GROUP):
         return name, models[name], inner, valid, half_b
     cls = get_fuser(name)

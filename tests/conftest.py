@@ -10,6 +10,9 @@ from pathlib import Path
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="fuserec-prefect-")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Real sources pseudonymise user ids by default: every test (and its subprocesses) gets one fixed key,
+# never a developer's own. Tests of the missing-key error unset it.
+os.environ["FUSEREC_PSEUDONYM_KEY"] = "fuserec-test-pseudonym-key-0123456789abcdef"
 
 import pytest
 import yaml
@@ -87,6 +90,6 @@ def serving_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fuserec.config import load_params
 
     params = load_params(write_params(root, **sections))
-    for stage in (validate, clean, split, train, fuse, evaluate, export):
+    for stage in (validate, clean, split, train, fuse, export, evaluate):
         stage.fn(params)
     return params.outputs_dir

@@ -43,7 +43,7 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "export": {"algorithm": "stacking", "max_history": MAX_HISTORY},
     }
     params = load_params(write_params(root, **sections))
-    for stage in (validate, clean, split, train, fuse, evaluate, export):
+    for stage in (validate, clean, split, train, fuse, export, evaluate):
         stage.fn(params)
     return params.outputs_dir
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,13 +15,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from fuserec.config import DataConfig
+from fuserec.config import DataConfig, load_params
 from fuserec.stages.table import dvc_yaml, raw_data_dependency, settings_dependency, stale_raw_data
 
 from .conftest import REPO, write_params
 
 BIN = Path(sys.executable).parent
-STAGE_ORDER = ["validate", "clean", "split", "train", "fuse", "evaluate", "export", "report"]
+STAGE_ORDER = ["validate", "clean", "split", "train", "fuse", "export", "evaluate", "report"]
 
 
 def test_the_raw_folder_is_a_dependency_of_validate_only(tmp_path: Path) -> None:
@@ -256,3 +257,37 @@ def test_imported_data_and_a_run_travel_through_a_remote_and_experiments_compare
     )
     assert "recorded experiment" in tuned.stdout
     assert "tuned" in _dvc(project, "exp", "show", "--md", "--no-pager").stdout
+
+
+@pytest.mark.integration
+def test_a_forgotten_user_leaves_the_outputs_and_the_dvc_cache_and_the_rerun_drops_them(
+    tmp_path: Path,
+) -> None:
+    from fuserec.privacy.erasure import residue, subjects_for
+    from fuserec.privacy.pseudonyms import Pseudonymiser, load_key
+
+    ratings = _write_ratings(tmp_path / "raw")
+    project = _project(tmp_path / "project", str(ratings.parent))
+    first = _dvc(project, "repro")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    _commit(project, "first run")
+    params = load_params(project / "params.yaml")
+    pseudonymiser = Pseudonymiser.from_params(params)
+    assert pseudonymiser is not None  # a CSV source: pseudonyms by default
+    person = subjects_for(["7"], load_key(params.privacy), pseudonymiser.user)
+    places = [project / "outputs", project / ".dvc" / "cache"]
+    assert residue(places, person)  # their pseudonym is in the outputs and the cache
+
+    _fuserec(project, "forget", "7")
+    assert residue([project / "outputs"], person) == []
+    rerun = _dvc(project, "repro")  # validate's outputs changed: it reruns, dropping the person's raw rows
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert _ran(rerun.stdout)[:1] == ["validate"], rerun.stdout[-3000:]
+    report = json.loads((project / "outputs" / "validation_report.json").read_text())
+    assert report["privacy"]["erased_rows"]["interactions"] > 0
+    assert residue([project / "outputs"], person) == []
+    _commit(project, "retrain after erasure")
+    gc = _dvc(project, "gc", "--workspace", "--force")
+    assert gc.returncode == 0, gc.stdout + gc.stderr
+    assert residue(places, person) == []
+    assert (project / "erasures.jsonl").read_text().count("\n") == 1

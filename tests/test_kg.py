@@ -98,6 +98,21 @@ def test_explanations_survive_save_and_load(noir: KnowledgeGraph, tmp_path: obje
     assert back.state_["item_names"].dtype.kind == "U"
 
 
+def test_the_explain_state_alone_explains_as_the_fitted_model_does(noir: KnowledgeGraph) -> None:
+    """What the service restores: the same paths and weights, without user attributes or item names."""
+    state = noir.explain_state()
+    assert not {"user_attr", "item_names", "attr_names", "user_item_indices"} & set(state)
+    served = KnowledgeGraph(noir.config)
+    served.set_state(state)
+    served.n_items_ = noir.n_items_
+    for history, item in (([0, 2], 1), ([2], 3), ([0, 5, 6], 7)):
+        own, back = noir.explain(np.array(history), item), served.explain(np.array(history), item)
+        assert back["score"] == own["score"] and back["tail_lift"] == own["tail_lift"]
+        strip = [({k: v for k, v in p.items() if k != "path"}, p["path"][1]) for p in own["paths"]]
+        assert [({k: v for k, v in p.items() if k != "path"}, p["path"][1]) for p in back["paths"]] == strip
+        assert back["paths"][0]["path"][0] == f"item {back['paths'][0]['from_item']}"  # names: the caller's
+
+
 def test_tail_lift_puts_the_best_unseen_tail_item_at_the_tail_rank() -> None:
     from fuserec.plugins.kg import TAIL_MARGIN, _KGModule
 

@@ -122,8 +122,10 @@ def test_dvc_yaml_is_generated_from_the_stage_table() -> None:
     from fuserec.stages.table import raw_data_dependency, settings_dependency
 
     committed = (REPO / "dvc.yaml").read_text()
-    data = load_params(REPO / "params.yaml").data
-    expected = dvc_yaml(raw_data=raw_data_dependency(data), settings=settings_dependency(data))
+    params = load_params(REPO / "params.yaml")
+    data = params.data
+    raw, settings = raw_data_dependency(data), settings_dependency(data)
+    expected = dvc_yaml(raw_data=raw, settings=settings, erasures=params.privacy.erasures)
     assert committed == expected, "dvc.yaml is stale: run `fuserec dvc-yaml` and commit it"
     assert list(yaml.safe_load(committed)["stages"]) == [s.name for s in STAGES]
 

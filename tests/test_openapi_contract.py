@@ -19,8 +19,10 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from fuserec.config import ServeConfig
+from fuserec.privacy.erasure import Places
 from fuserec.serving.app import create_app
 from fuserec.serving.auth import HEADER, KeyRing
+from fuserec.serving.privacy import UserPrivacy
 
 KEY: dict[str, str] = {}
 
@@ -30,7 +32,11 @@ def service(serving_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     folder = tmp_path_factory.mktemp("contract")
     ring = KeyRing.load(folder / "keys.json")
     KEY["value"] = ring.add("fuzzer", ["read", "write", "admin"])
-    app = create_app(serving_run, folder / "e.sqlite", settings=ServeConfig(watch_s=0), keys=ring)
+    places = Places(tables=[folder / "outputs"], stores=[], caches=[], register=folder / "erasures.jsonl")
+    privacy = UserPrivacy(b"f" * 32, None, places)
+    app = create_app(
+        serving_run, folder / "e.sqlite", settings=ServeConfig(watch_s=0), keys=ring, privacy=privacy
+    )
     # schemathesis opens a fresh ASGI client per call, which would run the lifespan (and close the
     # store) every time: one lifespan for the whole module, ended here
     app.router.lifespan_context = _no_lifespan
@@ -45,6 +51,7 @@ async def _no_lifespan(_: FastAPI) -> AsyncIterator[None]:
 
 OPERATIONS = [("POST", "/recommend"), ("GET", "/explain"), ("POST", "/events"), ("GET", "/events")]
 OPERATIONS += [("POST", "/admin/reload"), ("GET", "/health"), ("GET", "/ready")]
+OPERATIONS += [("DELETE", "/users/{user_id}"), ("GET", "/admin/users/{user_id}")]
 
 
 NO_INPUT = {"/health", "/ready"}  # nothing to send them that could be invalid

@@ -27,7 +27,7 @@ TINY: dict[str, Any] = {
     "export": {"algorithm": "popularity"},
 }
 UPSTREAM = ["validate", "clean", "split"]
-DOWNSTREAM = ["fuse", "evaluate", "export", "report"]
+DOWNSTREAM = ["fuse", "export", "evaluate", "report"]
 TRAIN = [f"{carve}[{name}]" for carve in ("train", "train_inner") for name in ALGORITHMS]
 
 
@@ -96,6 +96,7 @@ def test_dask_workers_train_the_same_models_as_threads(tmp_path: Path, prefect_h
     from fuserec.flows.stages import read_journal, run_train
     from fuserec.tasks.clean import clean
     from fuserec.tasks.evaluate import evaluate
+    from fuserec.tasks.export import export
     from fuserec.tasks.split import split
     from fuserec.tasks.validate import validate
 
@@ -111,6 +112,7 @@ def test_dask_workers_train_the_same_models_as_threads(tmp_path: Path, prefect_h
     metrics = {}
     for runner, params in runs.items():
         run_train(params)
+        export.fn(params)  # evaluate also scores the exported graph
         evaluate.fn(params)
         metrics[runner] = read_json(params.outputs_dir / "metrics.json")["models"]
         pids = {row["task"]: row["pid"] for row in read_journal(params.cache_dir)}

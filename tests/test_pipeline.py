@@ -18,7 +18,8 @@ from .plugin_fixtures import install_broken_plugins, on_path
 
 pytestmark = pytest.mark.integration
 
-REPO_FILES = ("dvc.yaml", "params.yaml", "fuserec", ".dvc/config", ".dvc/plots", ".dvcignore")
+REPO_FILES = ("dvc.yaml", "params.yaml", "erasures.jsonl", "fuserec")
+REPO_FILES += (".dvc/config", ".dvc/plots", ".dvcignore")
 
 
 def _copy_project(dest: Path) -> Path:

@@ -109,7 +109,7 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         "export": {"algorithm": "itemknn"},
     }
     params = load_params(write_params(root, **sections))
-    for stage in (validate, clean, split, train, fuse, evaluate, export):
+    for stage in (validate, clean, split, train, fuse, export, evaluate):
         stage.fn(params)
     knn = params.outputs_dir
     pop = root / "outputs-popularity"

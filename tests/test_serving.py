@@ -359,6 +359,10 @@ def test_a_real_server_serves_events_at_once_and_loses_nothing_when_killed(
     finally:
         process.terminate()
         process.wait(timeout=30)
+    # the server's log (uvicorn's and the app's) names routes, never the ids in paths and queries
+    logged = log.read_text(errors="replace")
+    assert '"GET /events" 200' in logged and '"GET /explain" 200' in logged
+    assert "walk-in" not in logged
 
 
 def test_a_new_item_with_content_only_is_recommended_by_content_aware_models(outputs: Path) -> None:

@@ -24,6 +24,10 @@ from fuserec.tasks.validate import validate
 
 
 def test_stages_in_order_write_what_the_next_reads(small_params) -> None:
+    from fuserec.config import Params
+
+    raw = small_params.model_dump(by_alias=True)
+    small_params = Params.model_validate({**raw, "export": {**raw["export"], "algorithm": "stacking"}})
     layout = Layout(small_params.outputs_dir)
     validate.fn(small_params)
     report = read_json(layout.validation_report)
@@ -47,6 +51,11 @@ def test_stages_in_order_write_what_the_next_reads(small_params) -> None:
     for folder in (layout.fusers).iterdir():  # what each fuser serves is on record, fallback or not
         served = read_json(folder / "manifest.json")["served_alone"]
         assert served == load_fuser(folder, layout).served_alone and served in (None, *components)
+    export.fn(small_params)  # before evaluate, which also scores the exported graph
+    manifest = read_json(layout.export / "manifest.json")
+    assert manifest["parity"]["top_items_match_up_to_ties"] and manifest["algorithm"]["name"] == "stacking"
+    assert manifest["parity"]["scores_match"] and manifest["time_input"]["name"] == "last_time"
+    assert manifest["selection"]["reason"] == "named in export.algorithm"
     evaluate.fn(small_params)
     metrics = read_json(layout.metrics)
     from fuserec.registry import FUSERS_GROUP, available
@@ -125,10 +134,7 @@ def test_stages_in_order_write_what_the_next_reads(small_params) -> None:
     shape = {"depth": served.rerank_depth, "keep": served.rerank_keep, "order": served.rerank_order}
     assert metrics["rerank"]["shape"] == shape
     assert curve[-4]["diversity@10"] >= curve[0]["diversity@10"]  # the strongest MMR weight diversifies
-    export.fn(small_params)
-    manifest = read_json(layout.export / "manifest.json")
-    assert manifest["parity"]["top_items_match_up_to_ties"] and manifest["algorithm"]["name"] == "stacking"
-    assert manifest["parity"]["scores_match"] and manifest["time_input"]["name"] == "last_time"
+    assert metrics["served"]["algorithm"] == "stacking"
     report_stage.fn(small_params)
     page = (layout.root / "report.html").read_text()
     assert "stacking" in page and "<svg" in page and "http" not in page.split("<body>")[1].split("ranking")[0]

@@ -898,8 +898,8 @@ def test_reconcile_check_raises_with_file_and_counts(tmp_path: Path, monkeypatch
         check_reconciles("items", "m.csv", 5, 3, 1)
     real = validate_module._rejects
 
-    def losing_one(result: object, columns: list[str]) -> pd.DataFrame:
-        return real(result, columns).iloc[1:]  # type: ignore[arg-type]
+    def losing_one(result: object, columns: list[str], *rest: object) -> pd.DataFrame:
+        return real(result, columns, *rest).iloc[1:]  # type: ignore[arg-type]
 
     monkeypatch.setattr(validate_module, "_rejects", losing_one)
     with pytest.raises(

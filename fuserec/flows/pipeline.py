@@ -1,4 +1,6 @@
-"""The training pipeline: validate -> clean -> split -> train -> fuse -> evaluate -> export -> report.
+"""The training pipeline: validate -> clean -> split -> train -> fuse -> export -> evaluate -> report.
+
+Export comes before evaluate, which also scores the exported graph (``served`` in metrics.json).
 
 Every stage is cached across runs (``cache`` in params.yaml, ``docs/how-to/scale-with-dask.md``) and the
 train stage fits its plugins concurrently (``train.task_runner``); see :mod:`fuserec.flows.stages`.
@@ -12,7 +14,7 @@ import fuserec.flows.environment  # noqa: F401
 from fuserec.config import Params, load_params
 from fuserec.flows.stages import run_stage
 
-PIPELINE = ("validate", "clean", "split", "train", "fuse", "evaluate", "export", "report")
+PIPELINE = ("validate", "clean", "split", "train", "fuse", "export", "evaluate", "report")
 
 
 @flow(name="train-pipeline", log_prints=True)

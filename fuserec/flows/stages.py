@@ -88,8 +88,9 @@ def stage_spec(stage: str, params: Params, plugin: str | None = None, carve: str
     """What ``stage`` (``train-plugin`` with ``plugin`` and ``carve``) reads and writes under ``params``.
 
     Everything comes from the stage table (:mod:`fuserec.stages.table`), which dvc.yaml is generated from.
-    Two refinements that only a cache per run can make: the validate stage also hashes the raw files
-    ``data.source`` names, and the train stage is keyed per plugin and carve (one plugin's config change
+    Refinements that only a cache per run can make: the validate stage also hashes the raw files
+    ``data.source`` names and keys on its privacy plan (the pseudonym key's fingerprint, the user
+    attributes kept), and the train stage is keyed per plugin and carve (one plugin's config change
     refits that plugin only); the codes are those of the plugins the stage runs.
     """
     root = Layout(params.outputs_dir).root
@@ -112,6 +113,11 @@ def stage_spec(stage: str, params: Params, plugin: str | None = None, carve: str
     decl = table_stage(stage)
     inputs, read = _declared(decl, params, root)
     code = _code()
+    if stage == "validate":
+        from fuserec.privacy.plan import PrivacyPlan
+
+        # the key's fingerprint and the attributes the plugins declare decide the outputs too
+        read |= PrivacyPlan.from_params(params).cache_fields()
     if stage == "validate" and params.data.source != "synthetic":
         from fuserec.data.sources import source_path
 

@@ -35,7 +35,14 @@ import torch
 from pydantic import Field
 
 from fuserec.api import Algorithm, AlgorithmConfig, Choice, FloatRange, Histories, SearchDim
-from fuserec.features import DEFAULTS, encode_attributes, fit_tfidf, transform_tfidf, unit_rows
+from fuserec.features import (
+    DEFAULTS,
+    USER_ATTRIBUTES,
+    encode_attributes,
+    fit_tfidf,
+    transform_tfidf,
+    unit_rows,
+)
 
 if TYPE_CHECKING:
     from fuserec.data.dataset import Dataset
@@ -111,6 +118,7 @@ class Content(Algorithm):
     """TF-IDF content model; see the module docstring for cold start and export parity."""
 
     Config = ContentConfig
+    user_attributes: ClassVar[frozenset[str]] = USER_ATTRIBUTES  # one-hot bands, user side
     config: ContentConfig
 
     # -- fitting ------------------------------------------------------------------------------------

@@ -49,11 +49,16 @@ of the exported graph; ``tail_rank`` 0 turns it off.
 Explanations walk the graph: each history item's exact share of the score (``u`` is linear in the
 history) is spread over its two-hop paths to the item (through a shared entity, or through the users
 who interacted with both) in proportion to their normalised-adjacency walk weights; the heaviest path
-is ``best_path``. Cost: an epoch is ``users / user_batch`` steps, each a sparse propagation over the
-graph and a dense ``[user_batch, n_items]`` softmax, about one second on ML-100k on one core. A step's
-propagation costs the same whatever its batch, so with more users than ``user_batch * max_steps`` the
-batch grows instead of the step count: an epoch then costs ``max_steps`` propagations plus a softmax
-over every user, linear in the data, instead of hundreds of full propagations per epoch at the ML-10M
+is ``best_path``. :meth:`KnowledgeGraph.explain_state` is the part of the state those explanations read
+(``C``, ``V``, the scoring constants, the item-entity and item-user incidence, user degrees), so the
+service can walk the same paths from the exported model folder; it grows with the catalogue and the
+training positives (co-user edges), not with anything per request.
+
+Cost: an epoch is ``users / user_batch`` steps, each a sparse propagation over the graph and a dense
+``[user_batch, n_items]`` softmax, about one second on ML-100k on one core. A step's propagation costs
+the same whatever its batch, so with more users than ``user_batch * max_steps`` the batch grows instead
+of the step count: an epoch then costs ``max_steps`` propagations plus a softmax over every user, linear
+in the data, instead of hundreds of full propagations per epoch at the ML-10M
 shape. ML-100k and ML-1M have fewer users than 128 x 64 and are unaffected.
 """
 
@@ -68,7 +73,7 @@ import torch
 from pydantic import Field
 
 from fuserec.api import Algorithm, FloatRange, Histories, IntRange, SearchDim, multi_hot
-from fuserec.features import field_tokens, item_entities, user_attribute_matrix
+from fuserec.features import USER_ATTRIBUTES, field_tokens, item_entities, user_attribute_matrix
 from fuserec.segments import RARE_ITEM_BELOW
 from fuserec.training import TorchConfig, fit_early_stopped, resolve_device, torch_threads
 
@@ -217,7 +222,9 @@ class KnowledgeGraph(Algorithm):
 
     Config = KGConfig
     config: KGConfig
+    user_attributes: ClassVar[frozenset[str]] = USER_ATTRIBUTES  # user -> attribute-value edges
     _module: _KGModule | None  # built lazily from the fitted state
+    _graph: _ExplainGraph | None  # the explanations' walks, built lazily from the state
 
     def fit(self, data: Dataset) -> Self:
         cfg = self.config
@@ -271,7 +278,7 @@ class KnowledgeGraph(Algorithm):
     def _blocks(self, histories: Histories) -> Any:
         """Per block of histories: rows, recency-weighted multi-hot, seen mask, attribute rows (or None)."""
         step = self.config.score_batch_size
-        user_attr = self.state_["user_attr"]
+        user_attr = self.state_.get("user_attr")  # absent from an explain state: no attributes there
         for start in range(0, len(histories), step):
             rows = np.arange(start, min(start + step, len(histories)))
             sub = histories.select(rows)
@@ -280,7 +287,7 @@ class KnowledgeGraph(Algorithm):
                 (recency_weights(sub, self.config.half_life), sub.items, sub.indptr), shape
             )
             attrs: torch.Tensor | None = None
-            if sub.users is not None and user_attr.shape[1]:
+            if sub.users is not None and user_attr is not None and user_attr.shape[1]:
                 users = np.asarray(sub.users, dtype=np.int64)
                 known = (users >= 0) & (users < len(user_attr))
                 attr_rows = np.zeros((len(rows), user_attr.shape[1]), dtype=np.float32)
@@ -340,8 +347,12 @@ class KnowledgeGraph(Algorithm):
         for j, w in zip(hist.tolist(), weights.tolist(), strict=True):
             share[j] = share.get(j, 0.0) + float(w * norm * s["context"][j] @ s["item_vectors"][item])
         base = float(sum(share.values()))
-        graph = _ExplainGraph.from_state(s, self.config.entity_weight)
-        names = s["item_names"]
+        graph = self._explain_graph()
+        saved = s.get("item_names")  # absent from an explain state: whoever shows the paths names items
+
+        def name(j: int) -> str:
+            return str(saved[j]) if saved is not None else f"item {j}"
+
         paths: list[dict[str, Any]] = []
         for j, part in share.items():
             walks = graph.two_hop(j, item)
@@ -352,7 +363,7 @@ class KnowledgeGraph(Algorithm):
                 frac = walk["walk"] / total if total > 0 else 1.0
                 paths.append(
                     {
-                        "path": [str(names[j]), walk["node"], str(names[item])],
+                        "path": [name(j), walk["node"], name(item)],
                         "from_item": j,
                         "via": walk["via"],
                         "weight": part * frac,
@@ -363,13 +374,28 @@ class KnowledgeGraph(Algorithm):
         paths.sort(key=lambda p: -p["weight"])
         return {
             "item": int(item),
-            "item_name": str(names[item]),
+            "item_name": name(item),
             "score": float(full),
             "tail_lift": float(full - base),
             "best_path": paths[0] if paths else None,
             "paths": paths[:MAX_PATHS],
             "contributions": sorted(share.items(), key=lambda kv: -kv[1]),
         }
+
+    def explain_state(self) -> dict[str, np.ndarray]:
+        """What :meth:`explain` reads, so the service can walk the same paths: ``C``, ``V`` and the
+        scoring constants (the score and its tail lift), the item-entity and item-user incidence and the
+        users' degrees (the walks). Not the user-attribute rows or any names but the entities' (the
+        service's catalogue has the titles)."""
+        self._check_fitted()
+        s = self.state_
+        return {k: s[k] for k in MODULE_ARRAYS} | self._explain_graph().arrays()
+
+    def _explain_graph(self) -> _ExplainGraph:
+        graph: _ExplainGraph | None = getattr(self, "_graph", None)
+        if graph is None:  # built once: a served explanation must not re-transpose the graph per request
+            graph = self._graph = _ExplainGraph.from_state(self.state_, self.config.entity_weight)
+        return graph
 
     # -- persistence --------------------------------------------------------------------------------
     def get_state(self) -> dict[str, np.ndarray]:
@@ -381,48 +407,72 @@ class KnowledgeGraph(Algorithm):
             for k, v in state.items()
         }
         self._module = None
+        self._graph = None
 
 
 @dataclass
 class _ExplainGraph:
     """The saved graph, for walk weights: incidence lists and weighted degrees."""
 
-    item_entity: sp.csr_matrix
-    entity_item: sp.csr_matrix
-    item_user: sp.csr_matrix
+    item_entity: sp.csr_matrix  # [n_items, n_entities], binary
+    item_user: sp.csr_matrix  # [n_items, n_users], binary training positives
     entity_names: np.ndarray
     item_degree: np.ndarray
     entity_degree: np.ndarray
-    user_degree: np.ndarray
+    user_degree: np.ndarray  # training positives plus attributes of each user
     entity_weight: float
 
     @classmethod
     def from_state(cls, s: dict[str, np.ndarray], entity_weight: float) -> _ExplainGraph:
+        """From a fitted state, or from an explain state (which keeps the incidence as walked)."""
+        n_entities = len(s["entity_names"])
+        if "item_user_indptr" in s:
+            n_items = len(s["item_user_indptr"]) - 1
+            ie = _incidence(s["item_entity_indptr"], s["item_entity_indices"], (n_items, n_entities))
+            iu = _incidence(s["item_user_indptr"], s["item_user_indices"], (n_items, len(s["user_degree"])))
+            return cls.build(ie, iu, s["entity_names"], s["user_degree"], entity_weight)
         n_items = len(s["item_names"])
-        ie = sp.csr_matrix(
-            (
-                np.ones(len(s["item_entity_indices"]), np.float32),
-                s["item_entity_indices"],
-                s["item_entity_indptr"],
-            ),
-            shape=(n_items, len(s["entity_names"])),
-        )
-        ui = sp.csr_matrix(
-            (np.ones(len(s["user_item_indices"]), np.float32), s["user_item_indices"], s["user_item_indptr"]),
-            shape=(len(s["user_item_indptr"]) - 1, n_items),
-        )
-        item_degree = np.asarray(ui.sum(0)).ravel() + entity_weight * np.asarray(ie.sum(1)).ravel()
+        ie = _incidence(s["item_entity_indptr"], s["item_entity_indices"], (n_items, n_entities))
+        n_users = len(s["user_item_indptr"]) - 1
+        ui = _incidence(s["user_item_indptr"], s["user_item_indices"], (n_users, n_items))
         user_degree = np.asarray(ui.sum(1)).ravel() + s["user_attr"].sum(1)
+        return cls.build(ie, ui.T.tocsr(), s["entity_names"], user_degree, entity_weight)
+
+    @classmethod
+    def build(
+        cls,
+        item_entity: sp.csr_matrix,
+        item_user: sp.csr_matrix,
+        entity_names: np.ndarray,
+        user_degree: np.ndarray,
+        entity_weight: float,
+    ) -> _ExplainGraph:
+        """Degrees from the incidence: one way for a fitted and an explain state, so both walk alike."""
+        n_entities = item_entity.shape[1]
+        entity_count = np.bincount(item_entity.indices, minlength=n_entities).astype(np.float32)
+        item_degree = np.diff(item_user.indptr).astype(np.float32) + np.float32(entity_weight) * np.diff(
+            item_entity.indptr
+        ).astype(np.float32)
         return cls(
-            ie,
-            ie.T.tocsr(),
-            ui.T.tocsr(),
-            s["entity_names"],
+            item_entity,
+            item_user,
+            entity_names,
             item_degree,
-            entity_weight * np.asarray(ie.sum(0)).ravel(),
-            user_degree,
+            np.float32(entity_weight) * entity_count,
+            np.asarray(user_degree, dtype=np.float32),
             entity_weight,
         )
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The incidence as :meth:`from_state` reads it back (int32 indices: half the bytes)."""
+        return {
+            "item_entity_indptr": self.item_entity.indptr.astype(np.int64),
+            "item_entity_indices": self.item_entity.indices.astype(np.int32),
+            "item_user_indptr": self.item_user.indptr.astype(np.int64),
+            "item_user_indices": self.item_user.indices.astype(np.int32),
+            "user_degree": self.user_degree,
+            "entity_names": self.entity_names,
+        }
 
     def two_hop(self, j: int, i: int) -> list[dict[str, Any]]:
         """Walk weights ``A[j, n] A[n, i]`` of the two-hop paths j -> n -> i (n: entity, or users)."""
@@ -443,6 +493,11 @@ class _ExplainGraph:
             node = f"{len(both)} co-interacting user" + ("s" if len(both) > 1 else "")
             out.append({"via": "users", "node": node, "n_users": len(both), "walk": walk})
         return out
+
+
+def _incidence(indptr: np.ndarray, indices: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """A binary CSR matrix from saved index arrays."""
+    return sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=shape)
 
 
 def epoch_batch(n_users: int, user_batch: int, max_steps: int) -> int:

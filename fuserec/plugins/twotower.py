@@ -64,7 +64,13 @@ import torch
 from pydantic import Field
 
 from fuserec.api import Algorithm, Choice, FloatRange, Histories, IntRange, SearchDim
-from fuserec.features import DEFAULTS, ContentFeatures, TfidfVocabulary, user_attribute_matrix
+from fuserec.features import (
+    DEFAULTS,
+    USER_ATTRIBUTES,
+    ContentFeatures,
+    TfidfVocabulary,
+    user_attribute_matrix,
+)
 from fuserec.histories import concat_ranges
 from fuserec.training import TorchConfig, fit_early_stopped, resolve_device, torch_threads
 
@@ -144,6 +150,7 @@ class TwoTower(Algorithm):
     """Hybrid two-tower model; see the module docstring for the towers, training and the exported graph."""
 
     Config = TwoTowerConfig
+    user_attributes: ClassVar[frozenset[str]] = USER_ATTRIBUTES  # the user tower's attribute input
     config: TwoTowerConfig
     _module: _TwoTowerModule | None  # built lazily from the fitted state
 

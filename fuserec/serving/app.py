@@ -21,16 +21,19 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fuserec.config import ServeConfig
+from fuserec.serving.access_log import AccessLog
 from fuserec.serving.admission import Admission
 from fuserec.serving.auth import HEADER, KeyRing, check_open
 from fuserec.serving.deployment import Deployment
 from fuserec.serving.metrics import METRICS_PATH, install_metrics
+from fuserec.serving.privacy import UserPrivacy
 from fuserec.serving.service import (
     MAX_HISTORY_REQUEST,
     RETRY_AFTER_S,
@@ -46,6 +49,7 @@ __all__ = ["create_app"]
 log = logging.getLogger("fuserec.serving")
 
 QueryId = Annotated[str, Query(min_length=1, max_length=128)]
+PathId = Annotated[str, PathParam(min_length=1, max_length=128)]
 UNLIMITED = frozenset({"/health", "/ready", METRICS_PATH})  # never refused by the admission limit
 PRUNE_EVERY_S = 3600.0
 # every error body is {"detail": ...}: a sentence, or (request validation) a list of {type, loc, msg}
@@ -128,11 +132,14 @@ def create_app(
     settings: ServeConfig | None = None,
     keys: KeyRing | None = None,
     host: str = "127.0.0.1",
+    privacy: UserPrivacy | None = None,
 ) -> FastAPI:
     """The FastAPI app over ``outputs`` (a finished run, or ``served/current``: ``model/`` and the splits).
 
     ``store``: the SQLite event store (default :func:`default_store`). ``keys``: the API keys (none: open
     access, refused unless ``host`` is a loopback address). ``max_batch``/``threads`` override ``settings``.
+    ``privacy``: maps client ids to stored ids (pseudonyms) and answers erasure and access requests; None:
+    ids are stored as sent, and those two routes answer 501.
     """
     settings = settings or ServeConfig()
     keys = keys if keys is not None else KeyRing()
@@ -145,6 +152,10 @@ def create_app(
         return Service(root, shared, providers, max_batch, threads, settings)
 
     deployment = Deployment(Path(outputs), events, settings, load)
+
+    def stored(user_id: str) -> str:
+        return user_id if privacy is None else privacy.stored(user_id)
+
     gc.freeze()  # the catalogue, store and tables live for the process: keep them out of every GC pass
 
     async def watch() -> None:
@@ -199,6 +210,7 @@ def create_app(
         on_flood=on_flood,
     )
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(AccessLog)
     install_metrics(app, model_version=version, model_name=first.manifest["algorithm"]["name"])
 
     def relabel(service: Service) -> None:
@@ -271,13 +283,20 @@ def create_app(
         re-rank the list. 503 when overloaded, 504 when the model does not answer in time.
         """
         # async: a request waits on the batcher without holding a thread; plain JSON, no re-encoding pass
-        return JSONResponse(await deployment.call_async("recommend_async", req))
+        if privacy is None or req.user_id is None:
+            return JSONResponse(await deployment.call_async("recommend_async", req))
+        raw, req = req.user_id, req.model_copy(update={"user_id": privacy.stored(req.user_id)})
+        result = await deployment.call_async("recommend_async", req)
+        result["user_id"] = raw
+        return JSONResponse(result)
 
     @app.get("/explain", dependencies=[scope("read")], responses=SCORED)
     def explain(user_id: QueryId, item_id: QueryId) -> dict[str, Any]:
-        """Why ``item_id`` ranks where it does for ``user_id``: its rank, each model's contribution, and
-        the history items and shared attributes behind it."""
-        result: dict[str, Any] = deployment.call("explain", user_id, item_id)
+        """Why ``item_id`` ranks where it does for ``user_id``: its rank, each model's contribution, the
+        history items and shared attributes behind it, the kg plugin's own graph paths (``kg``) and the
+        recent items that mattered to sasrec (``sequence``), each saying when it is not available."""
+        result: dict[str, Any] = deployment.call("explain", stored(user_id), item_id)
+        result["user_id"] = user_id
         return result
 
     @app.post("/events", dependencies=[scope("write")], responses=GUARDED)
@@ -286,6 +305,9 @@ def create_app(
 
         All or none: one bad event refuses the request. 503 when the store cannot write (nothing stored).
         """
+        if privacy is not None:
+            events = [e.model_copy(update={"user_id": privacy.stored(e.user_id)}) for e in req.events]
+            req = req.model_copy(update={"events": events})
         result: dict[str, Any] = deployment.call("add_events", req)
         return result
 
@@ -295,8 +317,40 @@ def create_app(
     ) -> dict[str, Any]:
         """A user's latest ``limit`` stored events (oldest first), as they were stored (admin scope:
         a history is personal data)."""
-        result: dict[str, Any] = deployment.call("events", user_id, limit)
+        result: dict[str, Any] = deployment.call("events", stored(user_id), limit)
+        result["user_id"] = user_id
         return result
+
+    def need_privacy() -> UserPrivacy:
+        if privacy is None:
+            raise HTTPException(
+                status_code=501,
+                detail="erasure and access need a privacy key: set privacy.key_file or the variable named "
+                "by privacy.key_env (docs: privacy), then restart the service",
+            )
+        return privacy
+
+    @app.delete(
+        "/users/{user_id}",
+        dependencies=[scope("admin")],
+        responses={**GUARDED, 501: {"description": "no privacy key configured", **_ERROR}},
+    )
+    def forget_user(user_id: PathId) -> dict[str, Any]:
+        """Erase a person: their events (the bytes too), their rows in every table the pipeline and
+        the served releases hold, and the stage cache; one audit line (a keyed hash, never the id) goes
+        to the erasure register, from which the next run drops them. Answers what was removed."""
+        result = need_privacy().forget([user_id], deployment.current, where="api")
+        return result
+
+    @app.get(
+        "/admin/users/{user_id}",
+        dependencies=[scope("admin")],
+        responses={**GUARDED, 501: {"description": "no privacy key configured", **_ERROR}},
+    )
+    def export_user(user_id: PathId) -> dict[str, Any]:
+        """Everything held about a person as one document: stored events, table rows (attributes,
+        rejected lines), current recommendations and the first one's explanation."""
+        return need_privacy().export(user_id, deployment.current)
 
     @app.post(
         "/admin/reload",

@@ -343,11 +343,13 @@ def recommend_batch(
     providers: list[str] | None = None,
     now: int | None = None,
     progress: bool = True,
+    pseudonym: Callable[[str], str] | None = None,
 ) -> BatchSummary:
     """Write top-``k`` rows (user_id, rank, item_id, title, score) for every user id in ``users`` to ``out``.
 
     Users without history get the service's cold-start scores (attributes from the users table, else
-    popularity); unknown users are counted, never an error.
+    popularity); unknown users are counted, never an error. ``pseudonym`` maps a listed id to the id the
+    run stores (pseudonymised runs); the rows name the ids as listed.
     """
     if k < 1 or batch_size < 1:
         raise ValueError(f"k and batch size must be at least 1 (got k={k}, batch size={batch_size})")
@@ -365,7 +367,8 @@ def recommend_batch(
     item_ids = catalog["item_id"].astype(str).to_numpy()
     titles = catalog_titles(catalog)
     max_history = int(manifest["max_history"])
-    user_ids, duplicates = read_user_ids(users)
+    listed, duplicates = read_user_ids(users)
+    user_ids = [pseudonym(u) for u in listed] if pseudonym is not None else listed
     now = int(time.time()) if now is None else int(now)
     if store is not None:
         if not Path(store).exists():
@@ -383,7 +386,7 @@ def recommend_batch(
     rows = 0
     with _progress(len(user_ids), progress) as advance, RowWriter(out) as writer:
         cold = ColdStart(layout, len(item_ids), genre_sets(catalog))
-        user_array = np.asarray(user_ids, dtype=object)
+        user_array = np.asarray(listed, dtype=object)
         for done, frame in score_batches(model, histories, len(item_ids), k, batch_size, cold):
             at_user, at_item = frame["user"].to_numpy(np.int64), frame["item"].to_numpy(np.int64)
             writer.write(
@@ -406,7 +409,7 @@ def recommend_batch(
         rows=rows,
         empty_histories=sum(1 for h in histories.items if not h),
         unknown=len(histories.unknown),
-        unknown_examples=histories.unknown[:EXAMPLES],
+        unknown_examples=[listed[user_ids.index(u)] for u in histories.unknown[:EXAMPLES]],
         duplicates=duplicates,
         source=histories.source,
     )

@@ -7,6 +7,15 @@ exported graph scores it, through :class:`~fuserec.serving.batcher.Batcher` so c
 run. Users with no usable history are served by explicit cold-start rules (onboarding genres, user
 attributes, popularity), each named in the response. The HTTP layer (``app.py``) only validates and routes.
 
+``/explain`` reports what the served model itself says: each component's share (the graph's
+``contributions`` output), the rank ``/recommend`` gives the item, and one batched leave-one-out run over
+the latest history items (``EXPLAIN_DRIVERS``). That run answers "because you liked" (the fused score's
+drops) and, when ``sasrec`` is a component, which recent items mattered to the sequence model (the drops
+of sasrec's own share, the leave-one-out attribution sasrec's ``explain`` computes). When ``kg`` is a
+component, its graph paths are the kg plugin's own ``explain``, run here from the explain state the
+export saved beside the graph (:mod:`fuserec.explain_states`); they are listed only when kg's share of
+the item's score is positive, and each section says when and why it is not available.
+
 A request never waits without bound: scoring waits at most ``serve.request_timeout_s`` (then 504), a full
 scoring queue answers 503 with ``Retry-After`` at once, and a store that cannot write (disk full, read-only)
 answers 503 for events while recommendations go on from what it can read.
@@ -28,7 +37,9 @@ import torch
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
+from fuserec.api import Algorithm
 from fuserec.config import ServeConfig
+from fuserec.explain_states import load_explainers
 from fuserec.features import item_content_vectors
 from fuserec.layout import CATALOG_FILE, MODEL_FILE, Layout
 from fuserec.manifest import file_sha256, read_json
@@ -48,6 +59,9 @@ MAX_EVENTS_REQUEST = 1_000
 MAX_GENRES = 50
 EXPLAIN_DRIVERS = 50  # latest history items tried one by one when explaining a score
 DRIVERS_SHOWN = 3
+RECENT_SHOWN = 5  # recent items listed for the sequence model
+KG, SEQUENCE = "kg", "sasrec"  # the components /explain has a section for
+NO_HISTORY = "no history: cold-start rules scored this item, not the model"
 
 RETRY_AFTER_S = 1  # what a 503 tells a client to wait before retrying
 EventKind = Literal["view", "click", "like", "purchase", "interaction", "rating", "dislike"]
@@ -121,6 +135,16 @@ class RecommendIn(BaseModel):
     diversity: float | None = Field(None, ge=0.0, lt=1.0, description="MMR weight of dissimilarity")
     onboarding: Onboarding | None = None
     attributes: Attributes | None = None
+
+
+@dataclass(frozen=True)
+class LeaveOneOut:
+    """A history's scores, and its scores with each of ``positions`` left out (one batched run)."""
+
+    items: list[int]
+    positions: list[int]
+    full: Scored
+    without: list[Scored]
 
 
 @dataclass(frozen=True)
@@ -214,6 +238,11 @@ class Service:
         self.max_history = int(self.manifest["max_history"])
         self.threshold = self.manifest.get("implicit_threshold")
         self.components: list[str] = self.manifest.get("components") or [self.manifest["algorithm"]["name"]]
+        # components that explain here from the state the export saved (kg's graph walks), and why not
+        self.explainers: dict[str, Algorithm]
+        self.explainers, self.explain_missing = load_explainers(
+            layout.export, self.manifest.get("explain_states") or {}
+        )
         self.genres = genre_sets(self.catalog)
         self.vectors = torch.from_numpy(unit_vectors(item_content_vectors(self.catalog)))
         # A request's diversity re-ranks with the export's pool, head and order, so it moves along the
@@ -392,11 +421,12 @@ class Service:
 
     def explain(self, user_id: str, item_id: str, now: int | None = None) -> dict[str, Any]:
         """Why ``item_id`` scores what it does for ``user_id``: each model's share, the history items
-        whose removal lowers the score most ("because you liked"), what they share with it, and the
-        knowledge-graph path when the kg plugin is fused."""
+        whose removal lowers the score most ("because you liked"), what they share with it, the kg
+        plugin's own graph paths and the recent items that mattered to sasrec, when they are fused."""
         (target,) = self.indices([item_id], "explained")
         now = now if now is not None else int(time.time())
         items, last = self.history(user_id, now)
+        loo: LeaveOneOut | None = None
         if not items:
             cold = self.cold.scores(user_id)
             scores, parts, names, strategy = cold.scores, cold.parts, cold.names, cold.strategy
@@ -404,7 +434,8 @@ class Service:
         else:
             scored = self.score(items, last)
             scores, parts, names, strategy = scored.scores, scored.contributions, self.components, "history"
-            drivers = self._drivers(items, last, target, float(scores[target]))
+            loo = self._leave_one_out(items, last, scored)
+            drivers = self._drivers(loo, target)
         contributions = {n: float(parts[m, target]) for m, n in enumerate(names)}
         score = float(scores[target])
         # the item's place in /recommend's list for the same user and time: the same items are left out
@@ -413,7 +444,7 @@ class Service:
         unblocked[items + indexed_seen(self.store, user_id, self.index, now)] = False
         ahead = (scores > score) | ((scores == score) & (np.arange(self.n_items) < target))
         rank = int((ahead & unblocked).sum()) + 1 if unblocked[target] else None
-        out = {
+        return {
             "user_id": user_id,
             "item_id": item_id,
             "title": self.titles[target],
@@ -426,21 +457,23 @@ class Service:
             "contributions": contributions,
             "unexplained": score - float(sum(contributions.values())),
             "because_you_liked": drivers,
+            "kg": self._kg(user_id, items, target, contributions),
+            "sequence": self._sequence(loo, target),
         }
-        if "kg" in self.components:
-            out["kg_paths"] = [
-                [f"user {user_id}", "liked", d["title"], "has genre", g, "genre of", out["title"]]
-                for d in drivers
-                for g in d["shared_genres"]
-            ]
-        return out
 
-    def _drivers(self, items: list[int], last: int, target: int, score: float) -> list[dict[str, Any]]:
-        """Leave-one-out over the latest history items: the served model itself says what drove it."""
-        positions = range(max(0, len(items) - EXPLAIN_DRIVERS), len(items))
+    def _leave_one_out(self, items: list[int], last: int, full: Scored) -> LeaveOneOut:
+        """The history scored with each of its latest ``EXPLAIN_DRIVERS`` items left out, in one run."""
+        positions = list(range(max(0, len(items) - EXPLAIN_DRIVERS), len(items)))
         without = [items[:p] + items[p + 1 :] for p in positions]
-        scored = self.score_many(without, [last] * len(without))
-        drops = [(score - float(s.scores[target]), items[p]) for s, p in zip(scored, positions, strict=True)]
+        return LeaveOneOut(items, positions, full, self.score_many(without, [last] * len(without)))
+
+    def _drivers(self, loo: LeaveOneOut, target: int) -> list[dict[str, Any]]:
+        """The history items whose removal lowers the served score most: the model says what drove it."""
+        score = float(loo.full.scores[target])
+        drops = [
+            (score - float(s.scores[target]), loo.items[p])
+            for s, p in zip(loo.without, loo.positions, strict=True)
+        ]
         drops.sort(key=lambda d: -d[0])
         return [
             {
@@ -452,6 +485,83 @@ class Service:
             for drop, i in drops[:DRIVERS_SHOWN]
             if drop > 0
         ]
+
+    def _kg(
+        self, user_id: str, items: list[int], target: int, contributions: dict[str, float]
+    ) -> dict[str, Any]:
+        """The kg plugin's own paths user -> liked item -> entity (or co-users) -> item, with weights.
+
+        A path's weight is its part of kg's own score ``u(h) . V_item`` (the plugin's units, before any
+        fusion); the paths are listed only when kg's share of the served score is positive.
+        """
+        if KG not in self.components:
+            return {"available": False, "reason": f"{KG} is not part of the served model"}
+        explainer = self.explainers.get(KG)
+        if explainer is None:
+            why = self.explain_missing.get(
+                KG, "the export saved no explain state for it; re-export the model"
+            )
+            return {"available": False, "reason": f"{KG}'s paths cannot be computed here: {why}"}
+        if not items:
+            return {"available": False, "reason": NO_HISTORY}
+        share = contributions[KG]
+        out: dict[str, Any] = {"available": True, "component": KG, "contribution": share}
+        if share <= 0:
+            return out | {
+                "supports_item": False,
+                "reason": f"{KG}'s share of this item's score is {share:.4g}, not positive: "
+                "its graph paths do not support the item",
+                "paths": [],
+            }
+        own = explainer.explain(np.asarray(items, dtype=np.int64), target) or {}
+        return out | {
+            "supports_item": True,
+            "kg_score": own.get("score"),
+            "tail_lift": own.get("tail_lift"),
+            "paths": [self._kg_path(user_id, p, target) for p in own.get("paths", [])],
+        }
+
+    def _kg_path(self, user_id: str, path: dict[str, Any], target: int) -> dict[str, Any]:
+        """One of kg's paths with catalogue ids and titles (the plugin's explain state has no names)."""
+        liked, through = int(path["from_item"]), str(path["path"][1])
+        out = {
+            "path": [f"user {user_id}", self.titles[liked], through, self.titles[target]],
+            "liked_item_id": str(self.item_ids[liked]),
+            "via": path["via"],
+            "through": through,
+            "weight": float(path["weight"]),
+            "walk_share": float(path["walk_share"]),
+        }
+        if "n_users" in path:
+            out["n_users"] = int(path["n_users"])
+        return out
+
+    def _sequence(self, loo: LeaveOneOut | None, target: int) -> dict[str, Any]:
+        """Which recent items mattered to sasrec: how much removing each lowers sasrec's share of the
+        score, read from the leave-one-out run already made (no other model run)."""
+        if SEQUENCE not in self.components:
+            return {"available": False, "reason": f"{SEQUENCE} is not part of the served model"}
+        if loo is None:
+            return {"available": False, "reason": NO_HISTORY}
+        m = self.components.index(SEQUENCE)
+        share = float(loo.full.contributions[m, target])
+        drops: dict[int, float] = {}
+        newest_first = zip(reversed(loo.without), reversed(loo.positions), strict=True)  # ties: the newer
+        for s, p in newest_first:
+            item, drop = loo.items[p], share - float(s.contributions[m, target])
+            drops[item] = max(drops.get(item, -np.inf), drop)  # a repeated item: its largest effect
+        ranked = sorted(drops.items(), key=lambda kv: -kv[1])[:RECENT_SHOWN]
+        return {
+            "available": True,
+            "component": SEQUENCE,
+            "method": "leave_one_out",
+            "contribution": share,
+            "items_tried": len(loo.positions),
+            "recent_items": [
+                {"item_id": str(self.item_ids[i]), "title": self.titles[i], "contribution_drop": drop}
+                for i, drop in ranked
+            ],
+        }
 
     def add_events(self, req: EventsIn) -> dict[str, Any]:
         """Check every event, then store them all in one transaction (all or none)."""

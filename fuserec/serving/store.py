@@ -21,6 +21,8 @@ from typing import Protocol
 
 import pandas as pd
 
+from fuserec.privacy.erasure import secure_delete_users
+
 
 @dataclass(frozen=True)
 class Event:
@@ -144,6 +146,11 @@ class SQLiteEventStore:
         with self._lock:
             cursor = self._db.execute("DELETE FROM events WHERE timestamp < ?", (int(before),))
         return int(cursor.rowcount)
+
+    def forget(self, user_ids: list[str]) -> int:
+        """Erase every event of ``user_ids``, bytes included (:func:`secure_delete_users`); how many went."""
+        with self._lock:
+            return secure_delete_users(self._db, user_ids)
 
     def _cap(self, user_id: str, cap: int) -> None:
         """Keep the user's latest ``cap`` events (inside the caller's transaction)."""

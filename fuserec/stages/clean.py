@@ -1,6 +1,12 @@
-"""Clean: validated tables -> positives with contiguous ids (the Dataset every later stage reads)."""
+"""Clean: validated tables -> positives with contiguous ids (the Dataset every later stage reads).
+
+With ``privacy.retention_days`` set, interactions older than that many days before the newest one are
+dropped first, and users left with none leave the users table; ``summary.json`` counts both.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -9,21 +15,34 @@ from fuserec.config import CleanConfig, Params
 from fuserec.data.dataset import Dataset
 from fuserec.layout import RATINGS_FILE, Layout
 from fuserec.manifest import write_json
+from fuserec.privacy.minimise import apply_retention
 
 
 def build_dataset(
-    interactions: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame, cfg: CleanConfig
-) -> tuple[Dataset, pd.DataFrame, dict[str, int]]:
-    """Dedupe, convert to implicit positives, apply the k-core filter and map ids to indices.
+    interactions: pd.DataFrame,
+    items: pd.DataFrame,
+    users: pd.DataFrame,
+    cfg: CleanConfig,
+    retention_days: float | None = None,
+) -> tuple[Dataset, pd.DataFrame, dict[str, Any]]:
+    """Drop expired interactions, dedupe, convert to implicit positives, apply the k-core filter and map
+    ids to indices.
 
     Returns (dataset of positives, all deduplicated interactions with a ``positive`` flag, counts).
-    Ratings below the threshold are not positives but are kept in the second frame: nothing is lost.
+    Ratings below the threshold are not positives but are kept in the second frame: nothing is lost but
+    what ``retention_days`` expires, which is counted (``retention_dropped``, ``retention_users_dropped``).
     """
-    counts = {"rows_in": len(interactions)}
+    counts: dict[str, Any] = {"rows_in": len(interactions)}
+    if retention_days is not None:
+        before = interactions["user_id"].unique()
+        interactions, retention = apply_retention(interactions, retention_days)
+        expired = np.setdiff1d(before, interactions["user_id"].unique())
+        users = users[~users["user_id"].isin(expired)]
+        counts |= retention | {"retention_users_dropped": len(expired)}
     # Duplicate (user, item) pairs keep the earliest; a stable sort keeps file order among equal times.
     frame = interactions.sort_values("timestamp", kind="stable")
     frame = frame.drop_duplicates(["user_id", "item_id"], keep="first")
-    counts["duplicates_dropped"] = counts["rows_in"] - len(frame)
+    counts["duplicates_dropped"] = counts["rows_in"] - counts.get("retention_dropped", 0) - len(frame)
     has_rating = frame["rating"].notna()
     if cfg.implicit_threshold is None:
         positive = np.ones(len(frame), dtype=bool)
@@ -84,7 +103,9 @@ def clean(params: Params) -> str:
     def read(name: str) -> pd.DataFrame:
         return pd.read_parquet(layout.validated / f"{name}.parquet")
 
-    dataset, ratings, counts = build_dataset(read("interactions"), read("items"), read("users"), params.clean)
+    dataset, ratings, counts = build_dataset(
+        read("interactions"), read("items"), read("users"), params.clean, params.privacy.retention_days
+    )
     dataset.save(layout.clean)
     ratings.to_parquet(layout.clean / RATINGS_FILE, index=False)
     write_json(layout.clean / "summary.json", counts)

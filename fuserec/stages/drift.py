@@ -11,6 +11,10 @@ sound. The check compares, with simple robust statistics that need no model:
 * the rating mix: total-variation distance between the rating value frequencies;
 * the share of rows whose user / item id the reference never saw, and the volume ratio.
 
+With pseudonymous user ids (``privacy.pseudonymise``) the incoming ids are mapped with the same key as
+validate maps them, so they compare with the reference's; when the reference's validation report says it
+was made with another key (or without one), its user ids cannot be compared and only their activity is.
+
 Moderate drift logs a warning; a broken feed raises :class:`BrokenFeedError` naming the file, the
 statistic, its value, the threshold and the way out. Thresholds live in ``params.yaml`` under ``drift:``.
 The result goes to ``<outputs>/drift_report.json``.
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +33,13 @@ import pandas as pd
 
 from fuserec.config import DriftConfig, Params
 from fuserec.layout import DRIFT_REPORT_FILE
-from fuserec.manifest import write_json
+from fuserec.manifest import read_json, write_json
+from fuserec.privacy.pseudonyms import KeyMismatchError, Pseudonymiser, check_key
 
 SERVED_REFERENCE = Path("current") / "validated" / "interactions.parquet"
 EPS = 1e-6  # keeps PSI finite when a bin is empty on one side
+VALID_ID = r"[0-9]{1,18}"  # validate's id rule (ASCII digits, fits int64)
+INVALID_ID = "<invalid id>"  # what an id validate would reject is compared as (it is unknown anyway)
 log = logging.getLogger(__name__)
 
 
@@ -126,8 +133,13 @@ def compare(
     reference: Interactions | None,
     cfg: DriftConfig,
     rating_range: tuple[float, float] = (0.5, 5.0),
+    users_incomparable: str | None = None,
 ) -> dict[str, Any]:
-    """Every statistic, which ones warn, which ones fail. Pure: raising is :func:`check_drift`'s job."""
+    """Every statistic, which ones warn, which ones fail. Pure: raising is :func:`check_drift`'s job.
+
+    ``users_incomparable``: why the two sides' user ids cannot be compared (another pseudonym key), in
+    which case the share of unknown users is not computed; None compares them.
+    """
     report: dict[str, Any] = {
         "new": {"source": new.source, "rows": len(new)},
         "reference": None if reference is None else {"source": reference.source, "rows": len(reference)},
@@ -169,10 +181,14 @@ def compare(
                 "drift.min_volume_ratio",
                 "far fewer rows than the last training set: a truncated or partial export?",
             )
-        for kind, new_ids, ref_ids, warn, fail in (
+        id_checks = [
             ("users", new.user_id, reference.user_id, cfg.unknown_users_warn, cfg.unknown_users_fail),
             ("items", new.item_id, reference.item_id, cfg.unknown_items_warn, cfg.unknown_items_fail),
-        ):
+        ]
+        if users_incomparable is not None:
+            report["notes"] = [f"unknown_users_share not computed: {users_incomparable}"]
+            id_checks = id_checks[1:]
+        for kind, new_ids, ref_ids, warn, fail in id_checks:
             share = float((~np.isin(new_ids, np.unique(ref_ids))).mean())
             stats[f"unknown_{kind}_share"] = share
             key = f"drift.unknown_{kind}_fail"
@@ -219,10 +235,11 @@ def check_drift(
     cfg: DriftConfig,
     out: Path | None = None,
     rating_range: tuple[float, float] = (0.5, 5.0),
+    users_incomparable: str | None = None,
 ) -> dict[str, Any]:
     """:func:`compare`, its report written to ``out``, a warning per drifted statistic; raises if broken."""
     report = {"checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | compare(
-        new, reference, cfg, rating_range
+        new, reference, cfg, rating_range, users_incomparable
     )
     if out is not None:
         write_json(out, report)
@@ -265,6 +282,33 @@ def reference_path(params: Params) -> Path | None:
     return None
 
 
+def pseudonymous_ids(user_ids: np.ndarray, pseudonymiser: Pseudonymiser) -> np.ndarray:
+    """Raw user ids (stripped text) as validate stores them: the pseudonym's text, or :data:`INVALID_ID`
+    for an id validate would reject (so no raw id reaches the report or the comparison)."""
+    text = pd.Series(user_ids, dtype=object).astype(str)
+    valid = text.str.fullmatch(VALID_ID).to_numpy(dtype=bool)
+    out = np.full(len(text), INVALID_ID, dtype=object)
+    if valid.any():
+        out[valid] = pseudonymiser.users(text[valid].to_numpy()).astype(str)
+    return out
+
+
+def _key_difference(pseudonymiser: Pseudonymiser | None, reference: Path) -> str | None:
+    """Why ``reference``'s user ids cannot be compared with ids mapped by ``pseudonymiser``, or None.
+
+    Only a reference inside a run (``<run>/validated/...``, whose ``validation_report.json`` records how
+    its ids were made) can be checked; a file of your own is taken to hold ids as this run stores them.
+    """
+    report = reference.parent.parent / "validation_report.json"
+    if reference.parent.name != "validated" or not report.is_file():
+        return None
+    try:
+        check_key(pseudonymiser, read_json(report).get("privacy"), str(reference))
+    except KeyMismatchError as exc:
+        return str(exc)
+    return None
+
+
 def drift(params: Params) -> dict[str, Any]:
     """Load ``data.source`` as the validate stage would and check it against the reference."""
     from fuserec.data.sources import load_source
@@ -274,9 +318,12 @@ def drift(params: Params) -> dict[str, Any]:
         report = {"status": "skipped", "why": "drift.enabled is false"}
         write_json(out, report)
         return report
+    pseudonymiser = Pseudonymiser.from_params(params)  # a missing key fails before the data is read
     raw = load_source(params.data)
     source = raw.files.get("interactions") or params.data.source
     new = Interactions.from_frame(raw.interactions, str(source))
+    if pseudonymiser is not None:
+        new = replace(new, user_id=pseudonymous_ids(new.user_id, pseudonymiser))
     ref_path = reference_path(params)
     if params.drift.reference and ref_path is not None and not ref_path.exists():
         raise FileNotFoundError(
@@ -285,4 +332,5 @@ def drift(params: Params) -> dict[str, Any]:
         )
     reference = read_interactions(ref_path) if ref_path is not None else None
     rating_range = (params.validate_.rating_min, params.validate_.rating_max)
-    return check_drift(new, reference, params.drift, out, rating_range)
+    other_key = _key_difference(pseudonymiser, ref_path) if ref_path is not None else None
+    return check_drift(new, reference, params.drift, out, rating_range, other_key)

@@ -1,8 +1,14 @@
-"""Evaluate: full-ranking metrics of every trained model on the test split.
+"""Evaluate: full-ranking metrics of every trained model, every fitted fuser and the served graph on test.
 
 Each model scores the training histories of users with test items; their training items are excluded;
 ranking is over the whole catalog. Writes ``metrics.json`` (a DVC metrics file) and one CSV per model
 with every metric by k (DVC plots).
+
+The stage runs after export: ``served`` in ``metrics.json`` is the exported ONNX graph under onnxruntime,
+fed each test user's training history as the service feeds it (the latest ``max_history`` items and the
+latest event's time), ranked from its ``scores`` output as the service ranks, and measured by the same code
+as the Python rows. So the number reported is the number served, and a graph that drifted from its model
+shows as a gap between ``served`` and that model's row.
 """
 
 from __future__ import annotations
@@ -13,16 +19,17 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from fuserec.artifacts import load_algorithm, trained_models
+from fuserec.artifacts import chosen_algorithm, load_algorithm, trained_models
 from fuserec.config import Params
 from fuserec.data.dataset import Dataset, interactions_matrix
 from fuserec.evaluation import metrics_by_k, ranking_metrics, rounded, segment_comparison, significance
 from fuserec.features import item_content_vectors
 from fuserec.fusion import SharedScores
 from fuserec.histories import Histories
-from fuserec.layout import Layout
-from fuserec.manifest import write_json
-from fuserec.metrics import evaluate_rankings, ndcg_at_k, rank_together
+from fuserec.layout import MODEL_FILE, Layout
+from fuserec.manifest import read_json, write_json
+from fuserec.metrics import PER_USER_METRICS, evaluate_rankings, ndcg_at_k, rank_together
+from fuserec.onnx_model import OnnxRecommender
 from fuserec.rerank import DiversityCurve, Rerank
 from fuserec.segments import SIMULATED_COLD, simulated_cold
 
@@ -97,7 +104,12 @@ def rerank_curve(
 
 
 def curve_summary(
-    params: Params, layout: Layout, curve: DiversityCurve | None, test: pd.DataFrame, data: Dataset
+    params: Params,
+    layout: Layout,
+    curve: DiversityCurve | None,
+    test: pd.DataFrame,
+    data: Dataset,
+    scorer: str,
 ) -> dict[str, Any]:
     """The curve's points for metrics.json, and ``rerank_curve.csv`` (a DVC plot)."""
     if curve is None:
@@ -106,17 +118,85 @@ def curve_summary(
     points = curve.result(interactions_matrix(test, data.n_users, data.n_items)[users])
     pd.DataFrame(points).to_csv(layout.root / "rerank_curve.csv", index=False)
     return {
-        "scorer": params.export.algorithm,
+        "scorer": scorer,
         "shape": params.export.rerank_shape,
         "curve": [rounded(point) for point in points],
     }
 
 
+def exported_manifest(layout: Layout, name: str) -> dict[str, Any]:
+    """The export stage's manifest; refuses a missing export, or one of another scorer than ``name``."""
+    manifest_file = layout.export / "manifest.json"
+    if not manifest_file.exists():
+        raise FileNotFoundError(
+            f"{manifest_file} is missing: evaluate also scores the exported graph. To fix: run the export "
+            "stage first (`fuserec stage export`, `dvc repro export` or `fuserec run`)"
+        )
+    manifest = read_json(manifest_file)
+    if manifest["algorithm"]["name"] != name:
+        raise ValueError(
+            f"{layout.export} holds {manifest['algorithm']['name']!r} but the export is now {name!r} "
+            "(export.algorithm, or the fuse stage's choice for auto). To fix: run the export stage again"
+        )
+    return manifest
+
+
+def latest_times(histories: Histories) -> np.ndarray:
+    """``int64 [B]``: each history's latest event time (0 for an empty one), what the service sends."""
+    last = np.zeros(len(histories), dtype=np.int64)
+    has = histories.lengths > 0
+    if histories.timestamps is not None and has.any():
+        last[has] = np.maximum.reduceat(histories.timestamps, histories.indptr[:-1][has])
+    return last
+
+
+def served_metrics(
+    params: Params,
+    layout: Layout,
+    name: str,
+    data: Dataset,
+    test: pd.DataFrame,
+    hist: Histories,
+    train_mat: sp.csr_matrix,
+    vectors: np.ndarray,
+) -> dict[str, Any]:
+    """The exported graph on every test user, measured as the Python rows are (``served`` in metrics.json).
+
+    Histories go in as the service sends them (latest ``max_history`` items, oldest first, and the latest
+    event time for graphs that read it); the ``scores`` output is ranked with the user's training items
+    excluded and ties to the lower index, as the service and the Python rows rank.
+    """
+    manifest = exported_manifest(layout, name)
+    session = OnnxRecommender(
+        layout.export / MODEL_FILE, manifest["providers"], prepack=manifest.get("prepack", False)
+    )
+    max_history = int(manifest["max_history"])
+
+    def score(batch: Histories) -> np.ndarray:
+        last = latest_times(batch) if session.uses_time else None
+        return session.run(batch.to_padded(max_history), last)[0]
+
+    users = np.unique(test["user"].to_numpy())
+    ks = params.evaluate.ks
+    topk = rank_together({name: score}, hist.select, users, train_mat, max(ks), params.evaluate.batch_size)
+    values = ranking_metrics(topk[name], users, data, test, ks, False, False, vectors)
+    return {
+        "algorithm": name,
+        "export_algorithm": params.export.algorithm,
+        "graph": f"{layout.export.name}/{MODEL_FILE}",
+        "providers": session.providers,
+        "max_history": max_history,
+        **rounded(values),
+    }
+
+
 def evaluate(params: Params) -> str:
-    """Test metrics of every trained model and every fitted fuser (bound to those models)."""
+    """Test metrics of every trained model, every fitted fuser (bound to those models), the served graph."""
     from fuserec.artifacts import fitted_fusers, load_fuser
 
     layout = Layout(params.outputs_dir)
+    exported = chosen_algorithm(params, layout)
+    exported_manifest(layout, exported)  # fail before the long pass, not after it
     data = Dataset.load(layout.clean, interactions=layout.split_file("train"))
     test = pd.read_parquet(layout.split_file("test"))
     results: dict[str, dict[str, dict[str, Any]]] = {"models": {}, "fusers": {}}
@@ -130,7 +210,6 @@ def evaluate(params: Params) -> str:
         scorers[folder.name] = ("fusers", SharedScores(load_fuser(folder, layout, models)))
     users = np.unique(test["user"].to_numpy())
     hist, train_mat = data.histories(), data.matrix()
-    exported = params.export.algorithm
     vectors = item_content_vectors(data.items)
     # Without the exported scorer among them there is nothing to re-rank.
     curve = rerank_curve(params, data, vectors, train_mat) if exported in scorers else None
@@ -166,12 +245,19 @@ def evaluate(params: Params) -> str:
         if sig:
             fused = cold_per_user["fusers"][sig["best_fuser"]]
             sig[SIMULATED_COLD] = segment_comparison(fused, cold_per_user["models"])
+    served = served_metrics(params, layout, exported, data, test, hist, train_mat, vectors)
+    python = results["models"].get(exported) or results["fusers"].get(exported) or {}
+    # over the accuracy metrics (novelty is a popularity rank, not comparable on their scale)
+    accuracy = [f"{m}@{k}" for m in PER_USER_METRICS for k in params.evaluate.ks]
+    gaps = [abs(served[key] - python[key]) for key in accuracy if key in python]
+    served["largest_difference_from_python"] = round(max(gaps), 6) if gaps else None
     payload = {
         "protocol": protocol_summary(params, data.interactions, test, data.n_items),
         **results,
+        "served": served,
         "segments": by_segment,
         "significance": sig,
-        "rerank": curve_summary(params, layout, curve, test, data),
+        "rerank": curve_summary(params, layout, curve, test, data, exported),
     }
     write_json(layout.metrics, payload)
     return str(layout.metrics)

@@ -1,5 +1,8 @@
 """Export: the chosen model's scoring -> one ONNX file + catalog + id maps, checked under onnxruntime.
 
+The chosen model is the one ``export.algorithm`` names, or with ``auto`` the fuse stage's best candidate
+on validation (:func:`fuserec.artifacts.chosen_algorithm`); the manifest's ``selection`` says which and why.
+
 Everything is written to a staging folder beside ``model/`` and checked there (the parity check loads the
 graph from it); only a complete, checked export replaces ``model/``, in one atomic step
 (:func:`fuserec.atomic.replace_dir`). A failed export leaves the previous ``model/`` as it was and no
@@ -14,10 +17,11 @@ from typing import Any
 import pandas as pd
 
 from fuserec.api import Algorithm
-from fuserec.artifacts import load_scorer, scorer_folder
+from fuserec.artifacts import chosen_algorithm, load_scorer, scorer_folder
 from fuserec.atomic import remove, remove_stale_staging, replace_dir, staging_path
-from fuserec.config import Params
+from fuserec.config import AUTO, Params
 from fuserec.data.dataset import Dataset
+from fuserec.explain_states import write_explain_states
 from fuserec.features import item_content_vectors
 from fuserec.fusion import Fuser
 from fuserec.histories import Histories
@@ -38,7 +42,8 @@ from fuserec.rerank import Rerank, novelty_bonus
 
 
 def export(params: Params) -> str:
-    """Export ``export.algorithm`` to ``<outputs>/model``; returns that folder's path."""
+    """Export the chosen scorer (``export.algorithm``, ``auto`` resolved) to ``<outputs>/model``; returns
+    that folder's path."""
     layout = Layout(params.outputs_dir)
     out = layout.export
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +62,8 @@ def export(params: Params) -> str:
 def _export_into(params: Params, layout: Layout, out: Path) -> None:
     """Write and check the export in ``out`` (a fresh staging folder); raises if the graph disagrees."""
     cfg = params.export
-    folder = scorer_folder(layout, cfg.algorithm)
+    name = chosen_algorithm(params, layout)
+    folder = scorer_folder(layout, name)
     algo = load_scorer(layout, folder)
     data = Dataset.load(layout.clean, interactions=layout.split_file("train"))
     test = pd.read_parquet(layout.split_file("test"))
@@ -71,7 +77,7 @@ def _export_into(params: Params, layout: Layout, out: Path) -> None:
     # over 1 GiB of weights: kept beside the graph, which names it relative to itself (it moves with it)
     weights = out / f"{MODEL_FILE}.data"
     session = OnnxRecommender(onnx_path, cfg.providers, prepack=cfg.prepack)
-    parity = _checked_parity(algo, session, data, test, cfg.k, cfg.algorithm, reranker)
+    parity = _checked_parity(algo, session, data, test, cfg.k, name, reranker)
     providers = session.providers
     del session  # the graph (and a mapped weights file) is released before the folder moves
     data.items.to_parquet(out / CATALOG_FILE, index=False)
@@ -80,6 +86,7 @@ def _export_into(params: Params, layout: Layout, out: Path) -> None:
         out,
         kind="exported-model",
         algorithm=read_json(folder / "manifest.json"),
+        selection=selection_summary(params, layout, name),
         file=MODEL_FILE,
         sha256=file_sha256(onnx_path),
         external_data=weights.name if weights.exists() else None,
@@ -103,7 +110,7 @@ def _export_into(params: Params, layout: Layout, out: Path) -> None:
             else None
         ),
         outputs=[*OUTPUT_NAMES, CONTRIBUTIONS],
-        components=algo._check_fitted_names() if isinstance(algo, Fuser) else [cfg.algorithm],
+        components=algo._check_fitted_names() if isinstance(algo, Fuser) else [name],
         k=cfg.k,
         rerank={
             "diversity": rerank.diversity,
@@ -120,6 +127,7 @@ def _export_into(params: Params, layout: Layout, out: Path) -> None:
         prepack=cfg.prepack,
         opset=cfg.opset,
         parity=parity,
+        explain_states=write_explain_states(algo, name, out),  # components that explain when served
     )
 
 
@@ -143,3 +151,21 @@ def _checked_parity(
     if not (scores_ok and ranking_ok and contributions_agree(parity, exact)):
         raise RuntimeError(f"exported ONNX model disagrees with {name}.score: {parity}")
     return parity
+
+
+def selection_summary(params: Params, layout: Layout, name: str) -> dict[str, Any]:
+    """Why ``name`` is served: named in ``export.algorithm``, or best on validation among the candidates.
+
+    Each candidate's validation score is copied from ``selection.json`` (when the fuse stage wrote one), so
+    the served folder says what it beat without the run folder beside it.
+    """
+    record = read_json(layout.selection) if layout.selection.exists() else {}
+    auto = params.export.algorithm == AUTO
+    return {
+        "export_algorithm": params.export.algorithm,
+        "chosen": name,
+        "reason": f"best {record.get('metric')} on validation" if auto else "named in export.algorithm",
+        "metric": record.get("metric"),
+        "candidates": {n: c.get(record.get("metric", "")) for n, c in record.get("candidates", {}).items()},
+        "left_out": record.get("left_out", {}),
+    }

@@ -23,11 +23,11 @@ store such as ``events.sqlite``), and a release that holds one anyway (a service
 ``served/current`` without ``--store``) is never deleted, only reported.
 
 The decision compares ``promote.metric`` (default ``ndcg@10``) of ``promote.algorithm`` (default: the
-exported one). ``metrics.json`` holds test-split metrics only (the validation carve is consumed by the
-fusers and tuning; no validation score of the exported model is written), so each side's value is its own
-run's held-out score under the same protocol. When the data grows between retrains the two test sets
-differ; ``promote.tolerance`` absorbs that noise, and the log keeps both metric sets so a reviewer can see
-it. Nothing served yet: the first candidate is always promoted.
+exported one, ``export.algorithm`` with ``auto`` resolved to the run's choice on validation). The values
+are test-split metrics from ``metrics.json`` (validation scores only chose what to export), so each side's
+value is its own run's held-out score under the same protocol. When the data grows between retrains the
+two test sets differ; ``promote.tolerance`` absorbs that noise, and the log keeps both metric sets so a
+reviewer can see it. Nothing served yet: the first candidate is always promoted.
 """
 
 from __future__ import annotations
@@ -442,12 +442,15 @@ def read_log(served_dir: str | Path) -> list[dict[str, Any]]:
 
 def promote(params: Params) -> dict[str, Any]:
     """The run in ``params.outputs`` against ``promote.served_dir``; returns the logged decision."""
+    from fuserec.artifacts import chosen_algorithm  # loads torch: only when a decision is made
+
     cfg = params.promote
+    layout = Layout(params.outputs_dir)
     decision = promote_candidate(
-        Layout(params.outputs_dir).root,
+        layout.root,
         cfg.served_dir,
         cfg.metric,
-        cfg.algorithm or params.export.algorithm,
+        cfg.algorithm or chosen_algorithm(params, layout),  # auto: what the candidate run exported
         cfg.tolerance,
     )
     print(f"promote: {decision.decision} - {decision.reason}")

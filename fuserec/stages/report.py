@@ -1,4 +1,5 @@
-"""Report: ``outputs/report.html`` from ``metrics.json``, plus the gating fuser's weights by user segment."""
+"""Report: ``outputs/report.html`` from ``metrics.json`` and ``selection.json`` (what is served and why),
+plus the gating fuser's weights by user segment."""
 
 from __future__ import annotations
 
@@ -53,5 +54,6 @@ def report(params: Params) -> str:
     frame = pd.DataFrame(gating).T.rename_axis("segment").reset_index()
     frame.to_csv(layout.root / GATING_FILE, index=False)  # a DVC plot (empty without a gating fuser)
     path = layout.root / REPORT_FILE
-    path.write_text(render(metrics, gating, served_alone(layout)), encoding="utf-8")
+    selection = read_json(layout.selection) if layout.selection.exists() else None
+    path.write_text(render(metrics, gating, served_alone(layout), selection), encoding="utf-8")
     return str(path)

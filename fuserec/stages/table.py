@@ -60,17 +60,29 @@ STAGES: tuple[Stage, ...] = (
         "Load the raw source and check every row with Great Expectations; quarantine the rejects.",
         inputs=(),
         outputs=(Output("validated"), Output("rejects"), Output("validation_report.json", "metric")),
-        params=("data", "validate"),
-        code=("fuserec/stages/validate.py", "fuserec/data"),
+        # the attributes kept are those the trained plugins declare (train.algorithms); the key itself is
+        # no param: the Prefect cache keys on its fingerprint, DVC needs `dvc repro -f` after a rotation
+        params=(
+            "data",
+            "validate",
+            "privacy.pseudonymise",
+            "privacy.key_env",
+            "privacy.key_file",
+            "privacy.drop_user_columns",
+            "privacy.age_buckets",
+            "privacy.cold_start_attributes",
+            "train.algorithms",
+        ),
+        code=("fuserec/stages/validate.py", "fuserec/data", "fuserec/privacy"),
         reads_raw_data=True,  # the files params choose: see raw_data_dependency
     ),
     Stage(
         "clean",
-        "Deduplicate, keep the positives, map ids to contiguous indices.",
+        "Drop expired interactions, deduplicate, keep the positives, map ids to contiguous indices.",
         inputs=("validated",),
         outputs=(Output("clean"),),
-        params=("clean",),
-        code=("fuserec/stages/clean.py", "fuserec/data/dataset.py"),
+        params=("clean", "privacy.retention_days"),
+        code=("fuserec/stages/clean.py", "fuserec/data/dataset.py", "fuserec/privacy/minimise.py"),
     ),
     Stage(
         "split",
@@ -103,22 +115,46 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "fuse",
-        "Learn every fuser on the validation carve from the components fitted on train'.",
+        "Learn every fuser on the validation carve from the components fitted on train'; score every "
+        "fuser and component there on users it was not fitted on, for export.algorithm: auto.",
         inputs=("clean", "split", "models", "inner_models"),
-        outputs=(Output("fusers"),),
-        params=("data.source", "data.settings_dir", "train.seed", "fuse", "fusers"),
+        outputs=(Output("fusers"), Output("selection.json", "metric")),
+        params=(
+            "data.source",
+            "data.settings_dir",
+            "train.seed",
+            "fuse",
+            "fusers",
+            "tune.metric",  # what the candidates for export are scored by
+        ),
         code=(
             "fuserec/stages/fuse.py",
             "fuserec/fusion.py",
             "fuserec/listwise.py",
+            "fuserec/selection.py",
             *_TRAIN_CODE,
             SETTINGS_CODE,
         ),
     ),
     Stage(
+        "export",
+        "One ONNX graph of the chosen scorer, checked against Python under onnxruntime.",
+        inputs=("clean", "split", "models", "fusers", "selection.json"),
+        outputs=(Output("model"),),
+        params=("export", "clean.implicit_threshold", "validate.rating_min", "validate.rating_max"),
+        code=(
+            "fuserec/stages/export.py",
+            "fuserec/onnx_model.py",
+            "fuserec/parity.py",
+            "fuserec/rerank.py",
+            "fuserec/explain_states.py",
+        ),
+    ),
+    Stage(
         "evaluate",
-        "Full-ranking metrics of every model and fuser on test, by segment, with significance.",
-        inputs=("clean", "split", "models", "fusers"),
+        "Full-ranking metrics of every model and fuser, and of the exported graph under onnxruntime "
+        "(served), on test, by segment, with significance.",
+        inputs=("clean", "split", "models", "fusers", "selection.json", "model"),
         outputs=(
             Output("metrics.json", "metric"),
             Output("plots", "plot", x="k", y="ndcg"),
@@ -129,7 +165,7 @@ STAGES: tuple[Stage, ...] = (
             "split",  # written into metrics.json's protocol
             "clean.implicit_threshold",
             "train.seed",  # draws the simulated cold users
-            "export.algorithm",  # the re-ranking curve is the exported scorer's
+            "export.algorithm",  # the re-ranking curve and the served row are the exported scorer's
             "export.rerank_depth",
             "export.rerank_keep",
             "export.rerank_order",
@@ -141,20 +177,13 @@ STAGES: tuple[Stage, ...] = (
             "fuserec/segments.py",
             "fuserec/significance.py",
             "fuserec/rerank.py",
+            "fuserec/onnx_model.py",
         ),
-    ),
-    Stage(
-        "export",
-        "One ONNX graph of the chosen scorer, checked against Python under onnxruntime.",
-        inputs=("clean", "split", "models", "fusers"),
-        outputs=(Output("model"),),
-        params=("export", "clean.implicit_threshold", "validate.rating_min", "validate.rating_max"),
-        code=("fuserec/stages/export.py", "fuserec/onnx_model.py", "fuserec/parity.py", "fuserec/rerank.py"),
     ),
     Stage(
         "report",
         "A self-contained HTML report of the metrics, segments and gating weights.",
-        inputs=("clean", "split", "models", "fusers", "metrics.json"),
+        inputs=("clean", "split", "models", "fusers", "selection.json", "metrics.json"),
         outputs=(Output("report.html", cache=False), Output("gating_weights.csv", "plot", x="segment")),
         params=(),
         code=("fuserec/stages/report.py", "fuserec/html_report.py"),
@@ -205,17 +234,22 @@ def _code_deps(s: Stage, settings: str) -> list[str]:
 
 
 def dvc_stages(
-    outputs: str = "outputs", raw_data: str | None = None, settings: str = SETTINGS_CODE
+    outputs: str = "outputs",
+    raw_data: str | None = None,
+    settings: str = SETTINGS_CODE,
+    erasures: str | None = None,
 ) -> dict[str, Any]:
     """The ``stages:`` mapping of dvc.yaml for an outputs folder, in pipeline order.
 
     ``raw_data`` (:func:`raw_data_dependency`) becomes a dependency of the stages that read raw data, and
-    ``settings`` (:func:`settings_dependency`) the settings folder of the stages that read it.
+    ``settings`` (:func:`settings_dependency`) the settings folder of the stages that read it. So does
+    ``erasures`` (``privacy.erasures``): validate drops the people it lists from the raw data, and without
+    the dependency DVC would check the erased rows back out of its cache instead of rerunning.
     """
     stages: dict[str, Any] = {}
     for s in STAGES:
         entry: dict[str, Any] = {"cmd": f"fuserec stage {s.name}"}
-        raw = [raw_data] if raw_data and s.reads_raw_data else []
+        raw = [d for d in (raw_data, erasures) if d] if s.reads_raw_data else []
         entry["deps"] = [*raw, *_code_deps(s, settings), *(f"{outputs}/{p}" for p in s.inputs)]
         if s.params:
             entry["params"] = list(s.params)
@@ -245,15 +279,23 @@ DVC_HEADER = """\
 """
 
 
-def dvc_yaml(outputs: str = "outputs", raw_data: str | None = None, settings: str = SETTINGS_CODE) -> str:
-    """dvc.yaml's text, generated from :data:`STAGES` and the data and settings folders params select."""
+def dvc_yaml(
+    outputs: str = "outputs",
+    raw_data: str | None = None,
+    settings: str = SETTINGS_CODE,
+    erasures: str | None = None,
+) -> str:
+    """dvc.yaml's text, generated from :data:`STAGES` and the data, settings and register params select."""
     import yaml
 
-    body = yaml.safe_dump({"stages": dvc_stages(outputs, raw_data, settings)}, sort_keys=False, width=110)
+    stages = dvc_stages(outputs, raw_data, settings, erasures)
+    body = yaml.safe_dump({"stages": stages}, sort_keys=False, width=110)
     return DVC_HEADER + body
 
 
-def stale_raw_data(dvc_file: Path, data: DataConfig, outputs: str = "outputs") -> str | None:
+def stale_raw_data(
+    dvc_file: Path, data: DataConfig, outputs: str = "outputs", erasures: str | None = None
+) -> str | None:
     """Why ``dvc_file`` would let DVC miss a change of the raw data or settings ``data`` selects, or None.
 
     A dvc.yaml whose validate stage does not depend on the current raw folder (``data.path`` changed since
@@ -264,7 +306,7 @@ def stale_raw_data(dvc_file: Path, data: DataConfig, outputs: str = "outputs") -
 
     raw = raw_data_dependency(data)
     settings = settings_dependency(data)
-    wanted = [raw] if raw else []
+    wanted = [d for d in (raw, erasures) if d]
     stages = (yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {})
     for s in STAGES:
         if s.name not in stages:

@@ -26,6 +26,14 @@ sequences that are not UTF-8 and were replaced by U+FFFD when read (``encoding_e
 first lines, never the values), the characters other than ``\n`` / ``\r`` that ``str.splitlines``
 would break a line on, and whether the loader's line numbers fit in the file.
 
+Privacy (:class:`~fuserec.privacy.plan.PrivacyPlan`, from ``privacy:`` in params.yaml): after every rule
+ran on the raw ids, user ids are replaced by pseudonyms (:mod:`fuserec.privacy.pseudonyms`) in the
+validated tables, the rejects and the report, so nothing this stage writes holds a raw user id: a rejected
+row shows its pseudonym, or ``<invalid id, N chars>`` when the id is not valid, and a malformed line of
+the interactions / users tables only its length. The users table keeps only the attributes a configured
+plugin or the cold-start rule reads, ages as groups (:mod:`fuserec.privacy.minimise`). The report's
+``privacy`` entry says what was done and the key's fingerprint, never the key.
+
 Missing required columns and empty files stop the stage at once (there is nothing to validate); a
 table whose rejected share exceeds ``validate.max_reject_share`` raises :class:`ValidationError`
 after rejects and report have been written.
@@ -50,6 +58,9 @@ from fuserec.config import Params, ValidateConfig
 from fuserec.data.raw import LINE_COL, REQUIRED_COLUMNS, SOURCE_COL, TABLES, RawSource
 from fuserec.layout import Layout
 from fuserec.manifest import write_json
+from fuserec.privacy.minimise import AGE, age_groups, minimise_users
+from fuserec.privacy.plan import PrivacyPlan
+from fuserec.privacy.pseudonyms import Pseudonymiser
 
 # Ids are non-negative integers that fit int64 (at most 18 digits). ASCII digits only: ``\d`` matches
 # any Unicode decimal digit ("١٢٣", "１２３"), which int() / float() / pandas then read as 123.
@@ -67,6 +78,8 @@ REJECT_EXTRA = (RAW_LINE, SOURCE_COL, LINE_COL, RULE)
 MALFORMED_LINE = "malformed_line"
 MISSING_COLUMN = "missing_column"
 EMPTY_FILE = "empty_file"
+USER_ID = "user_id"
+PSEUDONYMISED_TABLES = ("interactions", "users")  # the tables whose rows name a user
 PARAMS_KEY = "validate.max_reject_share"
 
 # GX result format: COMPLETE gives the index of every failing row; the lists of values are not needed.
@@ -354,6 +367,7 @@ class TableResult:
     notes: list[str] = field(default_factory=list)
     validated: pd.DataFrame | None = None
     derived_from: str | None = None
+    pseudonyms: np.ndarray | None = None  # per row, the user id's pseudonym (valid where id_ok)
 
     @property
     def rejected(self) -> np.ndarray:
@@ -527,8 +541,9 @@ def _typed_users(result: TableResult, keep: np.ndarray) -> pd.DataFrame:
                 whole = num.dropna()
                 out[column] = num.astype("Int64") if (whole == np.floor(whole)).all() else num
                 continue
+            lines = raw.loc[bad, LINE_COL].head(5).tolist()  # lines, not values: ages are personal data
             result.notes.append(
-                f"age kept as text: {int(bad.sum())} value(s) are not numbers (e.g. {text[bad].iloc[0]!r})"
+                f"age kept as text: {int(bad.sum())} value(s) are not numbers (lines {lines})"
             )
         out[column] = _strings_or_empty(raw[column])
     return out
@@ -546,10 +561,62 @@ def _derived(table: str, ids: np.ndarray) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------------
+# Pseudonyms
+
+
+def _pseudonymise(results: dict[str, TableResult], pseudonymiser: Pseudonymiser) -> None:
+    """Give every valid user id of the checked tables its pseudonym, and the validated tables only those.
+
+    One mapping over all tables at once, so a hash clash between any two users is caught.
+    """
+    tables = [r for r in results.values() if USER_ID in r.ids]
+    valid = [r.ids[USER_ID][r.id_ok[USER_ID]] for r in tables]
+    mapped = pseudonymiser.users(np.concatenate(valid)) if valid else np.zeros(0, dtype=np.int64)
+    start = 0
+    for result, ids in zip(tables, valid, strict=True):
+        result.pseudonyms = np.zeros(len(result.raw), dtype=np.int64)
+        result.pseudonyms[result.id_ok[USER_ID]] = mapped[start : start + len(ids)]
+        start += len(ids)
+        if result.validated is not None:
+            result.validated[USER_ID] = result.pseudonyms[~result.rejected]
+
+
+def _shown_columns(result: TableResult, plan: PrivacyPlan) -> list[str]:
+    """The source columns rejects and samples show: for users, only the id and the attributes kept."""
+    columns = [c for c in result.raw.columns if c not in (SOURCE_COL, LINE_COL)]
+    if result.name == "users" and plan.user_columns is not None:
+        columns = [c for c in columns if c == USER_ID or c in plan.user_columns]
+    return columns
+
+
+def _shown(result: TableResult, column: str, positions: np.ndarray, plan: PrivacyPlan) -> np.ndarray:
+    """Values of ``column`` at row ``positions`` as rejects and samples show them: the raw text, but a
+    user id as its pseudonym (``<invalid id, N chars>`` when it is no valid id) and an age as its group
+    when the plan says so."""
+    raw = raw_strings(result.raw[column].iloc[positions]).to_numpy()
+    if column == USER_ID and result.pseudonyms is not None:
+        out = np.array([None if v is None else f"<invalid id, {len(v)} chars>" for v in raw], dtype=object)
+        ok = result.id_ok[USER_ID][positions]
+        out[ok] = result.pseudonyms[positions][ok].astype(str)
+        return out
+    if column == AGE and result.name == "users" and plan.age_buckets:
+        return age_groups(pd.Series(raw, dtype=object), plan.age_buckets)[0].to_numpy()
+    return raw
+
+
+def _shown_lines(result: TableResult, lines: pd.Series) -> list[str]:
+    """Malformed lines as rejects and samples show them: only their length when they may hold a raw id."""
+    text = lines.astype(str).tolist()
+    if result.pseudonyms is None or result.name not in PSEUDONYMISED_TABLES:
+        return text
+    return [f"<malformed line, {len(t)} chars>" for t in text]
+
+
+# --------------------------------------------------------------------------------------------------
 # Rejects and report
 
 
-def _rejects(result: TableResult, columns: list[str]) -> pd.DataFrame:
+def _rejects(result: TableResult, columns: list[str], plan: PrivacyPlan) -> pd.DataFrame:
     raw, rejected = result.raw, result.rejected
     positions = np.flatnonzero(rejected)
     reasons = pd.Series("", index=positions, dtype=object)
@@ -557,7 +624,7 @@ def _rejects(result: TableResult, columns: list[str]) -> pd.DataFrame:
         hit = result.failed[rule.name]
         if len(hit):
             reasons[hit] = reasons[hit] + "; " + rule.name
-    parts = {c: raw_strings(raw[c].iloc[positions]).to_numpy() for c in columns}
+    parts = {c: _shown(result, c, positions, plan) for c in columns}
     rows = pd.DataFrame(parts, index=range(len(positions)), dtype=object)
     rows[RAW_LINE] = None
     rows[SOURCE_COL] = raw[SOURCE_COL].iloc[positions].astype(str).to_numpy()
@@ -566,7 +633,7 @@ def _rejects(result: TableResult, columns: list[str]) -> pd.DataFrame:
     bad = result.malformed
     if len(bad):
         lines = pd.DataFrame({c: [None] * len(bad) for c in columns}, dtype=object)
-        lines[RAW_LINE] = bad[RAW_LINE].astype(str).to_numpy()
+        lines[RAW_LINE] = np.asarray(_shown_lines(result, bad[RAW_LINE]), dtype=object)
         lines[SOURCE_COL] = bad[SOURCE_COL].astype(str).to_numpy()
         lines[LINE_COL] = bad[LINE_COL].to_numpy(np.int64)
         lines[RULE] = bad[RULE].astype(str).to_numpy()
@@ -587,14 +654,16 @@ def _write_rejects(rows: pd.DataFrame, path: Path) -> None:
     pq.write_table(pa.Table.from_pandas(rows, schema=schema, preserve_index=False), path)
 
 
-def _rule_report(result: TableResult, rule: Rule, value_columns: list[str], n: int) -> dict[str, Any]:
+def _rule_report(
+    result: TableResult, rule: Rule, value_columns: list[str], n: int, plan: PrivacyPlan
+) -> dict[str, Any]:
     hit = result.failed[rule.name]
+    shown = {c: _shown(result, c, hit[:n], plan) for c in value_columns}
     samples = []
-    for pos in hit[:n]:
-        row = result.raw.iloc[pos]
+    for j, pos in enumerate(hit[:n]):
         sample: dict[str, Any] = {
-            "line": int(row[LINE_COL]),
-            "values": {c: (None if pd.isna(row[c]) else str(row[c])) for c in value_columns},
+            "line": int(result.raw[LINE_COL].iat[pos]),
+            "values": {c: shown[c][j] for c in value_columns},
         }
         if rule.column == "__duplicate_of_line":
             sample["duplicate_of_line"] = int(result.helpers["duplicate_of_line"][pos])
@@ -602,7 +671,8 @@ def _rule_report(result: TableResult, rule: Rule, value_columns: list[str], n: i
     return {**rule.describe(), "count": len(hit), "samples": samples}
 
 
-def _malformed_report(bad: pd.DataFrame, n: int) -> dict[str, Any] | None:
+def _malformed_report(result: TableResult, n: int) -> dict[str, Any] | None:
+    bad = result.malformed
     if not len(bad):
         return None
     details = sorted({str(r) for r in bad[RULE]})
@@ -616,8 +686,13 @@ def _malformed_report(bad: pd.DataFrame, n: int) -> dict[str, Any] | None:
         + " / ".join(d.split(":", 1)[1].strip() if ":" in d else d for d in details),
         "count": len(bad),
         "samples": [
-            {"line": int(r[LINE_COL]), "source": str(r[SOURCE_COL]), "raw": str(r[RAW_LINE])}
-            for _, r in bad.head(n).iterrows()
+            {"line": int(line), "source": str(source), "raw": text}
+            for line, source, text in zip(
+                bad[LINE_COL].head(n),
+                bad[SOURCE_COL].head(n),
+                _shown_lines(result, bad[RAW_LINE].head(n)),
+                strict=True,
+            )
         ],
     }
 
@@ -634,11 +709,12 @@ def check_reconciles(table: str, file: str | None, rows_in: int, kept: int, reje
         )
 
 
-def _table_report(result: TableResult, kept: int, rejected: int, n: int) -> dict[str, Any]:
+def _table_report(result: TableResult, kept: int, rejected: int, n: int, plan: PrivacyPlan) -> dict[str, Any]:
     rows_in = len(result.raw) + len(result.malformed)
     value_columns = [c for c in result.raw.columns if c not in (SOURCE_COL, LINE_COL)]
-    rules = [_rule_report(result, rule, value_columns, n) for rule in result.rules]
-    malformed = _malformed_report(result.malformed, n)
+    shown = _shown_columns(result, plan)
+    rules = [_rule_report(result, rule, shown, n, plan) for rule in result.rules]
+    malformed = _malformed_report(result, n)
     if malformed:
         rules.insert(0, malformed)
     check_reconciles(result.name, result.file, rows_in, kept, rejected)
@@ -880,7 +956,9 @@ def _text_files_report(result: TableResult, file: str | None, n: int) -> tuple[d
 # The stage
 
 
-def validate_source(source: RawSource, cfg: ValidateConfig, out_dir: str | Path) -> dict[str, Any]:
+def validate_source(
+    source: RawSource, cfg: ValidateConfig, out_dir: str | Path, privacy: PrivacyPlan | None = None
+) -> dict[str, Any]:
     """Validate every table of ``source``; write validated tables, rejects and the report under ``out_dir``.
 
     Writes ``validated/{interactions,items,users}.parquet`` (typed valid rows in file order; items /
@@ -888,18 +966,24 @@ def validate_source(source: RawSource, cfg: ValidateConfig, out_dir: str | Path)
     (always, even empty: raw values as strings, ``raw`` line text of malformed lines, ``_source``,
     ``_line`` and ``rule``) and ``validation_report.json``; returns the report.
 
+    ``privacy`` pseudonymises user ids and minimises the users table (see the module's docstring); None
+    keeps raw ids and every column.
+
     Raises ValidationError at once for a missing required column (rule ``missing_column``) or an empty
     table (``empty_file``), and after writing everything when a table's rejected share exceeds
     ``cfg.max_reject_share``.
     """
     out_dir = Path(out_dir)
+    plan = privacy or PrivacyPlan()
     malformed = _split_malformed(source.malformed)
     if source.interactions is None:
         raise ValidationError(f"the source has no interactions table (files: {source.files})")
     raws: dict[str, pd.DataFrame] = {}
+    erased: dict[str, int] = {}
     for table in TABLES:
         raw = source.table(table)
         if raw is not None:
+            raw, erased[table] = plan.drop_erased(raw)  # erased people: before any rule, so no reject either
             raws[table] = _prepare(table, raw, source.files.get(table), malformed[table])
         elif len(malformed[table]):
             raise ValueError(
@@ -921,6 +1005,15 @@ def validate_source(source: RawSource, cfg: ValidateConfig, out_dir: str | Path)
         else:
             result.validated = _typed_interactions(result, frame, keep)
         results[table] = result
+    if plan.pseudonymiser is not None:  # every rule has run on the raw ids
+        _pseudonymise(results, plan.pseudonymiser)
+    privacy_record = plan.record()
+    privacy_record["erased_rows"] = {t: n for t, n in erased.items() if n}  # counted, never silent
+    users = results.get("users")
+    if users is not None and users.validated is not None:
+        attributes = plan.user_columns if plan.user_columns is not None else set(users.validated.columns)
+        users.validated, minimised = minimise_users(users.validated, attributes, plan.age_buckets)
+        privacy_record |= minimised
 
     interactions = results["interactions"].validated
     if interactions is None:  # every checked table got its validated frame above
@@ -947,19 +1040,20 @@ def validate_source(source: RawSource, cfg: ValidateConfig, out_dir: str | Path)
         "max_reject_share": cfg.max_reject_share,
         "engine": f"great_expectations {_gx()['gx'].__version__}",
         "outputs": {"validated": str(validated_dir), "rejects": str(rejects_dir)},
+        "privacy": privacy_record,
         "tables": {},
     }
     for table in TABLES:
         result = results[table]
-        columns = [c for c in result.raw.columns if c not in (SOURCE_COL, LINE_COL)]
-        rejects = _rejects(result, columns)
+        columns = _shown_columns(result, plan)
+        rejects = _rejects(result, columns, plan)
         _write_rejects(rejects, rejects_dir / f"{table}.parquet")
         validated = result.validated
         if validated is None:  # set above for every table, checked or derived
             raise RuntimeError(f"validate: the {table} table has no validated frame (a bug)")
         validated.to_parquet(validated_dir / f"{table}.parquet", index=False)
         kept = 0 if result.derived_from else len(validated)
-        entry = _table_report(result, kept, len(rejects), cfg.sample_rows)
+        entry = _table_report(result, kept, len(rejects), cfg.sample_rows, plan)
         fields, notes = _text_files_report(result, source.files.get(table), cfg.sample_rows)
         entry.update(fields)
         entry["notes"] = [*entry["notes"], *notes]
@@ -1010,9 +1104,11 @@ def _split_malformed(malformed: pd.DataFrame | None) -> dict[str, pd.DataFrame]:
 
 
 def validate(params: Params) -> str:
-    """Load ``data.source`` and validate it into ``outputs/``; returns the report's path."""
+    """Load ``data.source`` and validate it into ``outputs/`` under the params' privacy plan; returns the
+    report's path. The plan comes first, so a missing pseudonym key fails before any data is read."""
     from fuserec.data.sources import load_source
 
     layout = Layout(params.outputs_dir)
-    validate_source(load_source(params.data), params.validate_, layout.root)
+    plan = PrivacyPlan.from_params(params)
+    validate_source(load_source(params.data), params.validate_, layout.root, plan)
     return str(layout.validation_report)

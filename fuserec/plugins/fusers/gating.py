@@ -37,6 +37,7 @@ from pydantic import Field
 from fuserec.api import FloatRange, IntRange, SearchDim
 from fuserec.fusion import (
     COLD_COPIES_HELP,
+    HELD_OUT_DEPTH,
     Fuser,
     ValidationScores,
     masked_zscore,
@@ -49,6 +50,7 @@ from fuserec.listwise import (
     ListwiseConfig,
     fallback_component,
     fit_listwise,
+    held_out_lists,
     holdout_baselines,
     listwise_loss,
     restore_training,
@@ -222,8 +224,14 @@ class Gating(Fuser):
             )
 
         module, self.training_ = fit_listwise(
-            build, loss, lambda mod, rows: val.ndcg(fused(mod, rows), rows=rows), val.origin, cfg
+            build,
+            loss,
+            lambda mod, rows: val.ndcg(fused(mod, rows), rows=rows),
+            val.origin,
+            cfg,
+            lambda mod, rows: val.top_k(fused(mod, rows), HELD_OUT_DEPTH, rows),
         )
+        self.held_out_ = held_out_lists(val, self.training_, cfg)
         self.training_ |= holdout_baselines(val, self.training_["holdout_rows"])
         self.fallback_ = fallback_component(val, self.training_, cfg.fallback)
         self.gate_ = {k: module[k].detach().numpy().astype(np.float32) for k in ("w1", "b1", "w2", "b2")}

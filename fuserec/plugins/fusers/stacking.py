@@ -38,6 +38,7 @@ from pydantic import Field
 from fuserec.api import FloatRange, IntRange, SearchDim
 from fuserec.fusion import (
     COLD_COPIES_HELP,
+    HELD_OUT_DEPTH,
     Fuser,
     FuserConfig,
     ValidationScores,
@@ -253,7 +254,7 @@ class Stacking(Fuser):
         keep = keep or [int(np.argmax([shares[n] for n in names]))]
         if len(keep) == len(names):
             return
-        before = (list(names), self.get_state())
+        before = (list(names), self.get_state(), self.held_out_)
         full = self.cv_ndcg_
         self.names_ = [names[i] for i in keep]
         for j, i in enumerate(keep):  # compacted in place (keep is ascending): no second [M, U, n] copy
@@ -262,7 +263,7 @@ class Stacking(Fuser):
         self._learn(val, last)
         pruned = self.cv_ndcg_
         if self.fallback_ >= 0 or pruned < full - cfg.prune_tolerance:
-            self.names_, state = before
+            self.names_, state, self.held_out_ = before
             self.set_state(state)
             self.cv_pruned_ = pruned  # kept for the record: why pruning was refused
             return
@@ -331,6 +332,7 @@ class Stacking(Fuser):
         # out-of-fold full-ranking NDCG@10 is the honest validation estimate (against the best component).
         best_rounds: list[int] = []
         fused_sum, single_sum, scored = 0.0, np.zeros(len(val.scores)), 0
+        held_lists: list[tuple[np.ndarray, np.ndarray]] = []
         for k in range(cfg.folds if n_users >= cfg.folds else 0):
             fit_set, hold_set = dataset(fold != k), dataset((fold == k) & real)
             if fit_set is None or hold_set is None:
@@ -345,11 +347,14 @@ class Stacking(Fuser):
             best_rounds.append(probe.best_iteration or cfg.n_estimators)
             self._set_trees([probe], best_rounds[-1])
             held = np.flatnonzero((fold == k) & real)
-            fused_sum += val.ndcg(self._score_rows(val, held, last), 10, rows=held) * len(held)
+            fused = self._score_rows(val, held, last)
+            fused_sum += val.ndcg(fused, 10, rows=held) * len(held)
+            held_lists.append((held, val.top_k(fused, HELD_OUT_DEPTH, rows=held)))
             for i in range(len(val.scores)):
                 single_sum[i] += val.ndcg(val.scores[i, held].numpy(), 10, rows=held) * len(held)
             scored += len(held)
         rounds = int(np.median(best_rounds)) if best_rounds else cfg.n_estimators
+        self.held_out_ = val.held_out(held_lists, f"out of fold: the ranker's own {cfg.folds} folds")
         if scored:
             self.cv_ndcg_ = fused_sum / scored
             self.cv_best_single_ = float(single_sum.max() / scored)

@@ -43,11 +43,12 @@ import torch
 from pydantic import Field, model_validator
 
 from fuserec.api import Algorithm, FloatRange, IntRange, SearchDim
-from fuserec.fusion import Fuser, ValidationScores, single_component
+from fuserec.fusion import HELD_OUT_DEPTH, Fuser, ValidationScores, single_component
 from fuserec.listwise import (
     ListwiseConfig,
     fallback_component,
     fit_listwise,
+    held_out_lists,
     holdout_baselines,
     listwise_loss,
     restore_training,
@@ -277,8 +278,14 @@ class FeatureFusion(Fuser):
             )
 
         module, self.training_ = fit_listwise(
-            build, loss, lambda mod, rows: val.ndcg(fused(mod, rows), rows=rows), val.origin, cfg
+            build,
+            loss,
+            lambda mod, rows: val.ndcg(fused(mod, rows), rows=rows),
+            val.origin,
+            cfg,
+            lambda mod, rows: val.top_k(fused(mod, rows), HELD_OUT_DEPTH, rows),
         )
+        self.held_out_ = held_out_lists(val, self.training_, cfg)
         self.training_ |= holdout_baselines(val, self.training_["holdout_rows"])
         self.fallback_ = fallback_component(val, self.training_, cfg.fallback)
         with torch.no_grad():
@@ -323,7 +330,9 @@ class FeatureFusion(Fuser):
             lambda mod, rows: val.ndcg(fused(mod, rows), rows=rows),
             val.origin,
             cfg,
+            lambda mod, rows: val.top_k(fused(mod, rows), HELD_OUT_DEPTH, rows),
         )
+        self.held_out_ = held_out_lists(val, self.training_, cfg)
         self.training_ |= holdout_baselines(val, self.training_["holdout_rows"])
         self.fallback_ = fallback_component(val, self.training_, cfg.fallback)
         self.mlp_ = {k: v.detach().numpy().astype(np.float32) for k, v in module.items()}

@@ -1,0 +1,1 @@
+"""Privacy by design: pseudonymous ids, minimal attributes, erasure and access for the people in the data."""
