@@ -17,6 +17,7 @@ from pydantic import Field
 
 from fuserec.fusion import (
     COLD_COPIES_HELP,
+    HELD_OUT_DEPTH,
     FuserConfig,
     HeldOut,
     ValidationScores,
@@ -181,3 +182,27 @@ def restore_training(state: dict[str, np.ndarray]) -> dict[str, Any]:
     record = {k: float(state[f"training_{k}"]) for k in TRAINING_KEYS}
     record["steps"] = int(record["steps"])
     return record
+
+
+def fit_on_validation(
+    build: Callable[[], ModuleT],
+    loss: Callable[[ModuleT, np.ndarray], torch.Tensor],
+    fused: Callable[[ModuleT, np.ndarray], torch.Tensor],
+    val: ValidationScores,
+    cfg: ListwiseConfig,
+    fallback: bool,
+) -> tuple[ModuleT, dict[str, Any], HeldOut | None, int]:
+    """:func:`fit_listwise` judged by ``fused``'s held-out NDCG and top lists, then what every listwise
+    fuser keeps: the held-out lists (the export's choice compares them), the bars it had to beat, and the
+    component to serve alone when it did not (:func:`fallback_component`)."""
+    module, record = fit_listwise(
+        build,
+        loss,
+        lambda mod, rows: val.ndcg(fused(mod, rows), rows=rows),
+        val.origin,
+        cfg,
+        lambda mod, rows: val.top_k(fused(mod, rows), HELD_OUT_DEPTH, rows),
+    )
+    held_out = held_out_lists(val, record, cfg)
+    record |= holdout_baselines(val, record["holdout_rows"])
+    return module, record, held_out, fallback_component(val, record, fallback)

@@ -110,7 +110,7 @@ def test_falls_back_to_the_best_component_when_the_scorer_loses_on_held_out_user
 
 
 def test_the_fallback_rule_picks_the_best_component_on_the_held_out_rows_only() -> None:
-    from fuserec.plugins.fusers.gating import fallback_component
+    from fuserec.listwise import fallback_component
 
     class Val:  # two components, four users: the first is better on rows 0-1, the second on rows 2-3
         scores = torch.zeros(2, 4, 3)

@@ -179,7 +179,8 @@ def test_cold_copies_are_warm_users_cut_to_their_latest_items() -> None:
 
 
 def test_early_stopping_holds_out_a_user_with_its_cold_copies_and_judges_real_users() -> None:
-    from fuserec.plugins.fusers.gating import GatingConfig, fit_listwise
+    from fuserec.listwise import fit_listwise
+    from fuserec.plugins.fusers.gating import GatingConfig
 
     origin = np.concatenate([np.arange(40), np.arange(0, 40, 2)])  # 40 users, 20 of them copied
     learned: set[int] = set()

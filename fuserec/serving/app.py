@@ -28,7 +28,6 @@ from fastapi.security import APIKeyHeader
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fuserec.config import ServeConfig
-from fuserec.serving.access_log import AccessLog
 from fuserec.serving.admission import Admission
 from fuserec.serving.auth import HEADER, KeyRing, check_open
 from fuserec.serving.deployment import Deployment
@@ -210,7 +209,6 @@ def create_app(
         on_flood=on_flood,
     )
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
-    app.add_middleware(AccessLog)
     install_metrics(app, model_version=version, model_name=first.manifest["algorithm"]["name"])
 
     def relabel(service: Service) -> None:

@@ -8,6 +8,7 @@ client sending random paths or verbs must not be able to create unbounded time s
 
 from __future__ import annotations
 
+import logging
 import time
 
 from fastapi import FastAPI
@@ -22,6 +23,8 @@ from prometheus_client import (
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+access = logging.getLogger("fuserec.access")
 
 METRICS_PATH = "/metrics"
 OTHER = "other"  # the label of every path no route matches (404s, scanners, typos)
@@ -53,7 +56,14 @@ class _Metrics:
 
 
 class MetricsMiddleware:
-    """Pure ASGI middleware (no request-body buffering) that times and counts every HTTP request."""
+    """Pure ASGI middleware (no request-body buffering) that times, counts and logs every HTTP request.
+
+    It is also the access log (logger ``fuserec.access``, one INFO line per request), for the same reason
+    the labels are route templates: uvicorn's own access log prints the request line, so
+    ``GET /explain?user_id=...`` or ``DELETE /users/...`` would put ids in every log collector
+    downstream. ``fuserec serve`` turns uvicorn's off. Client addresses are left out too: the reverse
+    proxy in front decides how long to keep those.
+    """
 
     def __init__(self, app: ASGIApp, metrics: _Metrics) -> None:
         self.app = app
@@ -78,8 +88,10 @@ class MetricsMiddleware:
             route = route_label(scope)
             method = scope.get("method", "").upper()
             method = method if method in METHODS else OTHER
-            self.metrics.latency.labels(method, route).observe(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self.metrics.latency.labels(method, route).observe(seconds)
             self.metrics.requests.labels(method, route, str(status)).inc()
+            access.info('"%s %s" %d %.1f ms', method, route, status, seconds * 1000)
 
 
 def route_label(scope: Scope) -> str:

@@ -37,7 +37,6 @@ from pydantic import Field
 from fuserec.api import FloatRange, IntRange, SearchDim
 from fuserec.fusion import (
     COLD_COPIES_HELP,
-    HELD_OUT_DEPTH,
     Fuser,
     ValidationScores,
     masked_zscore,
@@ -48,10 +47,7 @@ from fuserec.histories import Histories
 from fuserec.listwise import (
     MASKED,
     ListwiseConfig,
-    fallback_component,
-    fit_listwise,
-    held_out_lists,
-    holdout_baselines,
+    fit_on_validation,
     listwise_loss,
     restore_training,
     training_state,
@@ -223,17 +219,9 @@ class Gating(Fuser):
                 + cfg.weight_decay * penalty
             )
 
-        module, self.training_ = fit_listwise(
-            build,
-            loss,
-            lambda mod, rows: val.ndcg(fused(mod, rows), rows=rows),
-            val.origin,
-            cfg,
-            lambda mod, rows: val.top_k(fused(mod, rows), HELD_OUT_DEPTH, rows),
+        module, self.training_, self.held_out_, self.fallback_ = fit_on_validation(
+            build, loss, fused, val, cfg, cfg.fallback
         )
-        self.held_out_ = held_out_lists(val, self.training_, cfg)
-        self.training_ |= holdout_baselines(val, self.training_["holdout_rows"])
-        self.fallback_ = fallback_component(val, self.training_, cfg.fallback)
         self.gate_ = {k: module[k].detach().numpy().astype(np.float32) for k in ("w1", "b1", "w2", "b2")}
         self.gate_ |= {"mean": mean.numpy().astype(np.float32), "std": std.numpy().astype(np.float32)}
 

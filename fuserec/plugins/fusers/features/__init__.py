@@ -43,13 +43,10 @@ import torch
 from pydantic import Field, model_validator
 
 from fuserec.api import Algorithm, FloatRange, IntRange, SearchDim
-from fuserec.fusion import HELD_OUT_DEPTH, Fuser, ValidationScores, single_component
+from fuserec.fusion import Fuser, ValidationScores, single_component
 from fuserec.listwise import (
     ListwiseConfig,
-    fallback_component,
-    fit_listwise,
-    held_out_lists,
-    holdout_baselines,
+    fit_on_validation,
     listwise_loss,
     restore_training,
     training_state,
@@ -277,17 +274,9 @@ class FeatureFusion(Fuser):
                 + cfg.weight_decay * penalty
             )
 
-        module, self.training_ = fit_listwise(
-            build,
-            loss,
-            lambda mod, rows: val.ndcg(fused(mod, rows), rows=rows),
-            val.origin,
-            cfg,
-            lambda mod, rows: val.top_k(fused(mod, rows), HELD_OUT_DEPTH, rows),
+        module, self.training_, self.held_out_, self.fallback_ = fit_on_validation(
+            build, loss, fused, val, cfg, cfg.fallback
         )
-        self.held_out_ = held_out_lists(val, self.training_, cfg)
-        self.training_ |= holdout_baselines(val, self.training_["holdout_rows"])
-        self.fallback_ = fallback_component(val, self.training_, cfg.fallback)
         with torch.no_grad():
             matrices, biases = weights(module)
             scale = float(torch.exp(module["log_scale"]))
@@ -324,17 +313,9 @@ class FeatureFusion(Fuser):
             listwise = listwise_loss(fused(module, rows), exclude, truth_rows(val, rows))
             return listwise + cfg.weight_decay * penalty
 
-        module, self.training_ = fit_listwise(
-            lambda: init_mlp(item.shape[1], cfg.hidden, cfg.seed),
-            loss,
-            lambda mod, rows: val.ndcg(fused(mod, rows), rows=rows),
-            val.origin,
-            cfg,
-            lambda mod, rows: val.top_k(fused(mod, rows), HELD_OUT_DEPTH, rows),
+        module, self.training_, self.held_out_, self.fallback_ = fit_on_validation(
+            lambda: init_mlp(item.shape[1], cfg.hidden, cfg.seed), loss, fused, val, cfg, cfg.fallback
         )
-        self.held_out_ = held_out_lists(val, self.training_, cfg)
-        self.training_ |= holdout_baselines(val, self.training_["holdout_rows"])
-        self.fallback_ = fallback_component(val, self.training_, cfg.fallback)
         self.mlp_ = {k: v.detach().numpy().astype(np.float32) for k, v in module.items()}
         self.block_scale_ = np.asarray([cfg.block_weights.get(b, 1.0) for b in self.blocks_], np.float32)
 
