@@ -191,6 +191,20 @@ def api_major(version: str) -> int:
         raise ValueError(f"api_version {version!r} is not MAJOR.MINOR") from exc
 
 
+#: The optional second input of a ``to_torch()`` module that reads user attributes: ``float32 [B, f]``
+#: one-hot columns named by the module's ``user_feature_names`` (as :class:`fuserec.features.AttributeEncoder`
+#: names them). A zero row is an unknown user, which must score as the history-only path does.
+USER_FEATURES = "user_features"
+
+
+def user_feature_names(module: object) -> tuple[str, ...]:
+    """The attribute columns a ``to_torch()`` module reads as ``forward(history, user_features)``.
+
+    Empty for the modules that read the history only (most of them): they are called ``forward(history)``.
+    """
+    return tuple(str(n) for n in (getattr(module, "user_feature_names", None) or ()))
+
+
 def multi_hot(history: torch.Tensor, n_items: int) -> torch.Tensor:
     """``float32 [B, n_items]`` with 1 where an item is in the padded history; -1 padding is ignored.
 

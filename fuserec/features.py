@@ -9,8 +9,9 @@ deterministic low-rank reduction of such vectors.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -223,6 +224,17 @@ def transform_tfidf(
     return unit_rows(out[:, :d] if d else out)
 
 
+def table_rows(table: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """Rows of a per-user ``table`` (``[n_users, f]``); a row index of -1 or out of range gives zeros."""
+    if rows is None:
+        return np.zeros((0, table.shape[1]), dtype=np.float32)
+    rows = np.asarray(rows, dtype=np.int64)
+    known = (rows >= 0) & (rows < len(table))
+    out = np.zeros((len(rows), table.shape[1]), dtype=np.float32)
+    out[known] = table[rows[known]]
+    return out
+
+
 def unit_rows(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm; all-zero rows stay zero."""
     x = np.asarray(x, dtype=np.float32)
@@ -242,41 +254,124 @@ def encode_attributes_named(users: pd.DataFrame, config: ContentSettings) -> tup
     Numeric columns become quantile bands, zip-like columns their first character (a region), other
     columns their values; values rarer than ``attribute_min_count`` and missing values get no column.
     """
-    blocks: list[np.ndarray] = []
-    names: list[str] = []
-    for name in users.columns:
-        if name in _NON_ATTRIBUTES:
-            continue
-        col = users[name]
-        if pd.api.types.is_bool_dtype(col) or not pd.api.types.is_numeric_dtype(col):
-            values = col.astype("string")
-            if str(name).lower() in _REGION_COLUMNS:
-                values = values.str.strip().str[:1]
-            values = values.where(values.notna() & (values != ""))
-        else:
-            numeric = pd.to_numeric(col, errors="coerce").astype("float64")
-            known = numeric.dropna().to_numpy()
-            if len(known) == 0:
+    encoder = AttributeEncoder.fit(users, config)
+    return encoder.transform(users), list(encoder.names)
+
+
+def _listed(edges: tuple[float, ...] | None) -> list[float] | None:
+    return None if edges is None else list(edges)
+
+
+@dataclass(frozen=True)
+class AttributeColumn:
+    """How one users-table column becomes one-hot columns: its kept values, and its band edges if numeric."""
+
+    column: str
+    values: tuple[str, ...]
+    edges: tuple[float, ...] | None = None  # numeric: quantile band edges (value -> band index)
+
+    def labels(self, raw: pd.Series) -> pd.Series:
+        """Each raw value as the label it is one-hot encoded by (missing -> <NA>)."""
+        if self.edges is not None:
+            numeric = pd.to_numeric(raw, errors="coerce").astype("float64")
+            bands = np.searchsorted(
+                np.asarray(self.edges, dtype=np.float64), numeric.to_numpy(), side="right"
+            )
+            return pd.Series(np.where(numeric.notna(), bands.astype(str), None), dtype="string")
+        values = raw.astype("string")
+        if self.column.lower() in _REGION_COLUMNS:
+            values = values.str.strip().str[:1]
+        return values.where(values.notna() & (values != ""))
+
+
+@dataclass(frozen=True)
+class AttributeEncoder:
+    """The users-table -> one-hot mapping learned once at fit and applied to anyone later.
+
+    Why a fitted object: the service and the evaluate stage must encode a user exactly as the models'
+    fit did (the same kept values, the same age bands) to feed the served graph its ``user_features``
+    input, for users in the table and for attributes sent with a request. It round-trips through JSON.
+    """
+
+    columns: tuple[AttributeColumn, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f"{c.column}:{v}" for c in self.columns for v in c.values)
+
+    @classmethod
+    def fit(cls, users: pd.DataFrame, config: ContentSettings | None = None) -> AttributeEncoder:
+        config = config or DEFAULTS
+        columns: list[AttributeColumn] = []
+        for name in users.columns:
+            if name in _NON_ATTRIBUTES:
                 continue
-            qs = np.linspace(0, 1, config.numeric_bins + 1)[1:-1]
-            edges = np.unique(np.quantile(known, qs))
-            bands = np.searchsorted(edges, numeric.to_numpy(), side="right")
-            values = pd.Series(np.where(numeric.notna(), bands.astype(str), None), dtype="string")
-        counts = values.value_counts()
-        kept = sorted(str(v) for v, c in counts.items() if c >= config.attribute_min_count)
-        if len(kept) < 2:
-            continue  # one value for everyone carries no information
-        lookup = {v: i for i, v in enumerate(kept)}
-        block = np.zeros((len(users), len(kept)), dtype=np.float32)
-        for row, v in enumerate(values.tolist()):
-            j = lookup.get(str(v)) if v is not None and not pd.isna(v) else None
-            if j is not None:
-                block[row, j] = 1.0
-        blocks.append(block)
-        names.extend(f"{name}:{v}" for v in kept)
-    if not blocks:
-        return np.zeros((len(users), 0), dtype=np.float32), []
-    return np.hstack(blocks), names
+            col = users[name]
+            edges: tuple[float, ...] | None = None
+            if not (pd.api.types.is_bool_dtype(col) or not pd.api.types.is_numeric_dtype(col)):
+                known = pd.to_numeric(col, errors="coerce").astype("float64").dropna().to_numpy()
+                if len(known) == 0:
+                    continue
+                qs = np.linspace(0, 1, config.numeric_bins + 1)[1:-1]
+                edges = tuple(float(e) for e in np.unique(np.quantile(known, qs)))
+            labels = AttributeColumn(str(name), (), edges).labels(col)
+            counts = labels.value_counts()
+            kept = sorted(str(v) for v, c in counts.items() if c >= config.attribute_min_count)
+            if len(kept) >= 2:  # one value for everyone carries no information
+                columns.append(AttributeColumn(str(name), tuple(kept), edges))
+        return cls(tuple(columns))
+
+    def transform(self, users: pd.DataFrame) -> np.ndarray:
+        """``float32 [len(users), len(names)]``; a column the frame lacks, or an unseen value, stays 0."""
+        blocks: list[np.ndarray] = []
+        for col in self.columns:
+            block = np.zeros((len(users), len(col.values)), dtype=np.float32)
+            if col.column in users.columns:
+                lookup = {v: i for i, v in enumerate(col.values)}
+                for row, v in enumerate(col.labels(users[col.column]).tolist()):
+                    j = lookup.get(str(v)) if v is not None and not pd.isna(v) else None
+                    if j is not None:
+                        block[row, j] = 1.0
+            blocks.append(block)
+        return np.hstack(blocks) if blocks else np.zeros((len(users), 0), dtype=np.float32)
+
+    def table(self, users: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+        """``float32 [len(users), len(columns)]``: :meth:`transform` in ``columns``' order (a graph's
+        ``user_features``); a column this encoder does not make stays 0."""
+        encoded, names = self.transform(users), self.names
+        out = np.zeros((len(users), len(columns)), dtype=np.float32)
+        for j, name in enumerate(columns):
+            if name in names:
+                out[:, j] = encoded[:, names.index(name)]
+        return out
+
+    def encode(self, attributes: dict[str, str]) -> np.ndarray:
+        """``float32 [len(names)]`` of one person's attributes (``{"gender": "F", "age": "25-34"}``)."""
+        frame = pd.DataFrame({k: [v] for k, v in attributes.items()})
+        return self.transform(frame)[0]
+
+    def to_json(self) -> list[dict[str, object]]:
+        return [
+            {
+                "column": c.column,
+                "values": list(c.values),
+                "edges": None if c.edges is None else list(c.edges),
+            }
+            for c in self.columns
+        ]
+
+    @classmethod
+    def from_json(cls, spec: list[dict[str, Any]]) -> AttributeEncoder:
+        return cls(
+            tuple(
+                AttributeColumn(
+                    str(c["column"]),
+                    tuple(str(v) for v in c["values"]),
+                    None if c.get("edges") is None else tuple(float(e) for e in c["edges"]),
+                )
+                for c in spec
+            )
+        )
 
 
 @dataclass(frozen=True)

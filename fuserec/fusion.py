@@ -23,7 +23,7 @@ import scipy.sparse as sp
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from fuserec.api import API_VERSION, Algorithm, SearchDim, multi_hot
+from fuserec.api import API_VERSION, Algorithm, SearchDim, multi_hot, user_feature_names
 from fuserec.histories import Histories
 
 if TYPE_CHECKING:
@@ -260,21 +260,50 @@ class SharedScores:
 
 
 class FusedModule(torch.nn.Module):
-    """Padded history -> every component's scores -> the fuser's combination (fused scores only)."""
+    """Padded history -> every component's scores -> the fuser's combination (fused scores only).
+
+    Components that read user attributes (``user_feature_names``) get their own columns of the optional
+    ``user_features`` input, whose columns are the union of theirs (:attr:`user_feature_names`).
+    """
 
     def __init__(self, fuser: Fuser, scorers: list[torch.nn.Module], n_items: int) -> None:
         super().__init__()
         self.scorers = torch.nn.ModuleList(scorers)
         self.fuser = fuser
         self.n_items = n_items
+        names: list[str] = []
+        for scorer in scorers:
+            names += [n for n in user_feature_names(scorer) if n not in names]
+        self.user_feature_names = tuple(names)
+        self.reads_features: list[bool] = []
+        for i, scorer in enumerate(scorers):
+            own = user_feature_names(scorer)
+            self.reads_features.append(bool(own))
+            columns = torch.tensor([names.index(n) for n in own], dtype=torch.int64)
+            self.register_buffer(f"feature_columns_{i}", columns)
 
-    def forward(self, history: torch.Tensor, last_time: torch.Tensor | None = None) -> torch.Tensor:
-        return self.contributions(history, last_time)[0]
+    def forward(
+        self,
+        history: torch.Tensor,
+        last_time: torch.Tensor | None = None,
+        user_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.contributions(history, last_time, user_features)[0]
 
     def contributions(
-        self, history: torch.Tensor, last_time: torch.Tensor | None = None
+        self,
+        history: torch.Tensor,
+        last_time: torch.Tensor | None = None,
+        user_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.stack([scorer(history) for scorer in self.scorers])
+        outputs = []
+        for i, scorer in enumerate(self.scorers):
+            if self.reads_features[i] and user_features is not None:
+                columns = getattr(self, f"feature_columns_{i}")
+                outputs.append(scorer(history, user_features.index_select(1, columns)))
+            else:
+                outputs.append(scorer(history))
+        scores = torch.stack(outputs)
         seen = multi_hot(history, self.n_items) > 0
         if self.fuser.uses_time:
             if last_time is None:

@@ -1,19 +1,25 @@
 """The served graph: padded histories in; all scores, top-k item indices, their scores and each model's
 contribution out.
 
+Inputs: ``history`` always; ``last_time`` when the scorer reads time (stacking); ``user_features`` when a
+component reads user attributes (two-tower, kg): one-hot columns named in the graph's metadata
+(:data:`FEATURE_NAMES_KEY`), all zeros for a user whose attributes are unknown, which scores exactly as
+a history-only graph would.
+
 The same wrapper turns any ``Algorithm.to_torch()`` scorer into the exported model, so every plugin (and
 later every fuser) is served the same way, and new users or fresh events need no retraining.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 
-from fuserec.api import Algorithm, multi_hot
+from fuserec.api import USER_FEATURES, Algorithm, multi_hot, user_feature_names
 from fuserec.rerank import Rerank, mmr_top_k, unit_vectors
 from fuserec.trees import TRANSLATIONS
 
@@ -26,6 +32,8 @@ OUTPUT_NAMES = ("scores", "top_items", "top_scores")
 #: ``float32 [M, B, n_items]``: each component's share of ``scores`` (a fuser's components in manifest
 #: order; a single algorithm is its own one component). What ``/explain`` and ``/recommend`` report.
 CONTRIBUTIONS = "contributions"
+#: The graph's metadata key listing the ``user_features`` columns (JSON list of ``"column:value"``).
+FEATURE_NAMES_KEY = "fuserec.user_features"
 
 
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -56,14 +64,16 @@ class TopKModel(torch.nn.Module):
     def forward(self, history: torch.Tensor) -> Outputs:
         return self.top_k(history, None)
 
-    def top_k(self, history: torch.Tensor, last_time: torch.Tensor | None) -> Outputs:
+    def top_k(
+        self, history: torch.Tensor, last_time: torch.Tensor | None, user_features: torch.Tensor | None = None
+    ) -> Outputs:
         valid = (history >= 0) & (history < self.n_items)
         history = torch.where(valid, history, torch.full_like(history, -1))
-        args = (history,) if last_time is None else (history, last_time)
         if hasattr(self.scorer, "contributions"):  # a fuser: its components' shares come along
-            scores, parts = cast("FusedModule", self.scorer).contributions(*args)
+            fused = cast("FusedModule", self.scorer)
+            scores, parts = fused.contributions(history, last_time, user_features)
         else:
-            scores = self.scorer(*args)
+            scores = self.scorer(history) if user_features is None else self.scorer(history, user_features)
             parts = scores.unsqueeze(0)
         seen = multi_hot(history, self.n_items) > 0
         if self.reranker is not None:
@@ -98,6 +108,22 @@ class TimedTopKModel(TopKModel):
         return self.top_k(history, last_time)
 
 
+class FeaturedTopKModel(TopKModel):
+    """:class:`TopKModel` for scorers that read attributes: a second input, ``user_features [B, f]``."""
+
+    def forward(self, history: torch.Tensor, user_features: torch.Tensor) -> Outputs:  # type: ignore[override]
+        return self.top_k(history, None, user_features)
+
+
+class TimedFeaturedTopKModel(TopKModel):
+    """Both: ``history``, ``last_time``, ``user_features``."""
+
+    def forward(  # type: ignore[override]
+        self, history: torch.Tensor, last_time: torch.Tensor, user_features: torch.Tensor
+    ) -> Outputs:
+        return self.top_k(history, last_time, user_features)
+
+
 def export_onnx(
     algo: Algorithm | Fuser, path: str | Path, k: int, opset: int = 18, reranker: Reranker | None = None
 ) -> Path:
@@ -111,33 +137,48 @@ def export_onnx(
     from torch.export import Dim
 
     n_items = algo._check_fitted()
+    scorer = algo.to_torch()
+    features = user_feature_names(scorer)
     example = torch.tensor([[0, min(1, n_items - 1), -1], [min(2, n_items - 1), -1, -1]], dtype=torch.int64)
     batch = Dim("batch")
+    inputs: list[torch.Tensor] = [example]
+    shapes: list[dict[int, Any]] = [{0: batch, 1: Dim("history_len")}]
+    names = [INPUT_NAME]
     if uses_time(algo):
-        model: TopKModel = TimedTopKModel(algo.to_torch(), n_items, k, reranker).eval()
-        inputs: tuple[torch.Tensor, ...] = (example, torch.tensor([10**9, 10**9 + 1], dtype=torch.int64))
-        shapes: tuple[dict[int, Any], ...] = ({0: batch, 1: Dim("history_len")}, {0: batch})
-        names = [INPUT_NAME, TIME_INPUT]
-    else:
-        model = TopKModel(algo.to_torch(), n_items, k, reranker).eval()
-        inputs, names = (example,), [INPUT_NAME]
-        shapes = ({0: batch, 1: Dim("history_len")},)
+        inputs.append(torch.tensor([10**9, 10**9 + 1], dtype=torch.int64))
+        shapes.append({0: batch})
+        names.append(TIME_INPUT)
+    if features:
+        onehot = torch.zeros(2, len(features), dtype=torch.float32)
+        onehot[0, 0] = 1.0
+        inputs.append(onehot)
+        shapes.append({0: batch})
+        names.append(USER_FEATURES)
+    wrapper = {
+        (False, False): TopKModel,
+        (True, False): TimedTopKModel,
+        (False, True): FeaturedTopKModel,
+        (True, True): TimedFeaturedTopKModel,
+    }[(uses_time(algo), bool(features))]
+    model = wrapper(scorer, n_items, k, reranker).eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         program = torch.onnx.export(
             model,
-            inputs,
+            tuple(inputs),
             dynamo=True,
             input_names=names,
             output_names=[*OUTPUT_NAMES, CONTRIBUTIONS],
-            dynamic_shapes=shapes,
+            dynamic_shapes=tuple(shapes),
             opset_version=opset,
             external_data=False,
             verbose=False,
             custom_translation_table=TRANSLATIONS,
         )
     assert program is not None  # dynamo=True always returns the ONNXProgram
+    if features:  # the column names travel inside the graph: whoever feeds it encodes the same way
+        program.model.metadata_props[FEATURE_NAMES_KEY] = json.dumps(list(features))
     program.save(str(path), external_data=weight_bytes(model) > EXTERNAL_DATA_BYTES)
     return path
 
@@ -187,11 +228,29 @@ class OnnxRecommender:
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.providers = self.session.get_providers()
 
-        self.uses_time = TIME_INPUT in {i.name for i in self.session.get_inputs()}
+        inputs = {i.name for i in self.session.get_inputs()}
+        self.uses_time = TIME_INPUT in inputs
         self.outputs = [o.name for o in self.session.get_outputs()]
+        #: the ``user_features`` columns (empty: the graph reads no attributes)
+        self.feature_names: tuple[str, ...] = ()
+        if USER_FEATURES in inputs:
+            meta = self.session.get_modelmeta().custom_metadata_map
+            self.feature_names = tuple(json.loads(meta[FEATURE_NAMES_KEY]))
 
-    def _feed(self, padded: np.ndarray, last_time: np.ndarray | None) -> dict[str, np.ndarray]:
+    def _feed(
+        self, padded: np.ndarray, last_time: np.ndarray | None, features: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
         feed = {INPUT_NAME: padded.astype(np.int64)}
+        if self.feature_names:  # unknown attributes (None or zero rows) score as a history-only graph
+            shape = (len(padded), len(self.feature_names))
+            feed[USER_FEATURES] = (
+                np.zeros(shape, np.float32) if features is None else np.asarray(features, np.float32)
+            )
+            if feed[USER_FEATURES].shape != shape:
+                raise ValueError(
+                    f"user_features must be float32 {list(shape)} (columns: the graph's feature_names), "
+                    f"got {list(feed[USER_FEATURES].shape)}"
+                )
         if self.uses_time:
             if last_time is None:
                 raise ValueError(
@@ -202,17 +261,18 @@ class OnnxRecommender:
         return feed
 
     def run(
-        self, padded: np.ndarray, last_time: np.ndarray | None = None
+        self, padded: np.ndarray, last_time: np.ndarray | None = None, features: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scores, top item indices, top scores) for ``int64 [B, L]`` padded histories.
 
-        Models with a ``last_time`` input (fusers that read time) need each user's latest event time.
+        Models with a ``last_time`` input (fusers that read time) need each user's latest event time;
+        ``features`` are the ``user_features`` rows where the graph reads attributes (None: unknown).
         """
-        scores, items, top = self.session.run(list(OUTPUT_NAMES), self._feed(padded, last_time))
+        scores, items, top = self.session.run(list(OUTPUT_NAMES), self._feed(padded, last_time, features))
         return scores, items, top
 
     def run_with_contributions(
-        self, padded: np.ndarray, last_time: np.ndarray | None = None
+        self, padded: np.ndarray, last_time: np.ndarray | None = None, features: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`run`'s outputs plus ``contributions [M, B, n_items]``, each component's share of scores."""
         if CONTRIBUTIONS not in self.outputs:
@@ -221,6 +281,6 @@ class OnnxRecommender:
                 "export stage (`fuserec stage export`) to serve contributions and explanations"
             )
         scores, items, top, parts = self.session.run(
-            [*OUTPUT_NAMES, CONTRIBUTIONS], self._feed(padded, last_time)
+            [*OUTPUT_NAMES, CONTRIBUTIONS], self._feed(padded, last_time, features)
         )
         return scores, items, top, parts

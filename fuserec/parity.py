@@ -30,10 +30,13 @@ def parity_check(
     histories: Histories,
     k: int,
     reranker: Reranker | None = None,
+    features: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Compare onnxruntime with ``algo.score`` on ``histories``: scores and top-k (ties may reorder ids).
 
-    With a ``reranker`` the reference lists are the re-ranked ones, computed in Python.
+    With a ``reranker`` the reference lists are the re-ranked ones, computed in Python. ``features``: the
+    graph's ``user_features`` rows of ``histories.users`` (None: unknown users, zeros), so a model that
+    reads attributes is checked as it is measured.
     """
     padded = histories.to_padded()
     if isinstance(algo, Fuser):
@@ -43,7 +46,7 @@ def parity_check(
         expected_parts = expected[None]
     timed = cast(Fuser, algo)  # only fusers read time (uses_time)
     last_time = timed.history_time(histories) if uses_time(algo) else None
-    scores, items, top, parts = session.run_with_contributions(padded, last_time)
+    scores, items, top, parts = session.run_with_contributions(padded, last_time, features)
     diff = np.abs(scores - expected)
     tol = PARITY_ATOL + PARITY_RTOL * np.abs(expected)
     if reranker is None:
@@ -101,7 +104,10 @@ def contributions_agree(report: dict[str, Any], exact: bool) -> bool:
 
 
 def parity_batch(data: Dataset, test: pd.DataFrame, n: int = 64) -> Histories:
-    """Training histories of up to ``n`` test users, plus one user with an empty history."""
-    hist = data.histories().select(np.unique(test["user"].to_numpy())[:n])
+    """Training histories of up to ``n`` test users (with their users-table rows, so attributes are
+    read), plus one unknown user with an empty history."""
+    users = np.unique(test["user"].to_numpy())[:n]
+    hist = data.histories().select(users)
     indptr = np.concatenate([hist.indptr, hist.indptr[-1:]])
-    return Histories(indptr, hist.items, hist.n_items, hist.timestamps, hist.ratings)
+    rows = np.concatenate([np.asarray(users, dtype=np.int64), [-1]])
+    return Histories(indptr, hist.items, hist.n_items, hist.timestamps, hist.ratings, rows)

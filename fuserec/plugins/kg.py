@@ -19,8 +19,8 @@ and, when ``histories.users`` is known, to its attributes. One propagation step 
 
 (the attribute terms use the attributes' ``C``), and ``score(h, i) = u(h) . V_i``. ``C`` and ``V`` are
 constant after fit, so new users and fresh events are served without retraining and the exported graph
-is weighted multi-hot(history) -> two matmuls. The ONNX graph has no user input: it equals ``score`` when
-``histories.users`` is None (attributes stay Python-side, as in the content plugin).
+is weighted multi-hot(history) -> two matmuls. The ONNX graph takes the attributes as its optional
+``user_features`` input (zeros = unknown user), so served and measured scores agree.
 
 Training mimics the protocol's future prediction. Each epoch every user's history is cut at a random
 point: the items before the cut are the input (recency weights counted from the cut), the next
@@ -325,8 +325,13 @@ class KnowledgeGraph(Algorithm):
         return self.state_["item_vectors"]
 
     def to_torch(self) -> torch.nn.Module:
+        """``forward(history, user_features=None)``; ``user_feature_names``: the attributes it reads."""
         self._check_fitted()
-        return self._scorer()
+        module = self._scorer()
+        names = self.state_.get("attr_names")
+        reads = names is not None and len(names) > 0 and module.attr_context.shape[0] == len(names)
+        module.user_feature_names = tuple(str(n) for n in names) if reads and names is not None else ()
+        return module
 
     # -- explanations -------------------------------------------------------------------------------
     def explain(self, history: np.ndarray, item: int) -> dict[str, Any]:
@@ -523,6 +528,8 @@ def _tail_gate(seen: sp.csr_matrix, log_popularity: np.ndarray, share: float) ->
 class _KGModule(torch.nn.Module):
     """Fitted constants and scoring; ``forward`` (padded history -> scores) is the exported graph."""
 
+    user_feature_names: tuple[str, ...] = ()  # attribute columns of forward's user_features
+
     context: torch.Tensor
     item_vectors: torch.Tensor
     attr_context: torch.Tensor
@@ -592,7 +599,8 @@ class _KGModule(torch.nn.Module):
     ) -> torch.Tensor:
         return self.lift_tail(self.user_vectors(weights, attrs) @ self.item_vectors.T, seen)
 
-    def forward(self, history: torch.Tensor) -> torch.Tensor:
+    def forward(self, history: torch.Tensor, user_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of padded histories; ``user_features`` (one-hot attributes, zeros = unknown) optional."""
         n_items = self.item_vectors.shape[0]
         valid = history >= 0
         lengths = valid.sum(dim=1, keepdim=True)
@@ -602,7 +610,7 @@ class _KGModule(torch.nn.Module):
         idx = torch.where(valid, history, torch.full_like(history, n_items))
         weights = torch.zeros(history.shape[0], n_items + 1, dtype=torch.float32, device=history.device)
         weights = weights.scatter_add(1, idx, w)[:, :n_items]
-        return self.scores(weights, multi_hot(history, n_items) > 0.5)
+        return self.scores(weights, multi_hot(history, n_items) > 0.5, user_features)
 
 
 class _Trainer:

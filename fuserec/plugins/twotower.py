@@ -47,8 +47,8 @@ User attributes and the exported graph: ``score()`` reads attributes when ``hist
 (row of the users table; -1 or out of range = unknown = zero attributes). The module's
 ``forward(history, user_features=None)`` takes the padded history and an OPTIONAL ``float32 [B, f]``
 attribute input (columns named in ``attribute_names_``, as :func:`fuserec.features.user_attribute_matrix`
-names them); the ONNX export passes the history only, which is the zero-attribute case, so export parity
-holds when ``histories.users`` is None. Serving can pass ``user_features`` once its graph has that input.
+names them); the exported graph has the same optional input (``user_features``, zeros = unknown user),
+so the service and the evaluate stage feed a known user's attributes as ``score()`` reads them.
 """
 
 from __future__ import annotations
@@ -273,9 +273,16 @@ class TwoTower(Algorithm):
         }
 
     def to_torch(self) -> torch.nn.Module:
-        """CPU module in eval mode: ``forward(history, user_features=None) -> [B, n_items]``."""
+        """CPU module in eval mode: ``forward(history, user_features=None) -> [B, n_items]``.
+
+        ``user_feature_names`` names the attribute columns it reads, so the exported graph gains the
+        ``user_features`` input (:data:`fuserec.api.USER_FEATURES`) and serves what ``score`` measures.
+        """
         self._check_fitted()
-        return self._scorer()
+        module = self._scorer()
+        reads = module.user_attr is not None and len(self.attribute_names_) > 0
+        module.user_feature_names = tuple(str(n) for n in self.attribute_names_) if reads else ()
+        return module
 
     # -- persistence --------------------------------------------------------------------------------
     def get_state(self) -> dict[str, np.ndarray]:
@@ -471,6 +478,8 @@ class _ContentMap(torch.nn.Module):
 
 class _TwoTowerModule(torch.nn.Module):
     """Both towers; ``forward(history, user_features=None)`` (padded history -> scores) is the ONNX graph."""
+
+    user_feature_names: tuple[str, ...] = ()  # attribute columns of forward's user_features
 
     content: torch.Tensor
     id_ok: torch.Tensor

@@ -53,6 +53,7 @@ class _Job:
     items: list[int]
     last_time: int
     done: Future[Scored]
+    features: np.ndarray | None = None  # the graph's user_features row; None = attributes unknown
     queued_at: float = field(default_factory=time.monotonic)
 
 
@@ -96,13 +97,14 @@ class Batcher:
     def waiting(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, items: list[int], last_time: int) -> Future[Scored]:
-        """Queue a history; the future resolves when the batch it joined has been scored.
+    def submit(self, items: list[int], last_time: int, features: np.ndarray | None = None) -> Future[Scored]:
+        """Queue a history (and the user's attribute row, where the graph reads one); the future resolves
+        when the batch it joined has been scored.
 
         Raises :class:`Overloaded` when the queue is full and :class:`Closed` after :meth:`close`.
         """
         done: Future[Scored] = Future()
-        self._put(_Job(items, last_time, done))
+        self._put(_Job(items, last_time, done, features))
         return done
 
     def _put(self, job: _Job) -> None:
@@ -113,12 +115,14 @@ class Batcher:
         except queue.Full:
             raise Overloaded(f"{self._queue.maxsize} requests are waiting to be scored") from None
 
-    def score(self, items: list[int], last_time: int, timeout: float = 30.0) -> Scored:
+    def score(
+        self, items: list[int], last_time: int, timeout: float = 30.0, features: np.ndarray | None = None
+    ) -> Scored:
         """Block until this history is scored (in whatever batch the worker forms).
 
         On timeout the request is withdrawn (the worker skips it) and ``TimeoutError`` is raised.
         """
-        done = self.submit(items, last_time)
+        done = self.submit(items, last_time, features)
         try:
             return done.result(timeout=timeout)
         except TimeoutError:
@@ -126,7 +130,11 @@ class Batcher:
             raise
 
     def score_many(
-        self, histories: list[list[int]], last_time: list[int], timeout: float = 30.0
+        self,
+        histories: list[list[int]],
+        last_time: list[int],
+        timeout: float = 30.0,
+        features: np.ndarray | None = None,
     ) -> list[Scored]:
         """Score a caller's own batch in one run, in this thread, once no other such batch runs (e.g. an
         explanation's leave-one-out histories); ``TimeoutError`` when that takes over ``timeout``."""
@@ -135,7 +143,10 @@ class Batcher:
         if not self._side.acquire(timeout=timeout):
             raise TimeoutError(f"another caller's batch ran for over {timeout:g} s")
         try:
-            return self._run(histories, last_time)
+            rows: list[np.ndarray | None] | None = None
+            if features is not None:
+                rows = [features] * len(histories)  # one user's variants
+            return self._run(histories, last_time, rows)
         finally:
             self._side.release()
 
@@ -182,7 +193,9 @@ class Batcher:
         if not live:
             return
         try:
-            results = self._run([job.items for job in live], [job.last_time for job in live])
+            results = self._run(
+                [job.items for job in live], [job.last_time for job in live], [job.features for job in live]
+            )
         except Exception as exc:  # every waiting request learns why, none hangs
             for job in live:
                 _settle(job.done, exc=exc)
@@ -190,13 +203,24 @@ class Batcher:
         for job, result in zip(live, results, strict=True):
             _settle(job.done, result=result)
 
-    def _run(self, histories: list[list[int]], last_time: list[int]) -> list[Scored]:
+    def _run(
+        self,
+        histories: list[list[int]],
+        last_time: list[int],
+        features: list[np.ndarray | None] | None = None,
+    ) -> list[Scored]:
         padded = pad(histories)
         times = np.asarray(last_time, dtype=np.int64)
+        matrix = None
+        if self.model.feature_names:  # unknown attributes stay zero rows: the history-only path
+            matrix = np.zeros((len(histories), len(self.model.feature_names)), dtype=np.float32)
+            for i, row in enumerate(features or []):
+                if row is not None:
+                    matrix[i] = row
         if CONTRIBUTIONS in self.model.outputs:
-            scores, _, _, parts = self.model.run_with_contributions(padded, times)
+            scores, _, _, parts = self.model.run_with_contributions(padded, times, matrix)
         else:  # an older export: the model is its own single share
-            scores = self.model.run(padded, times)[0]
+            scores = self.model.run(padded, times, matrix)[0]
             parts = scores[None]
         self.runs += 1
         self.scored += len(histories)

@@ -74,6 +74,11 @@ class UserPrivacy:
         """Erase the people everywhere this project keeps data, the running service's store included."""
         subjects = subjects_for(raw_ids, self.key, self.pseudonym)
         report = erase(subjects, self.places, where=where, live=service.store if service else None)
+        if service is not None:  # what the running model holds in memory goes too, not at the next reload
+            stored = [s.stored for s in subjects]
+            service.attributes.forget(stored)
+            for user_id in stored:
+                service.cold.user_attributes.pop(user_id, None)
         return {"forgotten": len(subjects), **report.as_dict()}
 
     def export(self, raw: str, service: Service) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from fuserec.layout import CATALOG_FILE, MODEL_FILE, Layout
 from fuserec.manifest import file_sha256, read_json
 from fuserec.onnx_model import OnnxRecommender
 from fuserec.rerank import Rerank, mmr_top_k, unit_vectors
+from fuserec.serving.attributes import UserAttributes
 from fuserec.serving.batch import catalog_titles, indexed_history, indexed_seen, training_events
 from fuserec.serving.batcher import Batcher, Overloaded, Scored
 from fuserec.serving.coldstart import ColdStart, attribute_values, genre_sets
@@ -154,6 +155,7 @@ class Plan:
     last: int
     blocked: np.ndarray
     source: str
+    features: np.ndarray | None = None  # the graph's user_features row (None: attributes unknown)
 
 
 def _client_error(detail: str) -> HTTPException:
@@ -263,6 +265,9 @@ class Service:
         else:
             self.store = SQLiteEventStore(store or default_store(settings), settings.history_cap)
         self.cold = ColdStart(layout, self.n_items, self.genres)
+        self.attributes = UserAttributes.load(
+            layout, self.manifest, self.model.feature_names, self.cold.age_band
+        )
         self._import_training(layout)
         self.batcher = Batcher(self.model, max_batch, settings.queue_size, settings.max_queue_wait_ms / 1000)
 
@@ -327,7 +332,11 @@ class Service:
         blocked[items + seen + excluded] = True
         if req.filter is not None:
             blocked |= ~self.cold.genre_mask(req.filter.genres)
-        return Plan(req, items, last, blocked, source)
+        a = req.attributes
+        features = self.attributes.row(
+            req.user_id, *((a.age, a.gender, a.occupation) if a else (None, None, None))
+        )
+        return Plan(req, items, last, blocked, source, features)
 
     def finish(self, plan: Plan, scored: Scored | None) -> dict[str, Any]:
         """The ranked response from the model's scores (or the cold-start rules when there are none)."""
@@ -347,7 +356,7 @@ class Service:
 
     def recommend(self, req: RecommendIn) -> dict[str, Any]:
         plan = self.plan(req)
-        return self.finish(plan, self.score(plan.items, plan.last) if plan.items else None)
+        return self.finish(plan, self.score(plan.items, plan.last, plan.features) if plan.items else None)
 
     async def recommend_async(self, req: RecommendIn) -> dict[str, Any]:
         """:meth:`recommend` without holding a worker thread while the batcher scores."""
@@ -356,7 +365,7 @@ class Service:
             return self.finish(plan, None)
         timeout = self.settings.request_timeout_s
         try:
-            waiting = self.batcher.submit(plan.items, plan.last)
+            waiting = self.batcher.submit(plan.items, plan.last, plan.features)
             # wait_for cancels the wrapped future on timeout; the batcher then skips it (or, mid-run,
             # answers into the void): neither harms the worker
             scored = await asyncio.wait_for(asyncio.wrap_future(waiting), timeout)
@@ -366,18 +375,24 @@ class Service:
             raise timed_out(timeout) from None
         return self.finish(plan, scored)
 
-    def score(self, items: list[int], last: int) -> Scored:
+    def score(self, items: list[int], last: int, features: np.ndarray | None = None) -> Scored:
         """One history through the batcher, with the request timeout and overload mapped to 504 / 503."""
-        return self.score_many([items], [last], alone=False)[0]
+        return self.score_many([items], [last], alone=False, features=features)[0]
 
-    def score_many(self, histories: list[list[int]], last: list[int], alone: bool = True) -> list[Scored]:
+    def score_many(
+        self,
+        histories: list[list[int]],
+        last: list[int],
+        alone: bool = True,
+        features: np.ndarray | None = None,
+    ) -> list[Scored]:
         """Histories through the batcher (``alone``: as one run of their own), overload and the request
-        timeout mapped to 503 / 504."""
+        timeout mapped to 503 / 504. ``features``: the one user's attribute row, for every history."""
         timeout = self.settings.request_timeout_s
         try:
             if alone:
-                return self.batcher.score_many(histories, last, timeout=timeout)
-            return [self.batcher.score(histories[0], last[0], timeout=timeout)]
+                return self.batcher.score_many(histories, last, timeout=timeout, features=features)
+            return [self.batcher.score(histories[0], last[0], timeout=timeout, features=features)]
         except Overloaded as exc:
             raise unavailable(f"overloaded: {exc}; retry after {RETRY_AFTER_S} s") from None
         except TimeoutError:
@@ -432,9 +447,10 @@ class Service:
             scores, parts, names, strategy = cold.scores, cold.parts, cold.names, cold.strategy
             drivers: list[dict[str, Any]] = []
         else:
-            scored = self.score(items, last)
+            features = self.attributes.row(user_id, None, None, None)  # as /recommend scores this user
+            scored = self.score(items, last, features)
             scores, parts, names, strategy = scored.scores, scored.contributions, self.components, "history"
-            loo = self._leave_one_out(items, last, scored)
+            loo = self._leave_one_out(items, last, scored, features)
             drivers = self._drivers(loo, target)
         contributions = {n: float(parts[m, target]) for m, n in enumerate(names)}
         score = float(scores[target])
@@ -461,11 +477,14 @@ class Service:
             "sequence": self._sequence(loo, target),
         }
 
-    def _leave_one_out(self, items: list[int], last: int, full: Scored) -> LeaveOneOut:
+    def _leave_one_out(
+        self, items: list[int], last: int, full: Scored, features: np.ndarray | None = None
+    ) -> LeaveOneOut:
         """The history scored with each of its latest ``EXPLAIN_DRIVERS`` items left out, in one run."""
         positions = list(range(max(0, len(items) - EXPLAIN_DRIVERS), len(items)))
         without = [items[:p] + items[p + 1 :] for p in positions]
-        return LeaveOneOut(items, positions, full, self.score_many(without, [last] * len(without)))
+        scored = self.score_many(without, [last] * len(without), features=features)
+        return LeaveOneOut(items, positions, full, scored)
 
     def _drivers(self, loo: LeaveOneOut, target: int) -> list[dict[str, Any]]:
         """The history items whose removal lowers the served score most: the model says what drove it."""

@@ -23,7 +23,7 @@ from fuserec.artifacts import chosen_algorithm, load_algorithm, trained_models
 from fuserec.config import Params
 from fuserec.data.dataset import Dataset, interactions_matrix
 from fuserec.evaluation import metrics_by_k, ranking_metrics, rounded, segment_comparison, significance
-from fuserec.features import item_content_vectors
+from fuserec.features import AttributeEncoder, item_content_vectors, table_rows
 from fuserec.fusion import SharedScores
 from fuserec.histories import Histories
 from fuserec.layout import MODEL_FILE, Layout
@@ -150,6 +150,16 @@ def latest_times(histories: Histories) -> np.ndarray:
     return last
 
 
+def graph_attributes(
+    manifest: dict[str, Any], session: OnnxRecommender, users: pd.DataFrame
+) -> np.ndarray | None:
+    """The ``user_features`` table (users-table rows x graph columns) of a graph that reads attributes."""
+    spec = manifest.get("features_input")
+    if not session.feature_names or not spec:
+        return None
+    return AttributeEncoder.from_json(spec["encoder"]).table(users, session.feature_names)
+
+
 def served_metrics(
     params: Params,
     layout: Layout,
@@ -171,10 +181,13 @@ def served_metrics(
         layout.export / MODEL_FILE, manifest["providers"], prepack=manifest.get("prepack", False)
     )
     max_history = int(manifest["max_history"])
+    # a graph that reads attributes gets each user's, encoded as the export recorded (as the service does)
+    attributes = graph_attributes(manifest, session, data.users)
 
     def score(batch: Histories) -> np.ndarray:
         last = latest_times(batch) if session.uses_time else None
-        return session.run(batch.to_padded(max_history), last)[0]
+        features = None if attributes is None else table_rows(attributes, batch.users)
+        return session.run(batch.to_padded(max_history), last, features)[0]
 
     users = np.unique(test["user"].to_numpy())
     ks = params.evaluate.ks

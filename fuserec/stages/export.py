@@ -14,15 +14,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from fuserec.api import Algorithm
+from fuserec.api import USER_FEATURES, Algorithm
 from fuserec.artifacts import chosen_algorithm, load_scorer, scorer_folder
 from fuserec.atomic import remove, remove_stale_staging, replace_dir, staging_path
 from fuserec.config import AUTO, Params
 from fuserec.data.dataset import Dataset
 from fuserec.explain_states import write_explain_states
-from fuserec.features import item_content_vectors
+from fuserec.features import AttributeEncoder, item_content_vectors, table_rows
 from fuserec.fusion import Fuser
 from fuserec.histories import Histories
 from fuserec.layout import CATALOG_FILE, MODEL_FILE, USERS_FILE, Layout
@@ -77,7 +78,10 @@ def _export_into(params: Params, layout: Layout, out: Path) -> None:
     # over 1 GiB of weights: kept beside the graph, which names it relative to itself (it moves with it)
     weights = out / f"{MODEL_FILE}.data"
     session = OnnxRecommender(onnx_path, cfg.providers, prepack=cfg.prepack)
-    parity = _checked_parity(algo, session, data, test, cfg.k, name, reranker)
+    encoder = AttributeEncoder.fit(data.users)  # how the plugins' fits encoded attributes (DEFAULTS)
+    attributes = encoder.table(data.users, session.feature_names) if session.feature_names else None
+    parity = _checked_parity(algo, session, data, test, cfg.k, name, reranker, attributes)
+    feature_names = list(session.feature_names)
     providers = session.providers
     del session  # the graph (and a mapped weights file) is released before the folder moves
     data.items.to_parquet(out / CATALOG_FILE, index=False)
@@ -107,6 +111,18 @@ def _export_into(params: Params, layout: Layout, out: Path) -> None:
                 "user's latest event (the request time for a user with no history)",
             }
             if uses_time(algo)
+            else None
+        ),
+        features_input=(
+            {
+                "name": USER_FEATURES,
+                "dtype": "float32",
+                "shape": ["batch", len(feature_names)],
+                "columns": feature_names,
+                "meaning": "one-hot user attributes (column:value); a zero row = attributes unknown",
+                "encoder": encoder.to_json(),
+            }
+            if feature_names
             else None
         ),
         outputs=[*OUTPUT_NAMES, CONTRIBUTIONS],
@@ -139,9 +155,15 @@ def _checked_parity(
     k: int,
     name: str,
     reranker: Reranker | None,
+    attributes: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """The parity report of the exported graph against ``algo.score``; raises if they disagree."""
-    parity = parity_check(algo, session, parity_batch(data, test), k, reranker)
+    """The parity report of the exported graph against ``algo.score``; raises if they disagree.
+
+    ``attributes``: the graph's ``user_features`` table over the users table, when it reads attributes.
+    """
+    batch = parity_batch(data, test)
+    features = None if attributes is None else table_rows(attributes, batch.users)
+    parity = parity_check(algo, session, batch, k, reranker, features)
     # a lone one-item history: the length-1 shape that once broke ALS's fold-in (a served user's first event)
     single = parity_check(algo, session, Histories.from_lists([[0]], data.n_items), k, reranker)
     parity["one_item_history_top_items_match"] = single["top_items_match_up_to_ties"]
