@@ -122,6 +122,7 @@ class Server:
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
         self.command = command
+        self.users: list[str] = []  # the client ids the load sends (client_users)
 
     @classmethod
     def start(
@@ -286,15 +287,58 @@ def send_once(port: int, raw: bytes, timeout: float = 30.0) -> int | None:
         return None
 
 
-def request_mix(outputs: Path, n: int, history_share: float, seed: int = 0) -> list[bytes]:
+CLIENT_PREFIX = "bench-"  # client ids of a pseudonymised run's benchmark users
+EVENTS_PER_POST = 1000
+
+
+def client_users(outputs: Path, base: str) -> list[str]:
+    """The user ids the load clients send, each with its training history in the server's store.
+
+    A run without pseudonyms stores the ids clients send: its users-table ids are those. A pseudonymised
+    run stores pseudonyms, which the service would map once more (and find nobody: every request would
+    take the cheap cold-start path, never the model). There each training user becomes a client id
+    ``bench-<row>`` whose training events are first sent through ``POST /events``, as a real client's are.
+    """
+    import httpx
+    import pandas as pd
+
+    from fuserec.layout import CATALOG_FILE, Layout
+    from fuserec.serving.privacy import read_privacy_record
+
+    layout = Layout(outputs)
+    stored = pd.read_parquet(layout.clean / "users.parquet")["user_id"].astype(str).tolist()
+    record = read_privacy_record(outputs)
+    if not (record and record.get("pseudonymised")):
+        return stored
+    item_ids = pd.read_parquet(layout.export / CATALOG_FILE)["item_id"].astype(str).to_numpy()
+    train = pd.read_parquet(layout.split_file("train"))
+    events = [
+        {
+            "user_id": f"{CLIENT_PREFIX}{int(row.user)}",
+            "item_id": str(item_ids[int(row.item)]),
+            "timestamp": int(row.timestamp),
+            **({"rating": float(row.rating)} if "rating" in train and pd.notna(row.rating) else {}),
+        }
+        for row in train.itertuples(index=False)
+    ]
+    with httpx.Client(base_url=base, timeout=60.0) as client:
+        for start in range(0, len(events), EVENTS_PER_POST):
+            response = client.post("/events", json={"events": events[start : start + EVENTS_PER_POST]})
+            response.raise_for_status()
+    print(f"  {len(events)} training events sent as {train['user'].nunique()} clients' (pseudonymised run)")
+    return [f"{CLIENT_PREFIX}{u}" for u in sorted(train["user"].unique())]
+
+
+def request_mix(outputs: Path, n: int, history_share: float, users: list[str], seed: int = 0) -> list[bytes]:
     """``n`` ``POST /recommend`` requests: stored users (their history is read from the event store) and,
-    at ``history_share``, explicit histories (a real training history's latest 50 items, sent in full)."""
+    at ``history_share``, explicit histories (a real training history's latest 50 items, sent in full).
+
+    ``users``: the client ids to draw from (:func:`client_users`)."""
     import pandas as pd
 
     from fuserec.layout import CATALOG_FILE, Layout
 
     layout = Layout(outputs)
-    users = pd.read_parquet(layout.clean / "users.parquet")["user_id"].astype(str).to_numpy()
     item_ids = pd.read_parquet(layout.export / CATALOG_FILE)["item_id"].astype(str).to_numpy()
     train = pd.read_parquet(layout.split_file("train"), columns=["user", "item", "timestamp"])
     histories = [
@@ -382,13 +426,10 @@ def http_speed(
     import asyncio
 
     import httpx
-    import pandas as pd
 
-    from fuserec.layout import Layout
-
-    users = pd.read_parquet(Layout(outputs).clean / "users.parquet")["user_id"].astype(str).tolist()
     server = Server.start(outputs, store, max_batch=max_batch, threads=threads)
     port, base = server.port, server.base
+    users = server.users = client_users(outputs, base)
 
     async def level(clients: int) -> dict:
         latencies: list[float] = []
@@ -927,7 +968,7 @@ def main() -> None:
     phase: dict[str, Any] = {}
 
     def overload_phase(server: Server, levels: dict) -> None:
-        requests = request_mix(args.outputs, 4000, HISTORY_SHARE)
+        requests = request_mix(args.outputs, 4000, HISTORY_SHARE, server.users)
         phase["overload"] = overload(
             server,
             requests,

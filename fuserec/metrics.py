@@ -85,12 +85,15 @@ def _excluded_coords(exclude: sp.spmatrix | sp.sparray, shape: tuple[int, int]) 
     return rows[keep], ex.indices[keep].astype(np.int64, copy=False)
 
 
-def top_k(scores: np.ndarray, k: int, exclude: sp.spmatrix | sp.sparray | None = None) -> np.ndarray:
+def top_k(
+    scores: np.ndarray, k: int, exclude: sp.spmatrix | sp.sparray | np.ndarray | None = None
+) -> np.ndarray:
     """Indices of each row's ``k`` best items: score descending, ties -> lower item index.
 
     NaN scores rank after every other score (including ``-inf``) but are still eligible. Items that are
-    non-zero in ``exclude`` (same shape as ``scores``) are never returned; when a row has fewer than
-    ``k`` eligible items the rest of the row is ``-1``. Returns ``[n_users, k]`` int64.
+    non-zero in ``exclude`` (same shape as ``scores``: sparse, or a dense boolean mask as the service
+    holds per request) are never returned; when a row has fewer than ``k`` eligible items the rest of
+    the row is ``-1``. Returns ``[n_users, k]`` int64.
 
     Why not plain ``argpartition``: it returns an arbitrary subset of the items tied at the k-th
     value. We partition only to find the k-th best key, then take every item strictly better plus the
@@ -109,7 +112,11 @@ def top_k(scores: np.ndarray, k: int, exclude: sp.spmatrix | sp.sparray | None =
         return out
 
     keys = _descending_keys(scores)
-    if exclude is not None:
+    if isinstance(exclude, np.ndarray):
+        if exclude.shape != scores.shape:
+            raise ValueError(f"exclude has shape {exclude.shape}, scores have shape {scores.shape}")
+        keys[exclude.astype(bool, copy=False)] = _EXCLUDED_KEY
+    elif exclude is not None:
         rows, cols = _excluded_coords(exclude, (n_users, n_items))
         keys[rows, cols] = _EXCLUDED_KEY
 

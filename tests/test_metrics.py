@@ -367,3 +367,29 @@ def test_rank_together_builds_each_batch_once_and_matches_rank_users() -> None:
         assert np.array_equal(together[name], alone)
     with pytest.raises(ValueError, match="b returned shape"):
         rank_together({"b": lambda rows: scores["b"][rows, :5]}, batch, users, train, 3, 2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.lists(
+        st.tuples(
+            st.sampled_from([0.0, -0.0, 1.0, 1.0, 2.5, -3.0, float("inf"), float("-inf"), float("nan")]),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    k=st.integers(1, 12),
+)
+def test_top_k_with_a_dense_mask_is_the_full_sort_rule(data: list[tuple[float, bool]], k: int) -> None:
+    """What the service ranks per request: a full stable sort (score descending, NaN last, ties to the
+    lower index) with the blocked items dropped, which the partial sort must reproduce exactly."""
+    scores = np.array([s for s, _ in data], dtype=np.float32)
+    blocked = np.array([b for _, b in data])
+    keys = -scores.astype(np.float64) + 0.0  # -0.0 and 0.0 tie
+    order = np.lexsort((np.arange(len(scores)), np.where(np.isnan(keys), np.inf, keys), np.isnan(keys)))
+    expected = [int(i) for i in order if not blocked[i]][:k]
+    picked = top_k(scores[None], k, exclude=blocked[None])[0]
+    assert picked[picked >= 0].tolist() == expected
+    sparse = top_k(scores[None], k, exclude=sp.csr_matrix(blocked[None]))[0]
+    np.testing.assert_array_equal(picked, sparse)

@@ -43,6 +43,7 @@ from fuserec.explain_states import load_explainers
 from fuserec.features import item_content_vectors
 from fuserec.layout import CATALOG_FILE, MODEL_FILE, Layout
 from fuserec.manifest import file_sha256, read_json
+from fuserec.metrics import top_k
 from fuserec.onnx_model import OnnxRecommender
 from fuserec.rerank import Rerank, mmr_top_k, unit_vectors
 from fuserec.serving.attributes import UserAttributes
@@ -422,8 +423,8 @@ class Service:
                     rerank,
                 )[0].numpy()
             return [int(i) for i in picked if i >= 0]
-        order = np.lexsort((np.arange(self.n_items), -scores))
-        return order[~blocked[order]][:k].tolist()
+        picked = top_k(scores[None], k, exclude=blocked[None])[0]
+        return picked[picked >= 0].tolist()
 
     def _item(self, i: int, scores: np.ndarray, parts: np.ndarray, names: list[str]) -> dict[str, Any]:
         return {
