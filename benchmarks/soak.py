@@ -57,6 +57,7 @@ from serving import (  # benchmarks/ is no package: found by path, above
     Server,
     _ms,
     _use_uvloop,
+    client_users,
     describe_outputs,
     request_bytes,
     serve_settings,
@@ -83,6 +84,11 @@ class Traffic:
         self.items = pd.read_parquet(layout.export / CATALOG_FILE)["item_id"].astype(str).to_numpy()
         self.rng = np.random.default_rng(seed)
         self.pool = self.rng.choice(self.users, size=min(pool, len(self.users)), replace=False)
+
+    def use_users(self, users: list[str]) -> None:
+        """Send these client ids (:func:`serving.client_users`), with a fresh pool drawn from them."""
+        self.users = np.asarray(users)
+        self.pool = self.rng.choice(self.users, size=min(len(self.pool), len(self.users)), replace=False)
 
     def user(self) -> str:
         """Half the time a pool user (whose events the soak keeps adding), else any training user."""
@@ -787,6 +793,7 @@ def main() -> None:
     try:
         server = start("server.log")
         print(f"server up on port {server.port} (pid {server.pid}); work folder {work}", flush=True)
+        traffic.use_users(client_users(args.outputs, server.base))  # a pseudonymised run: clients' own ids
         if args.capacity is None:
             result["capacity"] = capacity(server, traffic, args.capacity_seconds, deadline)
         else:
