@@ -29,11 +29,14 @@ class SlowModel:
     """Stands in for the ONNX model: every run takes ``delay`` seconds."""
 
     outputs = ("scores",)
+    feature_names: tuple[str, ...] = ()  # reads no user attributes
 
     def __init__(self, delay: float) -> None:
         self.delay = delay
 
-    def run(self, padded: np.ndarray, times: np.ndarray) -> list[np.ndarray]:
+    def run(
+        self, padded: np.ndarray, times: np.ndarray, features: np.ndarray | None = None
+    ) -> list[np.ndarray]:
         time.sleep(self.delay)
         return [np.tile(np.arange(5, dtype=np.float32), (len(padded), 1))]
 
@@ -116,7 +119,9 @@ def test_callers_own_batches_run_one_at_a_time_beside_the_worker() -> None:
     lock = threading.Lock()
 
     class Counting(SlowModel):
-        def run(self, padded: np.ndarray, times: np.ndarray) -> list[np.ndarray]:
+        def run(
+            self, padded: np.ndarray, times: np.ndarray, features: np.ndarray | None = None
+        ) -> list[np.ndarray]:
             with lock:
                 running[0] += 1
                 most[0] = max(most[0], running[0])
@@ -207,9 +212,9 @@ def _app(outputs: Path, tmp_path: Path, keys: KeyRing | None = None, **settings:
 def _slow_runs(monkeypatch: pytest.MonkeyPatch, delay: float) -> None:
     original = Batcher._run
 
-    def slow(self: Batcher, histories: list[list[int]], last_time: list[int]) -> Any:
+    def slow(self: Batcher, histories: list[list[int]], last_time: list[int], features: Any = None) -> Any:
         time.sleep(delay)
-        return original(self, histories, last_time)
+        return original(self, histories, last_time, features)
 
     monkeypatch.setattr(Batcher, "_run", slow)
 
