@@ -363,6 +363,51 @@ def export_user(
         service.close()
 
 
+store_app = typer.Typer(
+    no_args_is_help=True,
+    help="The service's event store (serve.store): what it holds that the next retrain needs",
+)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("export-items")
+def store_export_items(
+    out: Annotated[Path, typer.Argument(help="the items table to write: .parquet, or .csv")],
+    store: StoreOpt = None,
+    merge: Annotated[
+        Path | None,
+        typer.Option(
+            "--merge",
+            help="an items file (.csv or .parquet, canonical column names) to start from: its rows, then "
+            "the added items it lacks",
+        ),
+    ] = None,
+    separator: Annotated[str, typer.Option(help="CSV field separator (data.files.separator)")] = ",",
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+) -> None:
+    """Write the items added to the service (POST /items) as rows of an items table (item_id, title,
+    genres, tags, text, year), so the next retrain's catalogue has them with their metadata: point
+    data.files.items of a csv/parquet source at the file (docs: operate the service, new items)."""
+    from rich.markup import escape
+
+    from fuserec.serving.new_items import items_table
+    from fuserec.serving.service import default_store
+
+    settings = _serve_params(params, overrides)
+    path = store or default_store(settings.serve, settings.promote.served_dir)
+    try:
+        written, added, kept = items_table(path, out, merge, separator)
+    except (FileNotFoundError, ValueError) as exc:
+        Console(stderr=True, soft_wrap=True).print(f"error: {exc}", highlight=False, markup=False)
+        raise typer.Exit(2) from exc
+    console.print(
+        f"[green]{written}[/green] rows -> {escape(str(out))} ({added} added items"
+        + (f", {kept} rows of {escape(str(merge))}" if merge is not None else "")
+        + ")"
+    )
+
+
 keys_app = typer.Typer(
     no_args_is_help=True, help="API keys of `fuserec serve` (stored hashed in serve.keys_file)"
 )

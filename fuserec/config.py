@@ -306,6 +306,13 @@ class ExportConfig(_Section):
         default=5, ge=0, description="leading slots of each list the re-ranking leaves alone"
     )
     rerank_order: Literal["score", "greedy"] = Field(default="score", description=RERANK_ORDER_HELP)
+    new_items_budget: float = Field(
+        default=0.001,
+        ge=0.0,
+        le=1.0,
+        description="validation NDCG@k the side scorer of items without training interactions (and items "
+        "added to the service) may cost to list them (fuserec.cold_items); 0 = never promote them",
+    )
 
     @property
     def rerank_shape(self) -> dict[str, Any]:

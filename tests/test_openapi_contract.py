@@ -52,6 +52,7 @@ async def _no_lifespan(_: FastAPI) -> AsyncIterator[None]:
 OPERATIONS = [("POST", "/recommend"), ("GET", "/explain"), ("POST", "/events"), ("GET", "/events")]
 OPERATIONS += [("POST", "/admin/reload"), ("GET", "/health"), ("GET", "/ready")]
 OPERATIONS += [("DELETE", "/users/{user_id}"), ("GET", "/admin/users/{user_id}")]
+OPERATIONS += [("POST", "/items"), ("GET", "/items/{item_id}")]
 
 
 NO_INPUT = {"/health", "/ready"}  # nothing to send them that could be invalid

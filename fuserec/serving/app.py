@@ -1,7 +1,8 @@
 """The HTTP API over :class:`~fuserec.serving.service.Service`: keys, limits, routing, status codes.
 
 ``POST /recommend`` (a stored user, an explicit history, or a cold start), ``POST /events`` and
-``GET /events`` (append and read back), ``GET /explain``, ``POST /admin/reload``, ``GET /health``,
+``GET /events`` (append and read back), ``POST /items`` and ``GET /items/{id}`` (items added after the
+export, listed by content without retraining), ``GET /explain``, ``POST /admin/reload``, ``GET /health``,
 ``GET /ready`` and Prometheus ``GET /metrics``. Every bad input is a 4xx that says why without echoing the
 input; overload is a 503 with ``Retry-After``, a model that does not answer in time a 504, never a 500.
 
@@ -32,6 +33,7 @@ from fuserec.serving.admission import Admission
 from fuserec.serving.auth import HEADER, KeyRing, check_open
 from fuserec.serving.deployment import Deployment
 from fuserec.serving.metrics import METRICS_PATH, install_metrics
+from fuserec.serving.new_items import ItemsIn
 from fuserec.serving.privacy import UserPrivacy
 from fuserec.serving.service import (
     MAX_HISTORY_REQUEST,
@@ -307,6 +309,30 @@ def create_app(
             events = [e.model_copy(update={"user_id": privacy.stored(e.user_id)}) for e in req.events]
             req = req.model_copy(update={"events": events})
         result: dict[str, Any] = deployment.call("add_events", req)
+        return result
+
+    @app.post(
+        "/items",
+        dependencies=[scope("write")],
+        responses={**GUARDED, 409: {"description": "an id of the trained catalogue", **_ERROR}},
+    )
+    def add_items(req: ItemsIn) -> dict[str, Any]:
+        """Add items with their metadata (title, genres, tags, text, year), or replace the metadata of
+        items added before: from the next ``/recommend`` on, the side scorer lists them by content with no
+        retraining. All or none; ``409`` for an id of the trained catalogue (its metadata is the
+        catalogue's until the next retrain); ``503`` when the store cannot write."""
+        result: dict[str, Any] = deployment.call("add_items", req)
+        return result
+
+    @app.get(
+        "/items/{item_id}",
+        dependencies=[scope("read")],
+        responses={**GUARDED, 404: {"description": "neither in the catalogue nor added", **_ERROR}},
+    )
+    def read_item(item_id: PathId) -> dict[str, Any]:
+        """An item of the trained catalogue or one added since (``source``), with its metadata and how
+        it is scored."""
+        result: dict[str, Any] = deployment.call("item", item_id)
         return result
 
     @app.get("/events", dependencies=[scope("admin")], responses=GUARDED)

@@ -5,9 +5,9 @@ SHA-256, its name and its scopes, so a leaked file lets nobody in. Keys are 256-
 hash is enough (a slow password hash protects guessable secrets; these are not guessable). Clients send the
 key in the ``X-API-Key`` header.
 
-Scopes: ``read`` (``/recommend``, ``/explain``), ``write`` (``POST /events``), ``admin`` (``/admin/*`` and a
-user's stored events, ``GET /events``). With no keys at all the service is open, which :func:`check_open`
-allows only on a loopback address.
+Scopes: ``read`` (``/recommend``, ``/explain``, ``GET /items/{id}``), ``write`` (``POST /events``,
+``POST /items``), ``admin`` (``/admin/*`` and a user's stored events, ``GET /events``). With no keys at
+all the service is open, which :func:`check_open` allows only on a loopback address.
 """
 
 from __future__ import annotations

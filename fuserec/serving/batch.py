@@ -4,7 +4,10 @@ Batch jobs (e-mails, caches, offline evaluation) must not disagree with the live
 reuses the service's rules rather than the training code: histories from the same event store (or from
 the training split, which is what the service imports on first start), the latest ``max_history`` items,
 the one exported ONNX graph under :class:`OnnxRecommender`, every item the user has an event for excluded
-(low ratings and positives older than the history window too), ties to the lower index.
+(low ratings and positives older than the history window too), ties to the lower index, and the side
+scorer's catalogue items without training interactions merged in as ``/recommend`` merges them
+(:mod:`fuserec.cold_items`). Items added to the service after the export (``POST /items``) are the
+service's alone: a batch run neither lists them nor reads them in a history.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fuserec.histories import PAD
+from fuserec.cold_items import ColdItems
+from fuserec.histories import PAD, Histories
 from fuserec.layout import CATALOG_FILE, MODEL_FILE, RATINGS_FILE, Layout
 from fuserec.manifest import read_json
 from fuserec.onnx_model import OnnxRecommender
@@ -238,10 +242,12 @@ def score_batches(
     k: int,
     batch_size: int,
     cold: ColdStart | None = None,
+    side: ColdItems | None = None,
 ) -> Iterator[tuple[int, pd.DataFrame]]:
     """Score ``batch_size`` users at a time; yields (users done, their rows) so callers can show progress.
 
-    With ``cold``, users with an empty history get its cold-start scores, as ``POST /recommend`` does.
+    With ``cold``, users with an empty history get its cold-start scores, as ``POST /recommend`` does;
+    with ``side``, the others get the side scorer's merge of items without training interactions.
     """
     for start in range(0, len(histories.user_ids), batch_size):
         stop = min(start + batch_size, len(histories.user_ids))
@@ -260,6 +266,11 @@ def score_batches(
         seen = np.zeros(scores.shape, dtype=bool)
         rows = np.repeat(np.arange(len(batch)), [len(b) for b in blocked])
         seen[rows, np.concatenate([np.asarray(b, dtype=np.int64) for b in blocked])] = True
+        warm = np.flatnonzero([len(items) > 0 for items in batch])
+        if side is not None and len(warm):  # as /recommend: the graph's users get the side scorer's merge
+            profiles = Histories.from_lists([batch[i] for i in warm], n_items)
+            merged = side.merge(scores[warm].astype(np.float32), seen[warm], profiles)
+            scores[warm] = merged[:, :n_items]
         top, valid = rank_unseen(scores, seen, k)
         user_rows, ranks = np.nonzero(valid)
         top_items = top[user_rows, ranks]
@@ -386,8 +397,10 @@ def recommend_batch(
     rows = 0
     with _progress(len(user_ids), progress) as advance, RowWriter(out) as writer:
         cold = ColdStart(layout, len(item_ids), genre_sets(catalog))
+        entry = manifest.get("cold_items")
+        side = ColdItems.load(layout.export, entry) if entry else None
         user_array = np.asarray(listed, dtype=object)
-        for done, frame in score_batches(model, histories, len(item_ids), k, batch_size, cold):
+        for done, frame in score_batches(model, histories, len(item_ids), k, batch_size, cold, side):
             at_user, at_item = frame["user"].to_numpy(np.int64), frame["item"].to_numpy(np.int64)
             writer.write(
                 pd.DataFrame(

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -47,9 +47,10 @@ from fuserec.metrics import top_k
 from fuserec.onnx_model import OnnxRecommender
 from fuserec.rerank import Rerank, mmr_top_k, unit_vectors
 from fuserec.serving.attributes import UserAttributes
-from fuserec.serving.batch import catalog_titles, indexed_history, indexed_seen, training_events
+from fuserec.serving.batch import catalog_titles, indexed_history, training_events
 from fuserec.serving.batcher import Batcher, Overloaded, Scored
 from fuserec.serving.coldstart import ColdStart, attribute_values, genre_sets
+from fuserec.serving.new_items import ADDED_REASON, NEW_ITEMS, ItemsIn, NewItems, genres_text
 from fuserec.serving.store import Event, SQLiteEventStore
 
 log = logging.getLogger("fuserec.serving")
@@ -157,6 +158,8 @@ class Plan:
     blocked: np.ndarray
     source: str
     features: np.ndarray | None = None  # the graph's user_features row (None: attributes unknown)
+    side: list[int] = field(default_factory=list)  # the history with added items (the side scorer's)
+    seen: np.ndarray | None = None  # bool [n_items + added]: every item the user has an event for
 
 
 def _client_error(detail: str) -> HTTPException:
@@ -266,6 +269,7 @@ class Service:
         else:
             self.store = SQLiteEventStore(store or default_store(settings), settings.history_cap)
         self.cold = ColdStart(layout, self.n_items, self.genres)
+        self.new_items = NewItems(layout.export, self.manifest, self.catalog, self.store)
         self.attributes = UserAttributes.load(
             layout, self.manifest, self.model.feature_names, self.cold.age_band
         )
@@ -319,34 +323,43 @@ class Service:
             raise _client_error("give exactly one of user_id or history")
         now = req.time if req.time is not None else int(time.time())
         seen: list[int] = []
-        if req.user_id is not None:
-            items, last = self.history(req.user_id, now)
-            seen = indexed_seen(self.store, req.user_id, self.index, now)  # low ratings, older positives too
+        if req.user_id is not None:  # seen: low ratings and older positives too
+            items, last, side, seen = self.user_items(req.user_id, now)
         else:
-            items, last = self.indices(list(req.history or [])[-self.max_history :], "history"), now
-        excluded = self.indices(req.exclude, "excluded")
+            side = self.known(list(req.history or [])[-self.max_history :], "history")
+            items, last = [i for i in side if i < self.n_items], now
+        excluded = self.known(req.exclude, "excluded")
         source = "history"
         if not items and req.onboarding and req.onboarding.items:
-            items = self.indices(req.onboarding.items[-self.max_history :], "onboarding")
-            last, source = now, "onboarding"
-        blocked = np.zeros(self.n_items, dtype=bool)
-        blocked[items + seen + excluded] = True
+            side = self.known(req.onboarding.items[-self.max_history :], "onboarding")
+            items, last, source = [i for i in side if i < self.n_items], now, "onboarding"
+        size = self.new_items.size
+        own = np.zeros(size, dtype=bool)
+        own[side + seen] = True
+        blocked = own.copy()
+        blocked[excluded] = True
         if req.filter is not None:
-            blocked |= ~self.cold.genre_mask(req.filter.genres)
+            blocked |= ~self.genre_mask(req.filter.genres, size)
         a = req.attributes
         features = self.attributes.row(
             req.user_id, *((a.age, a.gender, a.occupation) if a else (None, None, None))
         )
-        return Plan(req, items, last, blocked, source, features)
+        return Plan(req, items, last, blocked, source, features, side, own)
 
     def finish(self, plan: Plan, scored: Scored | None) -> dict[str, Any]:
         """The ranked response from the model's scores (or the cold-start rules when there are none)."""
         req = plan.request
-        if scored is not None:
-            scores, parts, names, strategy = scored.scores, scored.contributions, self.components, plan.source
+        size = self.new_items.size
+        if scored is not None:  # the graph's scores, and the side scorer's items without interactions
+            seen = _sized(plan.seen if plan.seen is not None else plan.blocked, size)
+            scores, parts, names = self.new_items.merge(
+                scored.scores, scored.contributions, self.components, plan.side, seen
+            )
+            strategy = plan.source
         else:
             scores, parts, names, strategy = self.cold_scores(req)
-        top = self.rank(scores, plan.blocked, req.k, req.diversity)
+            scores, parts = _after_all(scores, parts, size)
+        top = self.rank(scores, _sized(plan.blocked, len(scores)), req.k, req.diversity)
         return {
             "user_id": req.user_id,
             "history_length": len(plan.items),
@@ -411,72 +424,99 @@ class Service:
 
     def rank(self, scores: np.ndarray, blocked: np.ndarray, k: int, diversity: float | None) -> list[int]:
         """Top ``k`` unblocked items: by score (ties to the lower index), or diversified by MMR."""
+        n = len(scores)
         if diversity:
             rerank = Rerank(diversity=diversity, **self.rerank_shape)
+            vectors = self.vectors
+            added = self.new_items.refresh().diversity
+            if n > self.n_items:  # items added after the export, in the same TF-IDF space
+                vectors = torch.cat([vectors, torch.from_numpy(added[: n - self.n_items])])
             with torch.no_grad():
                 picked = mmr_top_k(
                     torch.from_numpy(scores.astype(np.float32))[None],
                     torch.from_numpy(blocked)[None],
-                    self.vectors,
-                    torch.zeros(self.n_items),
+                    vectors,
+                    torch.zeros(n),
                     k,
                     rerank,
                 )[0].numpy()
             return [int(i) for i in picked if i >= 0]
+        # a partial sort (the protocol's top_k): a full sort of the catalogue cost a third of a request
         picked = top_k(scores[None], k, exclude=blocked[None])[0]
         return picked[picked >= 0].tolist()
 
     def _item(self, i: int, scores: np.ndarray, parts: np.ndarray, names: list[str]) -> dict[str, Any]:
-        return {
-            "item_id": str(self.item_ids[i]),
-            "title": self.titles[i],
-            "genres": sorted(self.genres[i]),
+        item_id, title, genres = self._describe(i)
+        out = {
+            "item_id": item_id,
+            "title": title,
+            "genres": genres,
             "score": float(scores[i]),
-            "contributions": {n: float(parts[m, i]) for m, n in enumerate(names)},
+            "contributions": _shares(parts[:, i], names),
         }
+        return out if i < self.n_items else out | {"added": True}
+
+    def _describe(self, i: int) -> tuple[str, str, list[str]]:
+        """Id, title and genres of a catalogue item, or of an added one (indices after the catalogue)."""
+        if i < self.n_items:
+            return str(self.item_ids[i]), self.titles[i], sorted(self.genres[i])
+        record = self.new_items.record(i)
+        return record.item_id, record.title, genres_text(record.genres)
 
     def explain(self, user_id: str, item_id: str, now: int | None = None) -> dict[str, Any]:
         """Why ``item_id`` scores what it does for ``user_id``: each model's share, the history items
         whose removal lowers the score most ("because you liked"), what they share with it, the kg
         plugin's own graph paths and the recent items that mattered to sasrec, when they are fused."""
-        (target,) = self.indices([item_id], "explained")
+        (target,) = self.known([item_id], "explained")
         now = now if now is not None else int(time.time())
-        items, last = self.history(user_id, now)
+        items, last, side, seen = self.user_items(user_id, now)
+        size = max(self.new_items.size, target + 1)
+        own = np.zeros(size, dtype=bool)
+        own[side + seen] = True
         loo: LeaveOneOut | None = None
+        drivers: list[dict[str, Any]] = []
         if not items:
             cold = self.cold.scores(user_id)
-            scores, parts, names, strategy = cold.scores, cold.parts, cold.names, cold.strategy
-            drivers: list[dict[str, Any]] = []
+            scores, parts = _after_all(cold.scores, cold.parts, size)
+            names, strategy = cold.names, cold.strategy
         else:
             features = self.attributes.row(user_id, None, None, None)  # as /recommend scores this user
             scored = self.score(items, last, features)
-            scores, parts, names, strategy = scored.scores, scored.contributions, self.components, "history"
+            scores, parts, names = self.new_items.merge(
+                scored.scores, scored.contributions, self.components, side, _sized(own, size)
+            )
+            strategy = "history"
             loo = self._leave_one_out(items, last, scored, features)
-            drivers = self._drivers(loo, target)
-        contributions = {n: float(parts[m, target]) for m, n in enumerate(names)}
+            drivers = self._drivers(loo, target) if target < self.n_items else []
+        contributions = _shares(parts[:, target], names)
         score = float(scores[target])
         # the item's place in /recommend's list for the same user and time: the same items are left out
         # (the history and everything else seen by then) and ties go to the lower index, as rank() orders
-        unblocked = np.ones(self.n_items, dtype=bool)
-        unblocked[items + indexed_seen(self.store, user_id, self.index, now)] = False
-        ahead = (scores > score) | ((scores == score) & (np.arange(self.n_items) < target))
+        size = len(scores)
+        unblocked = ~_sized(own, size)
+        ahead = (scores > score) | ((scores == score) & (np.arange(size) < target))
         rank = int((ahead & unblocked).sum()) + 1 if unblocked[target] else None
-        return {
+        _, title, _ = self._describe(target)
+        added = {"available": False, "reason": ADDED_REASON}
+        out = {
             "user_id": user_id,
             "item_id": item_id,
-            "title": self.titles[target],
+            "title": title,
             "model": self.manifest["algorithm"]["name"],
             "strategy": strategy,
             "score": score,
             "rank": rank,
-            "in_history": target in items,
+            "in_history": target in side,
             "seen": bool(not unblocked[target]),
             "contributions": contributions,
             "unexplained": score - float(sum(contributions.values())),
             "because_you_liked": drivers,
-            "kg": self._kg(user_id, items, target, contributions),
-            "sequence": self._sequence(loo, target),
+            "kg": self._kg(user_id, items, target, contributions) if target < self.n_items else added,
+            "sequence": self._sequence(loo, target) if target < self.n_items else added,
         }
+        if self.new_items.is_candidate(target):  # an item the side scorer handles: say how
+            out["new_item"] = self.new_items.explanation(target, side, _sized(own, size))
+        return out
 
     def _leave_one_out(
         self, items: list[int], last: int, full: Scored, features: np.ndarray | None = None
@@ -585,7 +625,7 @@ class Service:
 
     def add_events(self, req: EventsIn) -> dict[str, Any]:
         """Check every event, then store them all in one transaction (all or none)."""
-        self.indices([e.item_id for e in req.events], "event")
+        self.known([e.item_id for e in req.events], "event")  # catalogue or added items
         now = int(time.time())
         latest = now + self.settings.clock_skew_s
         for n, e in enumerate(req.events):
@@ -608,12 +648,111 @@ class Service:
             for e in req.events
         ]
         try:
-            return {"stored": self.store.append(events)}
+            stored = self.store.append(events)
         except sqlite3.Error as exc:  # disk full, read-only file, locked too long: nothing was stored
             log.error("event store cannot write (%s): %d events refused", type(exc).__name__, len(events))
             raise unavailable(
                 f"the event store cannot write ({exc}); nothing was stored, retry later"
             ) from None
+        self.new_items.saw_events([e.item_id for e in events])
+        return {"stored": stored}
+
+    # -- items added after the export (fuserec.serving.new_items) ------------------------------------------
+    def known(self, ids: list[str], what: str) -> list[int]:
+        """Indices of catalogue items, or of items added since the export (after the catalogue's)."""
+        out: list[int] = []
+        unknown: list[str] = []
+        for item_id in ids:
+            at = self.index.get(item_id)
+            if at is None:
+                at = self.new_items.position(item_id)
+            if at is None:
+                unknown.append(item_id)
+            else:
+                out.append(at)
+        if unknown:
+            raise _client_error(
+                f"unknown {what} item ids {unknown[:5]}: they are neither in the exported catalogue "
+                "(outputs/model/catalog.parquet) nor added (POST /items); add them, or leave them out"
+            )
+        return out
+
+    def user_items(self, user_id: str, now: int) -> tuple[list[int], int, list[int], list[int]]:
+        """From one read of the store: the user's latest positives as the graph reads them (catalogue
+        indices), the latest one's time, the same positives with added items (the side scorer's
+        profile), and every item the user has any event for by ``now``."""
+        events = self.store.history(user_id, self.max_history, self.threshold, until=now)
+        side = [at for item_id, _ in events if (at := self._position(item_id)) is not None]
+        last = max((ts for _, ts in events), default=now)
+        seen = [
+            at
+            for item_id in self.store.seen(user_id, until=now)
+            if (at := self._position(item_id)) is not None
+        ]
+        return [i for i in side if i < self.n_items], last, side, seen
+
+    def _position(self, item_id: str) -> int | None:
+        at = self.index.get(item_id)
+        return at if at is not None else self.new_items.position(item_id)
+
+    def genre_mask(self, wanted: list[str], size: int) -> np.ndarray:
+        """Catalogue and added items with at least one of ``wanted`` genres (case-insensitive)."""
+        keys = {g.strip().lower() for g in wanted}
+        added = self.new_items.refresh().genres
+        extra = np.fromiter((bool(g & keys) for g in added), dtype=bool, count=len(added))
+        return _sized(np.concatenate([self.cold.genre_mask(wanted), extra]), size)
+
+    def add_items(self, req: ItemsIn) -> dict[str, Any]:
+        """Store added items (all or none); 409 for an id of the trained catalogue, 503 when the store
+        cannot write."""
+        try:
+            return self.new_items.add(req.items, self.index, int(time.time()))
+        except sqlite3.Error as exc:
+            log.error("event store cannot write (%s): %d items refused", type(exc).__name__, len(req.items))
+            raise unavailable(
+                f"the event store cannot write ({exc}); nothing was stored, retry later"
+            ) from None
+
+    def item(self, item_id: str) -> dict[str, Any]:
+        """An item of the trained catalogue or an added one, with its metadata; 404 when neither."""
+        side = self.new_items.side
+        at = self.index.get(item_id)
+        if at is not None:
+            row = self.catalog.iloc[at]
+            scored = bool(self.manifest.get("cold_items"))
+            return {
+                "item_id": item_id,
+                "source": "trained",
+                "title": self.titles[at],
+                "genres": _terms(row.get("genres")),
+                "tags": _terms(row.get("tags")),
+                "year": _year(row.get("year")),
+                "text": "" if pd.isna(row.get("text", "")) else str(row.get("text", "")),
+                "training_interactions": int(side.popularity[at]) if scored else None,
+                "scored_by": "the served model, and the side scorer (no training interactions)"
+                if scored and side.cold[at]
+                else "the served model",
+            }
+        position = self.new_items.position(item_id)
+        if position is None:
+            raise HTTPException(
+                status_code=404,
+                detail="no such item: it is neither in the exported catalogue nor added (POST /items)",
+            )
+        record = self.new_items.record(position)
+        return {
+            "item_id": item_id,
+            "source": "added",
+            "title": record.title,
+            "genres": list(record.genres),
+            "tags": list(record.tags),
+            "year": record.year,
+            "text": record.text,
+            "added_at": record.added_at,
+            "updated_at": record.updated_at,
+            "events": int(self.new_items.refresh().exposure[position - self.n_items]),
+            "scored_by": "the side scorer (content), until the next retrain puts it in the catalogue",
+        }
 
     def events(self, user_id: str, limit: int) -> dict[str, Any]:
         stored = self.store.events(user_id, limit)
@@ -629,3 +768,40 @@ class Service:
         self.batcher.close()
         if self.owns_store:
             self.store.close()
+
+
+def _sized(mask: np.ndarray, size: int) -> np.ndarray:
+    """A bool mask over ``size`` items: cut, or extended with False (items added since it was made)."""
+    out = np.zeros(size, dtype=bool)
+    out[: min(size, len(mask))] = mask[:size]
+    return out
+
+
+def _after_all(scores: np.ndarray, parts: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cold-start scores over the catalogue, extended to ``size`` items: added ones after every other
+    (the cold-start rules know nothing of them)."""
+    n = len(scores)
+    if size <= n:
+        return scores, parts
+    low = float(np.min(scores)) - 1.0 if n else 0.0
+    out = np.concatenate([np.asarray(scores, dtype=np.float64), np.full(size - n, low)])
+    out_parts = np.zeros((parts.shape[0], size), dtype=np.float64)
+    out_parts[:, :n] = parts
+    out_parts[-1, n:] = low
+    return out, out_parts
+
+
+def _shares(column: np.ndarray, names: list[str]) -> dict[str, float]:
+    """Each component's share of one item's score; the side scorer's only where it changed the score."""
+    return {n: float(column[m]) for m, n in enumerate(names) if n != NEW_ITEMS or column[m] != 0}
+
+
+def _terms(value: object) -> list[str]:
+    return [t.strip() for t in value.split("|") if t.strip()] if isinstance(value, str) else []
+
+
+def _year(value: object) -> int | None:
+    try:
+        return None if value is None or pd.isna(value) else int(float(str(value)))
+    except ValueError:
+        return None

@@ -9,6 +9,11 @@ positive unless its kind is ``dislike`` or its rating is under the training's im
 event, positive or not, marks its item as seen. Reads take an ``until`` time so a request dated T sees
 only what had happened by T. The store is bounded: ``history_cap`` events per user (the oldest go first)
 and :meth:`SQLiteEventStore.prune` for a retention window.
+
+The store also keeps the items added to the service after the export (``POST /items``, table ``items``:
+their metadata, in the order they were first added), so they survive a restart and reach the next
+retrain (``fuserec store export-items``). Every table is created with ``IF NOT EXISTS`` when the store
+opens, so a store written before a table existed gains it, empty, and keeps everything else.
 """
 
 from __future__ import annotations
@@ -31,6 +36,21 @@ class Event:
     timestamp: int
     kind: str = "interaction"
     rating: float | None = None
+
+
+@dataclass(frozen=True)
+class ItemRecord:
+    """An item added to the service: its id and metadata (the items table's columns), and when it was
+    first added and last changed (unix seconds)."""
+
+    item_id: str
+    title: str = ""
+    genres: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    text: str = ""
+    year: int | None = None
+    added_at: int = 0
+    updated_at: int = 0
 
 
 class EventStore(Protocol):
@@ -60,7 +80,19 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_user ON events (user_id, timestamp, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    item_id TEXT NOT NULL UNIQUE,
+    title TEXT NOT NULL DEFAULT '',
+    genres TEXT NOT NULL DEFAULT '',
+    tags TEXT NOT NULL DEFAULT '',
+    text TEXT NOT NULL DEFAULT '',
+    year INTEGER,
+    added_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
 """
+LIST_SEPARATOR = "|"  # genres and tags are stored as the items table holds them: "Action|Comedy"
 NEVER_POSITIVE = "dislike"  # the one kind that is never a positive, whatever its rating
 LATEST = 2**62  # "no time bound" in queries
 
@@ -78,6 +110,7 @@ class SQLiteEventStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a committed event survives a crash
         self._db.executescript(SCHEMA)
+        self.items_version = 0  # bumped by every write to the items table (in-process readers refresh)
 
     def append(self, events: list[Event]) -> int:
         rows = [(e.user_id, e.item_id, e.kind, e.rating, int(e.timestamp)) for e in events]
@@ -174,6 +207,76 @@ class SQLiteEventStore:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
 
+    def upsert_items(self, items: list[ItemRecord], now: int) -> tuple[int, int]:
+        """Add ``items``, or replace the metadata of those added before (keeping when they were first
+        added), in one transaction; returns how many were new and how many replaced."""
+        rows = [
+            (
+                r.item_id,
+                r.title,
+                LIST_SEPARATOR.join(r.genres),
+                LIST_SEPARATOR.join(r.tags),
+                r.text,
+                r.year,
+                int(now),
+                int(now),
+            )
+            for r in items
+        ]
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                marks = ",".join("?" * len(rows))
+                known = self._db.execute(
+                    f"SELECT COUNT(*) FROM items WHERE item_id IN ({marks})", [r[0] for r in rows]
+                ).fetchone()[0]
+                self._db.executemany(
+                    "INSERT INTO items (item_id, title, genres, tags, text, year, added_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(item_id) DO UPDATE SET "
+                    "title = excluded.title, genres = excluded.genres, tags = excluded.tags, "
+                    "text = excluded.text, year = excluded.year, updated_at = excluded.updated_at",
+                    rows,
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            self.items_version += 1
+        return len(rows) - int(known), int(known)
+
+    def items(self) -> list[ItemRecord]:
+        """Every added item, in the order they were first added."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT item_id, title, genres, tags, text, year, added_at, updated_at FROM items "
+                "ORDER BY seq"
+            ).fetchall()
+        return [_item_record(row) for row in rows]
+
+    def item(self, item_id: str) -> ItemRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT item_id, title, genres, tags, text, year, added_at, updated_at FROM items "
+                "WHERE item_id = ?",
+                (item_id,),
+            ).fetchone()
+        return None if row is None else _item_record(row)
+
+    def event_counts(self, item_ids: list[str]) -> dict[str, int]:
+        """Events of any kind stored for each of ``item_ids`` (one pass over the events)."""
+        if not item_ids:
+            return {}
+        with self._lock:
+            self._db.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (item_id TEXT PRIMARY KEY)")
+            self._db.execute("DELETE FROM wanted")
+            self._db.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", [(i,) for i in item_ids])
+            rows = self._db.execute(
+                "SELECT e.item_id, COUNT(*) FROM events e JOIN wanted w ON e.item_id = w.item_id "
+                "GROUP BY e.item_id"
+            ).fetchall()
+        return {str(item): int(n) for item, n in rows}
+
     def import_frame(self, frame: pd.DataFrame) -> int:
         """Bulk-load (user_id, item_id, timestamp[, rating]) rows, e.g. the training interactions."""
         events = [
@@ -185,3 +288,17 @@ class SQLiteEventStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _item_record(row: tuple[object, ...]) -> ItemRecord:
+    item_id, title, genres, tags, text, year, added_at, updated_at = row
+    return ItemRecord(
+        str(item_id),
+        str(title),
+        tuple(g for g in str(genres).split(LIST_SEPARATOR) if g),
+        tuple(t for t in str(tags).split(LIST_SEPARATOR) if t),
+        str(text),
+        None if year is None else int(str(year)),
+        int(str(added_at)),
+        int(str(updated_at)),
+    )

@@ -13,6 +13,7 @@ shows as a gap between ``served`` and that model's row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from fuserec.artifacts import chosen_algorithm, load_algorithm, trained_models
+from fuserec.cold_items import ColdItems, merged_scorer
 from fuserec.config import Params
 from fuserec.data.dataset import Dataset, interactions_matrix
 from fuserec.evaluation import metrics_by_k, ranking_metrics, rounded, segment_comparison, significance
@@ -173,8 +175,9 @@ def served_metrics(
     """The exported graph on every test user, measured as the Python rows are (``served`` in metrics.json).
 
     Histories go in as the service sends them (latest ``max_history`` items, oldest first, and the latest
-    event time for graphs that read it); the ``scores`` output is ranked with the user's training items
-    excluded and ties to the lower index, as the service and the Python rows rank.
+    event time for graphs that read it); the ``scores`` output, merged with the side scorer's items without
+    training interactions as the service merges them (:func:`served_scorers`), is ranked with the user's
+    training items excluded and ties to the lower index, as the service and the Python rows rank.
     """
     manifest = exported_manifest(layout, name)
     session = OnnxRecommender(
@@ -191,8 +194,10 @@ def served_metrics(
 
     users = np.unique(test["user"].to_numpy())
     ks = params.evaluate.ks
-    topk = rank_together({name: score}, hist.select, users, train_mat, max(ks), params.evaluate.batch_size)
-    values = ranking_metrics(topk[name], users, data, test, ks, False, False, vectors)
+    scorers = served_scorers(layout, manifest, name, score, max_history)
+    topk = rank_together(scorers, hist.select, users, train_mat, max(ks), params.evaluate.batch_size)
+    values = ranking_metrics(topk[name], users, data, test, ks, True, False, vectors)
+    segments = values.pop("segments")
     return {
         "algorithm": name,
         "export_algorithm": params.export.algorithm,
@@ -200,6 +205,69 @@ def served_metrics(
         "providers": session.providers,
         "max_history": max_history,
         **rounded(values),
+        "segments": rounded(segments),
+        **new_items_summary(manifest, topk, name, users, data, test, ks, vectors),
+    }
+
+
+GRAPH_ALONE = "graph alone"  # the served graph's ranking without the side scorer, for the comparison
+
+
+def served_scorers(
+    layout: Layout,
+    manifest: dict[str, Any],
+    name: str,
+    score: Callable[[Histories], np.ndarray],
+    max_history: int,
+) -> dict[str, Callable[[Histories], np.ndarray]]:
+    """What ``/recommend`` serves under ``name``: the graph's scores, then the side scorer's merge of
+    items without training interactions (:mod:`fuserec.cold_items`), exactly as the service merges them;
+    and under :data:`GRAPH_ALONE` the graph's own scores of the same run (reused, not run twice), so
+    metrics.json says what the side scorer changed. Just the graph for an export without a side scorer."""
+    entry = manifest.get("cold_items")
+    if not entry:
+        return {name: score}
+    side = ColdItems.load(layout.export, entry)
+    kept: dict[str, Any] = {}
+
+    def graph(batch: Histories) -> np.ndarray:
+        if kept.get("batch") is not batch:  # the served scorer runs first on each batch, this reuses it
+            kept.update(batch=batch, scores=score(batch))
+        return np.asarray(kept["scores"])
+
+    return {name: merged_scorer(side, graph, max_history), GRAPH_ALONE: graph}
+
+
+def new_items_summary(
+    manifest: dict[str, Any],
+    topk: dict[str, np.ndarray],
+    name: str,
+    users: np.ndarray,
+    data: Dataset,
+    test: pd.DataFrame,
+    ks: list[int],
+    vectors: np.ndarray,
+) -> dict[str, Any]:
+    """``side_scorer``: its weight (chosen on validation at export), how many lists it added an item
+    without training interactions to, and the served row's metrics without it (``graph_alone``)."""
+    if GRAPH_ALONE not in topk:
+        return {}
+    entry = manifest["cold_items"]
+    cold = data.item_popularity() == 0
+    k = min(10, topk[name].shape[1])
+    lists = topk[name][:, :k]
+    listed = (lists >= 0) & cold[np.maximum(lists, 0)]
+    alone = ranking_metrics(topk[GRAPH_ALONE], users, data, test, ks, True, False, vectors)
+    segments = alone.pop("segments")
+    return {
+        "side_scorer": {
+            "what": "fuserec.cold_items: content, calibrated on validation (model/cold_items.npz)",
+            "weight": entry.get("weight"),
+            "budget": entry.get("budget"),
+            f"lists_with_new_items@{k}": round(float(listed.any(axis=1).mean()), 6),
+            f"new_items_per_list@{k}": round(float(listed.sum(axis=1).mean()), 6),
+            "graph_alone": {**rounded(alone), "segments": rounded(segments)},
+        }
     }
 
 
@@ -262,7 +330,8 @@ def evaluate(params: Params) -> str:
     python = results["models"].get(exported) or results["fusers"].get(exported) or {}
     # over the accuracy metrics (novelty is a popularity rank, not comparable on their scale)
     accuracy = [f"{m}@{k}" for m in PER_USER_METRICS for k in params.evaluate.ks]
-    gaps = [abs(served[key] - python[key]) for key in accuracy if key in python]
+    graph = served.get("side_scorer", {}).get("graph_alone", served)  # parity: the graph alone
+    gaps = [abs(graph[key] - python[key]) for key in accuracy if key in python and key in graph]
     served["largest_difference_from_python"] = round(max(gaps), 6) if gaps else None
     payload = {
         "protocol": protocol_summary(params, data.interactions, test, data.n_items),

@@ -20,6 +20,7 @@ import pandas as pd
 from fuserec.api import USER_FEATURES, Algorithm
 from fuserec.artifacts import chosen_algorithm, load_scorer, scorer_folder
 from fuserec.atomic import remove, remove_stale_staging, replace_dir, staging_path
+from fuserec.cold_items import export_cold_items
 from fuserec.config import AUTO, Params
 from fuserec.data.dataset import Dataset
 from fuserec.explain_states import write_explain_states
@@ -144,6 +145,7 @@ def _export_into(params: Params, layout: Layout, out: Path) -> None:
         opset=cfg.opset,
         parity=parity,
         explain_states=write_explain_states(algo, name, out),  # components that explain when served
+        cold_items=export_cold_items(params, layout, algo, name, data, test, out),  # fuserec.cold_items
     )
 
 

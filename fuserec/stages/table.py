@@ -148,6 +148,8 @@ STAGES: tuple[Stage, ...] = (
             "fuserec/parity.py",
             "fuserec/rerank.py",
             "fuserec/explain_states.py",
+            "fuserec/cold_items.py",
+            "fuserec/features.py",
         ),
     ),
     Stage(
@@ -178,6 +180,7 @@ STAGES: tuple[Stage, ...] = (
             "fuserec/significance.py",
             "fuserec/rerank.py",
             "fuserec/onnx_model.py",
+            "fuserec/cold_items.py",
         ),
     ),
     Stage(
