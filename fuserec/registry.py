@@ -1,7 +1,8 @@
 """Plugins found through entry points, built-ins exactly like third parties'.
 
 A plugin that fails to import, is not an Algorithm, or declares an unsupported ``api_version`` is
-recorded with its distribution and version and an error; the others still load.
+recorded with its distribution and version and an error; the others still load. Three groups share the
+mechanism: ranking algorithms, fusers and raters (rating prediction, :mod:`fuserec.rating`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ from fuserec.api import API_VERSION, SUPPORTED_API_MAJORS, Algorithm, api_major
 
 if TYPE_CHECKING:
     from fuserec.fusion import Fuser
+    from fuserec.rating import RatingAlgorithm
 
 ALGORITHMS_GROUP = "fuserec.algorithms"
 FUSERS_GROUP = "fuserec.fusers"
+RATERS_GROUP = "fuserec.raters"
+#: Where users name a group's plugins (said in the error of an unknown name).
+_CONFIGURED_IN = {
+    ALGORITHMS_GROUP: "train.algorithms",
+    FUSERS_GROUP: "fuse.fusers",
+    RATERS_GROUP: "the rating task's raters",
+}
 
 
 def _base_class(group: str) -> type:
@@ -26,6 +35,10 @@ def _base_class(group: str) -> type:
         from fuserec.fusion import Fuser
 
         return Fuser
+    if group == RATERS_GROUP:
+        from fuserec.rating import RatingAlgorithm
+
+        return RatingAlgorithm
     return Algorithm
 
 
@@ -42,7 +55,7 @@ class PluginInfo:
     version: str
     api_version: str | None
     error: str | None
-    cls: type[Algorithm] | type[Fuser] | None
+    cls: type[Algorithm] | type[Fuser] | type[RatingAlgorithm] | None
 
     @property
     def ok(self) -> bool:
@@ -80,7 +93,7 @@ def _inspect(ep: md.EntryPoint, group: str) -> PluginInfo:
             f"Upgrade {dist_name} or fuserec so that they match",
             declared,
         )
-    plugin = cast("type[Algorithm] | type[Fuser]", obj)
+    plugin = cast("type[Algorithm] | type[Fuser] | type[RatingAlgorithm]", obj)
     return PluginInfo(ep.name, group, ep.value, dist_name, dist_version, declared, None, plugin)
 
 
@@ -130,7 +143,7 @@ def plugin_info(name: str, group: str = ALGORITHMS_GROUP) -> PluginInfo:
     raise PluginError(
         f"no plugin named {name!r} in entry-point group {group!r}; available: {available(group)}. "
         f"Install the distribution that provides it, or fix the name in params.yaml "
-        f"({'fuse.fusers' if group == FUSERS_GROUP else 'train.algorithms'})"
+        f"({_CONFIGURED_IN.get(group, group)})"
     )
 
 
@@ -144,6 +157,13 @@ def get_fuser(name: str) -> type[Fuser]:
     cls = plugin_info(name, FUSERS_GROUP).cls
     assert cls is not None
     return cast("type[Fuser]", cls)
+
+
+def get_rater(name: str) -> type[RatingAlgorithm]:
+    """The rating-prediction plugin registered as ``name`` in ``fuserec.raters``."""
+    cls = plugin_info(name, RATERS_GROUP).cls
+    assert cls is not None
+    return cast("type[RatingAlgorithm]", cls)
 
 
 def resolve_names(requested: list[str] | str, group: str = ALGORITHMS_GROUP) -> list[str]:

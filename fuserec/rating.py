@@ -1,0 +1,268 @@
+"""The explicit rating-prediction contract: fit on (user, item, rating) triples, predict from histories.
+
+It sits beside the ranking contract (:class:`fuserec.api.Algorithm`) and follows the same rules: a typed
+pydantic config, a logic-free ``__init__``, state as plain numeric arrays (no pickle), plugins found
+through an entry-point group (``fuserec.raters``). What differs is the question: not "which items", but
+"what rating would this user give these items".
+
+As for ranking, a prediction is a function of the user's *rated history*, never of a user id: each history
+row carries the items the user rated and ``histories.ratings``. So a new user, or a known user with a fresh
+rating, is served without retraining; models with per-user parameters (biases, factors) fold the history
+in at predict time. :meth:`RatingAlgorithm.predict_fitted` gives the plain fitted-user-parameter prediction
+where a model has one, so the cost of folding in can be measured (``benchmarks/rating.py``).
+
+Predictions are clipped to the range of the training ratings (``rating_range_``): a model may extrapolate
+past 5 stars, a served rating may not.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import numpy as np
+import pandas as pd
+
+from fuserec.api import API_VERSION, CONFIG_FILE, STATE_FILE, AlgorithmConfig
+from fuserec.histories import Histories
+from fuserec.registry import RATERS_GROUP
+
+#: Keys of :meth:`RatingAlgorithm.get_state` that the base class owns; plugins' own keys must differ.
+META_KEYS = ("meta_rating_range", "meta_shape")
+
+
+class RatingConfig(AlgorithmConfig):
+    """Base of every rater's config: unknown keys are errors, values are frozen, ``seed`` is shared."""
+
+
+@dataclass(frozen=True)
+class RatingData:
+    """Validated training triples: ``users`` and ``items`` are ``int64`` indices, ``ratings`` ``float64``."""
+
+    users: np.ndarray
+    items: np.ndarray
+    ratings: np.ndarray
+    n_users: int
+    n_items: int
+    timestamps: np.ndarray | None = None
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, n_users: int, n_items: int) -> RatingData:
+        """Check a ``user, item, rating[, timestamp]`` frame, so errors name the problem, not a shape."""
+        missing = {"user", "item", "rating"} - set(frame.columns)
+        if missing:
+            raise ValueError(f"ratings frame lacks columns {sorted(missing)}; it needs user, item, rating")
+        if len(frame) == 0:
+            raise ValueError("cannot fit a rater on an empty ratings frame")
+        users = frame["user"].to_numpy(np.int64)
+        items = frame["item"].to_numpy(np.int64)
+        ratings = frame["rating"].to_numpy(np.float64)
+        if users.min() < 0 or users.max() >= n_users:
+            raise ValueError(f"user indices must lie in [0, {n_users})")
+        if items.min() < 0 or items.max() >= n_items:
+            raise ValueError(f"item indices must lie in [0, {n_items})")
+        if not np.isfinite(ratings).all():
+            raise ValueError("ratings must be finite")
+        timestamps = frame["timestamp"].to_numpy(np.int64) if "timestamp" in frame else None
+        return cls(users, items, ratings, int(n_users), int(n_items), timestamps)
+
+    @property
+    def global_mean(self) -> float:
+        return float(self.ratings.mean())
+
+    def histories(self) -> Histories:
+        """Every user's rated history (time order when timestamps are known), with ``ratings`` aligned."""
+        ts = self.timestamps if self.timestamps is not None else np.zeros(len(self.users), dtype=np.int64)
+        order = np.lexsort((self.items, ts, self.users))
+        counts = np.bincount(self.users, minlength=self.n_users)
+        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return Histories(
+            indptr,
+            self.items[order],
+            self.n_items,
+            ts[order],
+            self.ratings[order].astype(np.float32),
+            np.arange(self.n_users, dtype=np.int64),
+        )
+
+
+def history_rows(histories: Histories) -> np.ndarray:
+    """``int64 [len(histories.items)]``: the history row of every entry of ``histories.items``."""
+    return np.repeat(np.arange(len(histories), dtype=np.int64), histories.lengths)
+
+
+class RatingAlgorithm(ABC):
+    """Base class of rating-prediction plugins.
+
+    Subclasses set ``Config`` (deriving from :class:`RatingConfig`) and implement :meth:`fit_ratings`,
+    :meth:`estimate`, :meth:`model_state` and :meth:`set_model_state`; optionally :meth:`fitted_estimate`.
+    The base class validates inputs, records the rating range and clips, so every plugin behaves alike.
+
+    Shapes: ``predict(histories, items)`` takes ``len(histories) == B`` rated histories and ``int64 [B, m]``
+    item indices (row b: the items to rate for history b) and returns ``float32 [B, m]`` within
+    ``rating_range_``.
+    """
+
+    api_version: ClassVar[str] = API_VERSION
+    Config: ClassVar[type[RatingConfig]] = RatingConfig
+
+    def __init__(self, config: AlgorithmConfig | dict[str, Any] | None = None) -> None:
+        if config is None:
+            config = self.Config()
+        elif isinstance(config, dict):
+            config = self.Config.model_validate(config)
+        elif not isinstance(config, self.Config):
+            config = self.Config.model_validate(config.model_dump())
+        self.config = config
+        self.n_items_: int | None = None
+        self.n_users_: int | None = None
+        self.rating_range_: tuple[float, float] | None = None
+
+    # -- what plugins implement -----------------------------------------------------------------------
+    @abstractmethod
+    def fit_ratings(self, data: RatingData) -> None:
+        """Learn from validated triples (the base class has already set shapes and the rating range)."""
+
+    @abstractmethod
+    def estimate(self, histories: Histories, items: np.ndarray) -> np.ndarray:
+        """Unclipped ``[B, m]`` estimates; ``histories.ratings`` is present and ``items`` is in range."""
+
+    @abstractmethod
+    def model_state(self) -> dict[str, np.ndarray]:
+        """The plugin's fitted arrays (numeric; keys must not start with ``meta_``)."""
+
+    @abstractmethod
+    def set_model_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`model_state` returned."""
+
+    def fitted_estimate(self, users: np.ndarray, items: np.ndarray) -> np.ndarray | None:
+        """Unclipped estimates from the *fitted* per-user parameters of training users (pairs ``users[n]``,
+        ``items[n]``); None when the model has no such parameters or they were not kept (after a load).
+
+        Diagnostics only: serving always folds the history in. It shows what folding in costs.
+        """
+        return None
+
+    # -- the contract -----------------------------------------------------------------------------------
+    def fit(self, ratings: pd.DataFrame, n_users: int, n_items: int) -> Self:
+        """Fit on ``ratings`` (columns ``user``, ``item``, ``rating``[, ``timestamp``]) of ``n_users`` users
+        over a catalogue of ``n_items`` items."""
+        data = RatingData.from_frame(ratings, n_users, n_items)
+        self.n_users_, self.n_items_ = data.n_users, data.n_items
+        self.rating_range_ = (float(data.ratings.min()), float(data.ratings.max()))
+        self.fit_ratings(data)
+        return self
+
+    def predict(self, histories: Histories, items: np.ndarray) -> np.ndarray:
+        """``float32 [B, m]`` ratings of ``items[b]`` for history ``b``, clipped to ``rating_range_``."""
+        n_items = self._check_fitted()
+        items = np.asarray(items)
+        if items.ndim != 2 or items.shape[0] != len(histories):
+            raise ValueError(f"items must be [len(histories), m] = [{len(histories)}, m], got {items.shape}")
+        if not np.issubdtype(items.dtype, np.integer):
+            raise TypeError(f"items must be integer item indices, got {items.dtype}")
+        if items.size and (items.min() < 0 or items.max() >= n_items):
+            raise ValueError(f"item indices must lie in [0, {n_items})")
+        if histories.n_items != n_items:
+            raise ValueError(f"histories are over {histories.n_items} items, the model over {n_items}")
+        if histories.ratings is None:
+            raise ValueError("rating prediction needs rated histories: histories.ratings is None")
+        out = self.estimate(histories, items.astype(np.int64))
+        return self._clip(out)
+
+    def predict_fitted(self, users: np.ndarray, items: np.ndarray) -> np.ndarray | None:
+        """Clipped :meth:`fitted_estimate` of pairs of training users and items (None when not available)."""
+        self._check_fitted()
+        out = self.fitted_estimate(np.asarray(users, np.int64), np.asarray(items, np.int64))
+        return None if out is None else self._clip(out)
+
+    def predict_pairs(self, histories: Histories, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """``float32 [n]``: the rating of ``items[n]`` for history ``rows[n]``, grouped into one ``predict``.
+
+        Pairs are grouped by history and padded (with item 0, whose predictions are dropped), the layout
+        an evaluation of held-out ratings needs.
+        """
+        rows, items = np.asarray(rows, np.int64), np.asarray(items, np.int64)
+        if rows.shape != items.shape or rows.ndim != 1:
+            raise ValueError("rows and items must be 1-D arrays of the same length")
+        out = np.zeros(len(rows), dtype=np.float32)
+        if not len(rows):
+            return out
+        order = np.argsort(rows, kind="stable")
+        uniq, start, counts = np.unique(rows[order], return_index=True, return_counts=True)
+        group = np.repeat(np.arange(len(uniq)), counts)
+        pos = np.arange(len(rows)) - np.repeat(start, counts)
+        grid = np.zeros((len(uniq), int(counts.max())), dtype=np.int64)
+        grid[group, pos] = items[order]
+        pred = self.predict(histories.select(uniq), grid)
+        out[order] = pred[group, pos]
+        return out
+
+    # -- state (no pickle) -------------------------------------------------------------------------------
+    @property
+    def is_fitted(self) -> bool:
+        return self.n_items_ is not None
+
+    def _check_fitted(self) -> int:
+        if self.n_items_ is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(ratings, ...) or load(path)")
+        return self.n_items_
+
+    def _clip(self, values: np.ndarray) -> np.ndarray:
+        assert self.rating_range_ is not None
+        low, high = self.rating_range_
+        return np.clip(np.asarray(values, dtype=np.float32), low, high).astype(np.float32)
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Every array :meth:`predict` needs: the plugin's own plus the rating range and shapes."""
+        self._check_fitted()
+        assert self.rating_range_ is not None and self.n_users_ is not None and self.n_items_ is not None
+        own = self.model_state()
+        clash = [k for k in own if k.startswith("meta_")]
+        if clash:
+            raise ValueError(f"{type(self).__name__}.model_state() uses reserved keys {clash}")
+        return {
+            **own,
+            "meta_rating_range": np.asarray(self.rating_range_, dtype=np.float64),
+            "meta_shape": np.asarray([self.n_users_, self.n_items_], dtype=np.int64),
+        }
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`get_state` returned (fitted-user diagnostics are not part of it)."""
+        low, high = (float(v) for v in state["meta_rating_range"])
+        n_users, n_items = (int(v) for v in state["meta_shape"])
+        self.rating_range_, self.n_users_, self.n_items_ = (low, high), n_users, n_items
+        self.set_model_state({k: v for k, v in state.items() if k not in META_KEYS})
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``config.json`` and ``state.npz`` into folder ``path``."""
+        state = self.get_state()
+        bad = [k for k, v in state.items() if not isinstance(v, np.ndarray) or v.dtype == object]
+        if bad:
+            raise TypeError(f"{type(self).__name__}.get_state() returned non-numeric arrays for {bad}")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_FILE).write_text(json.dumps({"config": self.config.model_dump(mode="json")}, indent=2))
+        np.savez(path / STATE_FILE, **state)  # type: ignore[arg-type]  # stub: **kwds may hit allow_pickle
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        path = Path(path)
+        meta = json.loads((path / CONFIG_FILE).read_text())
+        algo = cls(cls.Config.model_validate(meta["config"]))
+        with np.load(path / STATE_FILE, allow_pickle=False) as npz:
+            algo.set_state({k: npz[k] for k in npz.files})
+        return algo
+
+
+__all__ = [
+    "RATERS_GROUP",
+    "RatingAlgorithm",
+    "RatingConfig",
+    "RatingData",
+    "history_rows",
+]
