@@ -348,3 +348,46 @@ def test_the_served_row_measures_what_the_service_serves(explore_run: Params, tm
     assert side["weight"] == manifest["cold_items"]["weight"] and side["new_items_per_list@10"] > 0
     assert "new_items" in row["segments"] and "new_items" in side["graph_alone"]["segments"]
     assert row["largest_difference_from_python"] <= 1e-3  # the graph alone still equals its Python row
+
+
+def test_the_worker_merges_a_batch_as_each_request_would_be_merged_alone(
+    explore_run: Params, tmp_path: Path
+) -> None:
+    """The scoring worker merges the side scorer into a whole batch at once; every user's list and
+    shares must be what merging that user's request alone gives (an added item included)."""
+    import asyncio
+
+    from fuserec.serving.service import RecommendIn
+
+    outputs = Path(explore_run.outputs_dir)
+    user_id, events, item, _ = _fan(outputs)
+    _, users, _ = _tables(outputs)
+    with TestClient(create_app(outputs, tmp_path / "e.sqlite")) as client:
+        assert client.post("/events", json={"events": events}).status_code == 200
+        assert client.post("/items", json={"items": [item]}).status_code == 200
+        service = client.app.state.deployment.current  # type: ignore[attr-defined]
+        ids = [user_id, *users["user_id"].astype(str).tolist()[:11]]
+        requests = [RecommendIn(user_id=u, k=20, time=2**33) for u in ids]
+
+        async def together() -> list[dict[str, Any]]:  # concurrent: the worker batches them
+            return await asyncio.gather(*(service.recommend_async(r) for r in requests))
+
+        merged_rows: list[int] = []
+        hook = service.batcher.hook
+
+        def counting(scores: Any, parts: Any, contexts: list[Any]) -> Any:
+            merged_rows.append(len(contexts))
+            return hook(scores, parts, contexts)
+
+        service.batcher.hook = counting
+        runs = service.batcher.runs
+        batched = asyncio.run(together())
+        assert sum(merged_rows) == len(requests)  # every request was merged by the worker
+        assert service.batcher.runs - runs < len(requests)  # and some batch held several of them
+        for request, got in zip(requests, batched, strict=True):
+            alone = service.recommend(request)  # no context: merged in finish, one request
+            assert [x["item_id"] for x in got["items"]] == [x["item_id"] for x in alone["items"]]
+            for a, b in zip(got["items"], alone["items"], strict=True):
+                assert a["score"] == pytest.approx(b["score"], rel=1e-6, abs=1e-6)
+                assert a["contributions"] == pytest.approx(b["contributions"], rel=1e-5, abs=1e-6)
+        assert "900001" in [x["item_id"] for x in batched[0]["items"]]

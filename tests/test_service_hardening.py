@@ -212,9 +212,9 @@ def _app(outputs: Path, tmp_path: Path, keys: KeyRing | None = None, **settings:
 def _slow_runs(monkeypatch: pytest.MonkeyPatch, delay: float) -> None:
     original = Batcher._run
 
-    def slow(self: Batcher, histories: list[list[int]], last_time: list[int], features: Any = None) -> Any:
+    def slow(self: Batcher, *args: Any) -> Any:
         time.sleep(delay)
-        return original(self, histories, last_time, features)
+        return original(self, *args)
 
     monkeypatch.setattr(Batcher, "_run", slow)
 

@@ -26,6 +26,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,25 +55,41 @@ class _Job:
     last_time: int
     done: Future[Scored]
     features: np.ndarray | None = None  # the graph's user_features row; None = attributes unknown
+    context: Any = None  # what the batch hook needs of this request (the service's side-scorer inputs)
     queued_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)
 class Scored:
-    """One history's scores ``[n_items]`` and each component's share ``[M, n_items]``."""
+    """One history's scores ``[n_items]`` and each component's share ``[M, n_items]``.
+
+    ``names``: the shares' names when the batch hook renamed or added shares (None: the model's own)."""
 
     scores: np.ndarray
     contributions: np.ndarray
+    names: list[str] | None = None
+
+
+#: Run by the worker on each batch it scored, with each request's ``context``: ``(scores [B, n],
+#: parts [M, B, n], contexts) -> (scores [B, n'], parts [M', B, n'], names)``. Why in the worker: array work
+#: on a whole batch costs about what it costs on one request.
+BatchHook = Callable[[np.ndarray, np.ndarray, list[Any]], tuple[np.ndarray, np.ndarray, list[str]]]
 
 
 class Batcher:
     """Scores histories through ``model``, coalescing concurrent calls; :meth:`close` stops the worker."""
 
     def __init__(
-        self, model: OnnxRecommender, max_batch: int = 32, queue_size: int = 0, max_wait: float = 0.0
+        self,
+        model: OnnxRecommender,
+        max_batch: int = 32,
+        queue_size: int = 0,
+        max_wait: float = 0.0,
+        hook: BatchHook | None = None,
     ) -> None:
         """``queue_size``: requests that may wait at once (0 = unbounded); ``max_wait``: seconds a request
-        may wait for the worker before it is refused (0 = no limit)."""
+        may wait for the worker before it is refused (0 = no limit); ``hook``: run on each queued batch
+        whose requests all carry a ``context`` (:data:`BatchHook`)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
@@ -80,6 +97,7 @@ class Batcher:
         self.runs = 0  # onnxruntime calls so far (what batching saves is visible in tests and /ready)
         self.scored = 0
         self.max_wait = max_wait
+        self.hook = hook
         self.skipped = 0  # requests cancelled before their batch ran
         self.shed = 0  # requests refused because they waited longer than max_wait
         self._closed = False
@@ -97,14 +115,16 @@ class Batcher:
     def waiting(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, items: list[int], last_time: int, features: np.ndarray | None = None) -> Future[Scored]:
+    def submit(
+        self, items: list[int], last_time: int, features: np.ndarray | None = None, context: Any = None
+    ) -> Future[Scored]:
         """Queue a history (and the user's attribute row, where the graph reads one); the future resolves
         when the batch it joined has been scored.
 
         Raises :class:`Overloaded` when the queue is full and :class:`Closed` after :meth:`close`.
         """
         done: Future[Scored] = Future()
-        self._put(_Job(items, last_time, done, features))
+        self._put(_Job(items, last_time, done, features, context))
         return done
 
     def _put(self, job: _Job) -> None:
@@ -194,7 +214,10 @@ class Batcher:
             return
         try:
             results = self._run(
-                [job.items for job in live], [job.last_time for job in live], [job.features for job in live]
+                [job.items for job in live],
+                [job.last_time for job in live],
+                [job.features for job in live],
+                [job.context for job in live],
             )
         except Exception as exc:  # every waiting request learns why, none hangs
             for job in live:
@@ -208,6 +231,7 @@ class Batcher:
         histories: list[list[int]],
         last_time: list[int],
         features: list[np.ndarray | None] | None = None,
+        contexts: list[Any] | None = None,
     ) -> list[Scored]:
         padded = pad(histories)
         times = np.asarray(last_time, dtype=np.int64)
@@ -224,7 +248,10 @@ class Batcher:
             parts = scores[None]
         self.runs += 1
         self.scored += len(histories)
-        return [Scored(scores[i], parts[:, i]) for i in range(len(histories))]
+        names: list[str] | None = None
+        if self.hook is not None and contexts and all(c is not None for c in contexts):
+            scores, parts, names = self.hook(scores, parts, contexts)
+        return [Scored(scores[i], parts[:, i], names) for i in range(len(histories))]
 
 
 def _settle(done: Future[Any], result: Any = None, exc: BaseException | None = None) -> None:

@@ -241,24 +241,46 @@ class NewItems:
         seen: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """The served ``scores [n]`` and each component's share ``parts [M, n]`` (``names``) merged with
-        the side scorer: ``[n + A]`` scores, their shares and the shares' names.
+        the side scorer: ``[n + A]`` scores, their shares and the shares' names (:meth:`merge_many`'s
+        one-user case)."""
+        merged, shares, out_names = self.merge_many(
+            scores[None], parts[:, None], names, [history], seen[None]
+        )
+        return merged[0], shares[:, 0], out_names
+
+    def merge_many(
+        self,
+        scores: np.ndarray,
+        parts: np.ndarray,
+        names: list[str],
+        histories: list[list[int]],
+        seen: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """A batch at once (the scoring worker merges each batch it ran: one pass of array work for all
+        its users, not one per request): ``scores [B, n]``, ``parts [M, B, n]``, ``seen`` bool
+        ``[B, >= n + A]`` -> ``[B, n + A]`` scores, ``[M', B, n + A]`` shares and their names.
 
         What the side scorer adds to an item's score is the content-aware part's: it joins the
         ``content`` component's share when ``content`` is fused (its vocabulary is the side scorer's),
         else it is a share of its own, :data:`NEW_ITEMS`. Either way the shares still add up to the score.
-        ``history``: the user's positives over the catalogue and the added items, oldest first (the
-        profile); ``seen``: bool ``[n + A]``, everything the user has an event for.
+        ``histories``: each user's positives over the catalogue and the added items, oldest first (the
+        profile); ``seen``: everything each user has an event for.
         """
         added = self.refresh()
+        if not added.records and not self.side.calibration.active:
+            return scores, parts, list(names)  # nothing to place or promote: the merge would change nothing
         size = self.n_items + len(added.records)
-        hist = Histories.from_lists([history], size)
-        merged = self.side.merge(scores[None, :], seen[None, :], hist, added.vectors, added.exposure)[0]
-        base = np.zeros(size, dtype=np.float32)
-        base[: self.n_items] = scores
+        b = len(histories)
+        hist = Histories.from_lists(histories, size)
+        wide = np.zeros((b, size), dtype=bool)
+        wide[:, : min(size, seen.shape[1])] = seen[:, :size]
+        merged = self.side.merge(scores, wide, hist, added.vectors, added.exposure)
+        base = np.zeros((b, size), dtype=np.float32)
+        base[:, : self.n_items] = scores
         own = CONTENT not in names
         out_names = [*names, NEW_ITEMS] if own else list(names)
-        out_parts = np.zeros((len(out_names), size), dtype=np.float32)
-        out_parts[: len(names), : self.n_items] = parts
+        out_parts = np.zeros((len(out_names), b, size), dtype=np.float32)
+        out_parts[: len(names), :, : self.n_items] = parts
         out_parts[-1 if own else names.index(CONTENT)] += merged - base
         return merged, out_parts, out_names
 

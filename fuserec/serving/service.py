@@ -274,7 +274,9 @@ class Service:
             layout, self.manifest, self.model.feature_names, self.cold.age_band
         )
         self._import_training(layout)
-        self.batcher = Batcher(self.model, max_batch, settings.queue_size, settings.max_queue_wait_ms / 1000)
+        self.batcher = Batcher(
+            self.model, max_batch, settings.queue_size, settings.max_queue_wait_ms / 1000, self._merge_batch
+        )
 
     # -- loading ------------------------------------------------------------------------------------
     def _import_training(self, layout: Layout) -> None:
@@ -350,7 +352,9 @@ class Service:
         """The ranked response from the model's scores (or the cold-start rules when there are none)."""
         req = plan.request
         size = self.new_items.size
-        if scored is not None:  # the graph's scores, and the side scorer's items without interactions
+        if scored is not None and scored.names is not None:  # merged by the worker with its batch
+            scores, parts, names, strategy = scored.scores, scored.contributions, scored.names, plan.source
+        elif scored is not None:  # the graph's scores, and the side scorer's items without interactions
             seen = _sized(plan.seen if plan.seen is not None else plan.blocked, size)
             scores, parts, names = self.new_items.merge(
                 scored.scores, scored.contributions, self.components, plan.side, seen
@@ -368,6 +372,15 @@ class Service:
             "items": [self._item(i, scores, parts, names) for i in top],
         }
 
+    def _merge_batch(
+        self, scores: np.ndarray, parts: np.ndarray, contexts: list[Any]
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """The worker's batch hook: the side scorer's merge of a whole batch (contexts: each request's
+        side history and seen items), as :meth:`finish` would merge each request alone."""
+        size = self.new_items.size
+        seen = np.stack([_sized(np.asarray(c[1], dtype=bool), size) for c in contexts])
+        return self.new_items.merge_many(scores, parts, self.components, [c[0] for c in contexts], seen)
+
     def recommend(self, req: RecommendIn) -> dict[str, Any]:
         plan = self.plan(req)
         return self.finish(plan, self.score(plan.items, plan.last, plan.features) if plan.items else None)
@@ -379,7 +392,8 @@ class Service:
             return self.finish(plan, None)
         timeout = self.settings.request_timeout_s
         try:
-            waiting = self.batcher.submit(plan.items, plan.last, plan.features)
+            context = (plan.side, plan.seen if plan.seen is not None else plan.blocked)
+            waiting = self.batcher.submit(plan.items, plan.last, plan.features, context)
             # wait_for cancels the wrapped future on timeout; the batcher then skips it (or, mid-run,
             # answers into the void): neither harms the worker
             scored = await asyncio.wait_for(asyncio.wrap_future(waiting), timeout)
