@@ -25,8 +25,17 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
-from fuserec.api import API_VERSION, CONFIG_FILE, STATE_FILE, AlgorithmConfig
+from fuserec.api import (
+    API_VERSION,
+    CONFIG_FILE,
+    STATE_FILE,
+    AlgorithmConfig,
+    FloatRange,
+    IntRange,
+    SearchDim,
+)
 from fuserec.histories import Histories
 from fuserec.registry import RATERS_GROUP
 
@@ -36,6 +45,32 @@ META_KEYS = ("meta_rating_range", "meta_shape")
 
 class RatingConfig(AlgorithmConfig):
     """Base of every rater's config: unknown keys are errors, values are frozen, ``seed`` is shared."""
+
+
+class FactorSGDConfig(RatingConfig):
+    """What the factor models trained by minibatch SGD share (``svd``, ``svdpp``); each sets its own
+    ``factors`` and learning-rate defaults."""
+
+    search_space: ClassVar[dict[str, SearchDim]] = {
+        "factors": IntRange(4, 200, log=True),
+        "epochs": IntRange(5, 60),
+        "lr": FloatRange(1e-3, 3e-2, log=True),
+        "reg": FloatRange(1e-3, 0.3, log=True),
+        "fold_in_reg": FloatRange(0.1, 100.0, log=True),
+    }
+
+    factors: int = Field(100, ge=1, description="latent dimensions")
+    epochs: int = Field(20, ge=1, description="passes of SGD over the ratings")
+    lr: float = Field(0.005, gt=0.0, le=1.0, description="SGD learning rate of every parameter")
+    reg: float = Field(0.02, ge=0.0, description="L2 penalty, applied at every rating")
+    init_mean: float = Field(0.0, description="mean of the initial factors")
+    init_std: float = Field(0.1, ge=0.0, description="standard deviation of the initial factors")
+    batch_size: int = Field(256, ge=1, le=1 << 16, description="ratings per vectorised SGD step")
+    fold_in_reg: float = Field(
+        10.0,
+        gt=0.0,
+        description="ridge added to reg·|h| when folding a history in (stands in for early stopping)",
+    )
 
 
 @dataclass(frozen=True)

@@ -15,35 +15,18 @@ stopping, random start) and is reported by ``benchmarks/rating.py``.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import numpy as np
 import scipy.sparse as sp
 from pydantic import Field
 
-from fuserec.api import FloatRange, IntRange, SearchDim
 from fuserec.histories import Histories
-from fuserec.rating import RatingAlgorithm, RatingConfig, RatingData, history_rows
+from fuserec.rating import FactorSGDConfig, RatingAlgorithm, RatingData, history_rows
 from fuserec.rating_ops import batch_scatter, ridge_fold_in
 
 
-class SVDppConfig(RatingConfig):
-    search_space: ClassVar[dict[str, SearchDim]] = {
-        "factors": IntRange(4, 100, log=True),
-        "epochs": IntRange(5, 60),
-        "lr": FloatRange(1e-3, 3e-2, log=True),
-        "reg": FloatRange(1e-3, 0.3, log=True),
-        "fold_in_reg": FloatRange(0.1, 100.0, log=True),
-    }
-
+class SVDppConfig(FactorSGDConfig):
     factors: int = Field(20, ge=1, description="latent dimensions")
-    epochs: int = Field(20, ge=1, description="passes of SGD over the ratings")
     lr: float = Field(0.007, gt=0.0, le=1.0, description="SGD learning rate of every parameter")
-    reg: float = Field(0.02, ge=0.0, description="L2 penalty, applied at every rating")
-    init_mean: float = Field(0.0, description="mean of the initial factors")
-    init_std: float = Field(0.1, ge=0.0, description="standard deviation of the initial factors")
-    batch_size: int = Field(256, ge=1, le=1 << 16, description="ratings per vectorised SGD step")
-    fold_in_reg: float = Field(10.0, gt=0.0, description="ridge added to reg·|h| when folding a history in")
 
 
 def implicit_matrix(histories: Histories) -> tuple[sp.csr_matrix, sp.csr_matrix]:
