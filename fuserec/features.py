@@ -345,10 +345,11 @@ class AttributeEncoder:
                 out[:, j] = encoded[:, names.index(name)]
         return out
 
-    def encode(self, attributes: dict[str, str]) -> np.ndarray:
-        """``float32 [len(names)]`` of one person's attributes (``{"gender": "F", "age": "25-34"}``)."""
+    def encode(self, attributes: dict[str, str], columns: Sequence[str] | None = None) -> np.ndarray:
+        """``float32 [len(columns)]`` of one person's attributes (``{"gender": "F", "age": "25-34"}``), in
+        ``columns``' order (default: this encoder's :attr:`names`)."""
         frame = pd.DataFrame({k: [v] for k, v in attributes.items()})
-        return self.transform(frame)[0]
+        return self.table(frame, self.names if columns is None else columns)[0]
 
     def to_json(self) -> list[dict[str, object]]:
         return [

@@ -79,7 +79,7 @@ class UserAttributes:
                 values["occupation"] = occupation
             if age is not None:
                 values["age"] = str(age) if self.numeric_age else self.age_band(float(age))
-            return self.encoder.table(pd.DataFrame({k: [v] for k, v in values.items()}), self.columns)[0]
+            return self.encoder.encode(values, self.columns)
         return self.rows.get(user_id) if user_id is not None else None
 
     def forget(self, user_ids: Iterable[str]) -> None:

@@ -455,7 +455,7 @@ class Service:
                     rerank,
                 )[0].numpy()
             return [int(i) for i in picked if i >= 0]
-        # a partial sort (the protocol's top_k): a full sort of the catalogue cost a third of a request
+        # a partial sort (the protocol's top_k), not a sort of the whole catalogue per request
         picked = top_k(scores[None], k, exclude=blocked[None])[0]
         return picked[picked >= 0].tolist()
 
