@@ -7,9 +7,11 @@ One run measures, on this machine:
 - single-history latency (p50, p99 over ``--n`` real training histories) of onnxruntime and of the same
   model in torch eager (the fuser's or plugin's ``to_torch()`` inside the export wrapper);
 - batched throughput (users/s) at batch 256 of both;
-- ``POST /recommend`` through ``fuserec serve`` (uvicorn, its own process) on 127.0.0.1 (a free port) at 1,
-  16 and 64 concurrent keep-alive clients (asyncio, raw HTTP/1.1), each level for ``--seconds``: p50, p99,
-  requests/s and errors;
+- ``POST /recommend`` through ``fuserec serve`` (uvicorn, its own process) on 127.0.0.1 (a free port) at
+  each of ``--levels`` concurrent keep-alive clients (asyncio, raw HTTP/1.1; 1, 16 and 64 always), each
+  level for ``--seconds``: p50, p99, requests/s, errors, and the CPU ms per request of the server and of
+  the clients (they share the cores); then ``within_slo``: the most requests/s of a level with p99 <= 50 ms
+  and no errors (throughput under a latency objective);
 - overload (unless ``--skip-overload``), on the same server: open-loop ``POST /recommend`` (requests sent on
   a fixed schedule whatever the answers; 75% stored users, 25% explicit histories) at 3x the 16-client rate C
   for ``--overload-seconds`` (60), from ``--overload-generators`` (2) processes, while another process polls
@@ -36,6 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+LEVELS = (1, 16, 64)  # always measured (the overload phase and the targets read them); --levels adds more
+SLO_P99_MS = 50.0
 
 
 def _percentiles(seconds: list[float]) -> dict[str, float]:
@@ -418,10 +423,13 @@ def http_speed(
     max_batch: int,
     threads: int = 0,
     after: Callable[[Server, dict], None] | None = None,
+    levels: tuple[int, ...] = LEVELS,
 ) -> dict:
     """``POST /recommend`` to ``fuserec serve`` in its own process (its own GIL), from asyncio clients.
 
-    ``after(server, levels)`` runs once the levels are measured, on the same server (the overload phase).
+    Each level of ``levels`` concurrent clients also records the CPU seconds the server and the clients
+    used per request (the load generator shares the cores). ``after(server, levels)`` runs once the levels
+    are measured, on the same server (the overload phase).
     """
     import asyncio
 
@@ -468,27 +476,45 @@ def http_speed(
             finally:
                 writer.close()
 
-        start = time.perf_counter()
+        start, cpu, own = time.perf_counter(), CpuUsage(server.pid), time.process_time()
         await asyncio.gather(*(worker(i) for i in range(clients)))
-        elapsed = time.perf_counter() - start
+        elapsed, used, clients_cpu = time.perf_counter() - start, cpu.since(), time.process_time() - own
+        per_request = 1000.0 / max(len(latencies), 1)
         return {
             **_percentiles(latencies),
             "requests_per_s": len(latencies) / elapsed,
             "requests": len(latencies),
             "errors": errors,
+            "server_cpu_ms_per_request": used.get("server", float("nan")) * per_request,
+            "clients_cpu_ms_per_request": clients_cpu * per_request,
         }
 
     out = {}
     try:
         asyncio.run(level(4))  # warm-up: first requests pay lazy initialisation
-        for clients in (1, 16, 64):
+        for clients in sorted({*levels, *LEVELS}):
             out[f"clients_{clients}"] = asyncio.run(level(clients))
+        out["within_slo"] = within_slo(out)
         out["server_batches"] = httpx.get(f"{base}/ready").json()["batches"]
         if after is not None:
             after(server, out)
     finally:
         server.stop()
     return out
+
+
+def within_slo(levels: dict, p99_ms: float = SLO_P99_MS) -> dict[str, Any]:
+    """The most requests/s of any level whose p99 is at most ``p99_ms`` with no errors: throughput under a
+    latency objective, the number that says how much traffic the service takes while still answering fast."""
+    ok = {
+        k: v
+        for k, v in levels.items()
+        if k.startswith("clients_") and v["p99_ms"] <= p99_ms and v["errors"] == 0
+    }
+    if not ok:
+        return {"p99_ms_at_most": p99_ms, "requests_per_s": 0.0, "level": None}
+    best = max(ok, key=lambda k: ok[k]["requests_per_s"])
+    return {"p99_ms_at_most": p99_ms, "requests_per_s": ok[best]["requests_per_s"], "level": best}
 
 
 # -- the overload phase ------------------------------------------------------------------------------------
@@ -629,6 +655,7 @@ def health_probe(spec: dict) -> dict:
     )
     raw = request_bytes("GET", "/health")
     latencies: list[float] = []
+    at: list[float] = []  # each answered probe's second into the phase
     codes: dict[int, int] = {}
     errors = 0
     sock: socket.socket | None = None
@@ -671,10 +698,17 @@ def health_probe(spec: dict) -> dict:
             sock = None
             continue
         latencies.append(time.perf_counter() - start)
+        at.append(i * period)
         codes[status] = codes.get(status, 0) + 1
     if sock is not None:
         sock.close()
-    return {"latencies": latencies, "codes": codes, "errors": errors, "cpu_s": time.process_time() - cpu}
+    return {
+        "latencies": latencies,
+        "at": at,
+        "codes": codes,
+        "errors": errors,
+        "cpu_s": time.process_time() - cpu,
+    }
 
 
 def run_processes(jobs: list[tuple[Callable[[dict], dict], dict]], timeout: float) -> list[dict]:
@@ -860,6 +894,8 @@ def overload(
             "codes": {str(c): n for c, n in health["codes"].items()},
             "errors": health["errors"],
             **health_ms,
+            # when the slowest probe was sent: a stall at the phase's start (a burst of connections) or later
+            "max_at_s": health["at"][int(np.argmax(health["latencies"]))] if health["latencies"] else None,
         },
         "cpu_s": cpu,
         "after_status": after,
@@ -900,7 +936,8 @@ def overload_lines(o: dict) -> list[str]:
         f"{o['unloaded_p99_ms']:.1f} = {o['p99_limit_ms']:.1f} ms); "
         f"from schedule {fmt(o['ok_200_from_schedule'])}; 503 {fmt(o['refused_503'])}",
         f"overload: /health {o['health']['probes']} probes, codes {o['health']['codes']}, errors "
-        f"{o['health']['errors']}, p50/p99/max {fmt(o['health'])} (limit < 50 ms)",
+        f"{o['health']['errors']}, p50/p99/max {fmt(o['health'])} (limit < 50 ms; max at "
+        f"{o['health'].get('max_at_s')} s)",
     ]
     per_second = o.get("ok_200_per_second") or []
     if per_second:
@@ -938,6 +975,11 @@ def main() -> None:
         "--overload-seconds", type=float, default=60.0, help="duration of the open-loop overload phase"
     )
     parser.add_argument("--skip-overload", action="store_true", help="no overload phase")
+    parser.add_argument(
+        "--levels",
+        default="1,4,8,16,32,64",
+        help="concurrent clients of each HTTP load level, comma-separated (1, 16 and 64 always run)",
+    )
     parser.add_argument(
         "--overload-factor", type=float, default=3.0, help="offered load, in multiples of the 16-client rate"
     )
@@ -987,12 +1029,13 @@ def main() -> None:
             args.max_batch,
             args.threads,
             after=None if args.skip_overload else overload_phase,
+            levels=tuple(int(c) for c in args.levels.split(",") if c.strip()),
         )
     speed, http = result["model_speed"], result["http"]
     result["targets"] = {  # the serving targets, as measured here: True = met
         "ort_single_p99_le_5ms": speed["onnxruntime"]["p99_ms"] <= 5.0,
         "http_p99_le_50ms_at_16_clients": http["clients_16"]["p99_ms"] <= 50.0,
-        "no_http_errors": all(http[f"clients_{c}"]["errors"] == 0 for c in (1, 16, 64)),
+        "no_http_errors": all(v["errors"] == 0 for k, v in http.items() if k.startswith("clients_")),
         "ort_at_least_torch_at_batch_256": speed["ort_over_torch_batch256"] >= 1.0,
     }
     result["served"] = served

@@ -218,6 +218,21 @@ def multi_hot(history: torch.Tensor, n_items: int) -> torch.Tensor:
     return hot[:, :n_items]
 
 
+def hot_matmul(hot: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``hot @ weights`` for a mostly-zero ``hot [B, n]`` (multi-hot histories), reading only the rows of
+    ``weights [n, d]`` whose column some row of ``hot`` uses.
+
+    A served batch holds a few hundred distinct items, so it reads a fraction of a large item-by-item
+    matrix: one history reads its own rows, not the catalogue's. The dense product reads every row for every
+    batch, which for a one-history request is most of its cost (memory-bound). Same terms, same result up to
+    float rounding; for use inside ``to_torch()`` modules (exports to ONNX as NonZero, Gather, MatMul).
+    """
+    import torch
+
+    used = torch.nonzero(hot.abs().amax(dim=0) > 0).reshape(-1)  # [U]: columns some row uses
+    return hot.index_select(1, used) @ weights.index_select(0, used)
+
+
 __all__ = [
     "API_VERSION",
     "PAD",
@@ -230,5 +245,6 @@ __all__ = [
     "IntRange",
     "SearchDim",
     "api_major",
+    "hot_matmul",
     "multi_hot",
 ]

@@ -379,7 +379,9 @@ def masked_ranks(scores: torch.Tensor, seen: torch.Tensor, depth: int | None = N
     n = scores.shape[-1]
     keep = n if depth is None else min(depth, n)
     low = torch.finfo(scores.dtype).min
-    masked = torch.where(seen.unsqueeze(0), torch.full_like(scores, low), scores)
+    # A [1, B, n] bound taken elementwise (Min, Max) rather than Where over [M, B, n]: the same values for
+    # finite scores (the plugin contract), and in onnxruntime a broadcast Min is several times cheaper.
+    masked = torch.minimum(scores, torch.where(seen.unsqueeze(0), low, torch.inf))
     if torch.onnx.is_in_onnx_export():
         # ONNX has no stable sort, but onnxruntime's TopK puts equal values in index order: the same order.
         order = torch.topk(masked, keep, dim=2, largest=True, sorted=True).indices
@@ -389,7 +391,7 @@ def masked_ranks(scores: torch.Tensor, seen: torch.Tensor, depth: int | None = N
         order = torch.sort(masked, dim=2, descending=True, stable=True).indices
     positions = torch.arange(keep, dtype=torch.float32, device=scores.device).expand_as(order).contiguous()
     ranks = torch.full_like(masked, float(keep)).scatter(2, order, positions)
-    return torch.where(seen.unsqueeze(0), torch.full_like(ranks, float(n)), ranks)
+    return torch.maximum(ranks, seen.unsqueeze(0).to(ranks.dtype) * float(n))  # seen -> n (ranks <= n)
 
 
 def top_in_protocol_order(masked: torch.Tensor, keep: int) -> torch.Tensor:

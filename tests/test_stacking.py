@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fuserec.data.dataset import Dataset
+from fuserec.fusion import ValidationScores
 from fuserec.histories import Histories
 from fuserec.plugins.fusers.stacking import CONTEXT_FEATURES, NEVER, Stacking
 from fuserec.testing import FuserTests
@@ -103,11 +104,29 @@ def test_features_are_named_and_finite(fitted: Stacking) -> None:
     hist = case.probe
     scores = fitted.component_scores(hist)
     seen = torch.from_numpy(hist.to_csr().toarray() > 0)
-    x, idx, _ = fitted.candidate_features(scores, seen, torch.from_numpy(fitted.history_time(hist)))
-    assert x.shape[2] == len(fitted.feature_names) == 2 * len(fitted.names_) + len(CONTEXT_FEATURES)
+    x, flat, _ = fitted.candidate_features(scores, seen, torch.from_numpy(fitted.history_time(hist)))
+    assert x.shape == (len(flat), len(fitted.feature_names))
+    assert len(fitted.feature_names) == 2 * len(fitted.names_) + len(CONTEXT_FEATURES)
     assert torch.isfinite(x).all()
-    assert idx.shape == (len(hist), len(fitted.names_) * fitted.config.candidates)
     assert set(fitted.importance) == set(fitted.feature_names)
+
+
+def test_candidates_are_the_union_of_top_n_each_scored_once(fitted: Stacking) -> None:
+    """One row per (user, item) however many components chose it: the rows are what the trees cost."""
+    hist = default_case().probe
+    scores = fitted.component_scores(hist)
+    seen = torch.from_numpy(hist.to_csr().toarray() > 0)
+    _, flat, _ = fitted.candidate_features(scores, seen, torch.from_numpy(fitted.history_time(hist)))
+    n, top_n = fitted.n_items_, fitted.config.candidates
+    assert torch.all(flat[1:] > flat[:-1])  # distinct, ordered by user then item
+    for u in range(len(hist)):
+        unseen = np.flatnonzero(~seen[u].numpy())
+        union: set[int] = set()
+        for m in range(scores.shape[0]):
+            order = np.argsort(-scores[m, u, unseen].numpy(), kind="stable")  # protocol ties: lower index
+            union |= set(unseen[order[:top_n]].tolist())
+        own = flat[(flat >= u * n) & (flat < (u + 1) * n)] - u * n
+        assert set(own.tolist()) == union
 
 
 def _tiny(times: list[int]) -> Dataset:
@@ -129,13 +148,14 @@ def test_time_features_never_read_later_interactions() -> None:
     scores = torch.arange(4, dtype=torch.float32).expand(1, 2, 4).contiguous()
     seen = torch.zeros(2, 4, dtype=torch.bool)
     when = torch.tensor([15 * day, 40 * day])
-    x, idx, _ = fuser.candidate_features(scores, seen, when)
+    x, flat, _ = fuser.candidate_features(scores, seen, when)
     col = {name: i for i, name in enumerate(fuser.feature_names)}
-    at = {int(i): row for i, row in zip(idx[0], x[0], strict=True)}
+    rows = {(int(f) // 4, int(f) % 4): row for f, row in zip(flat, x, strict=True)}
+    at = {i: row for (u, i), row in rows.items() if u == 0}
     # item 2's positives are at day 20 and 30, after day 15: no age, no popularity then
     assert at[2][col["age_days"]] == -1.0 and at[2][col["log_popularity_then"]] == 0.0
     assert at[1][col["age_days"]] == pytest.approx(5.0)  # first positive at day 10
-    later = {int(i): row for i, row in zip(idx[1], x[1], strict=True)}
+    later = {i: row for (u, i), row in rows.items() if u == 1}
     assert later[2][col["log_popularity_then"]] == pytest.approx(np.log1p(2.0))
     assert later[2][col["log_recent_popularity"]] == 0.0  # nothing in the 2 days before day 40
 
@@ -189,3 +209,25 @@ def test_components_the_trees_barely_read_are_pruned_and_the_graph_still_matches
     # no loss accepted and a bar everyone but the top misses: pruning happens only if it costs nothing
     strict = case.fit(Stacking, {**FAST, "fallback": False, "prune_share": 0.99, "prune_tolerance": 0.0})
     assert strict.names_ == full.names_ or strict.cv_ndcg_ >= full.cv_ndcg_
+
+
+def test_pruning_goes_as_far_as_the_tolerance_allows_and_keeps_the_last_step_that_held() -> None:
+    """Shares tried at a quarter, half, then all of prune_share: a refused step leaves the one before."""
+    case = default_case()
+    names = case.fit(Stacking, {**FAST, "fallback": False, "prune_share": 0.0}).names_
+    n = len(names)
+    assert n >= 3
+    shares = {names[0]: 0.05, names[1]: 0.15} | {m: 0.8 / (n - 2) for m in names[2:]}
+    cv = {n: 0.30, n - 1: 0.299, n - 2: 0.29}  # one component less holds within 0.002, two do not
+
+    class Scripted(Stacking):
+        def component_shares(self) -> dict[str, float]:
+            return {m: shares[m] for m in self.names_}
+
+        def _learn(self, val: ValidationScores, last: torch.Tensor) -> None:
+            super()._learn(val, last)
+            self.fallback_, self.cv_ndcg_ = -1, cv.get(len(self.names_), 0.0)
+
+    fitted = case.fit(Scripted, {**FAST, "fallback": False, "prune_share": 0.4, "prune_tolerance": 0.002})
+    assert fitted.names_ == names[1:] and fitted.pruned_ == [names[0]]
+    assert fitted.cv_unpruned_ == 0.30 and fitted.cv_pruned_ == 0.299 == fitted.cv_ndcg_

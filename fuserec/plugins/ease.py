@@ -21,7 +21,7 @@ import scipy.linalg
 import torch
 from pydantic import Field
 
-from fuserec.api import Algorithm, AlgorithmConfig, FloatRange, Histories, SearchDim, multi_hot
+from fuserec.api import Algorithm, AlgorithmConfig, FloatRange, Histories, SearchDim, hot_matmul, multi_hot
 
 if TYPE_CHECKING:
     from fuserec.data.dataset import Dataset
@@ -89,4 +89,4 @@ class _EASEModule(torch.nn.Module):
         self.register_buffer("weights", weights)
 
     def forward(self, history: torch.Tensor) -> torch.Tensor:
-        return multi_hot(history, self.weights.shape[0]) @ self.weights
+        return hot_matmul(multi_hot(history, self.weights.shape[0]), self.weights)

@@ -15,7 +15,16 @@ import scipy.sparse as sp
 import torch
 from pydantic import Field
 
-from fuserec.api import Algorithm, AlgorithmConfig, FloatRange, Histories, IntRange, SearchDim, multi_hot
+from fuserec.api import (
+    Algorithm,
+    AlgorithmConfig,
+    FloatRange,
+    Histories,
+    IntRange,
+    SearchDim,
+    hot_matmul,
+    multi_hot,
+)
 
 if TYPE_CHECKING:
     from fuserec.data.dataset import Dataset
@@ -124,7 +133,7 @@ class _DenseKNN(torch.nn.Module):
         self.register_buffer("sim", sim)
 
     def forward(self, history: torch.Tensor) -> torch.Tensor:
-        return multi_hot(history, self.sim.shape[0]) @ self.sim
+        return hot_matmul(multi_hot(history, self.sim.shape[0]), self.sim)
 
 
 class _GatherKNN(torch.nn.Module):

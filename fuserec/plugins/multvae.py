@@ -48,7 +48,7 @@ import scipy.sparse as sp
 import torch
 from pydantic import Field
 
-from fuserec.api import Algorithm, Choice, FloatRange, Histories, IntRange, SearchDim, multi_hot
+from fuserec.api import Algorithm, Choice, FloatRange, Histories, IntRange, SearchDim, hot_matmul, multi_hot
 from fuserec.training import TorchConfig, fit_early_stopped, resolve_device, torch_threads
 
 if TYPE_CHECKING:
@@ -323,10 +323,12 @@ class _VAEModule(torch.nn.Module):
         """Rows scaled to unit L2 norm; an empty history stays all-zero."""
         return x / torch.clamp(torch.sqrt((x * x).sum(dim=1, keepdim=True)), min=NORM_EPS)
 
-    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, x: torch.Tensor, sparse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, logvar)``; ``sparse``: the first layer reads only the item rows ``x`` uses (scoring)."""
+        first = self.enc_hidden if self.enc_hidden is not None else self.enc_out
+        out = hot_matmul(x, first.weight.t()) + first.bias if sparse else first(x)
         if self.enc_hidden is not None:
-            x = torch.tanh(self.enc_hidden(x))
-        out = self.enc_out(x)
+            out = self.enc_out(torch.tanh(out))
         return out[:, : self.latent], out[:, self.latent :]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -336,7 +338,7 @@ class _VAEModule(torch.nn.Module):
 
     def encode(self, hot: torch.Tensor) -> torch.Tensor:
         """The encoder mean ``mu`` of binary ``[B, n_items]`` histories."""
-        return self._encode(self.normalise(hot))[0]
+        return self._encode(self.normalise(hot), sparse=True)[0]
 
     def from_multi_hot(self, hot: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(hot))

@@ -42,6 +42,7 @@ from fuserec.api import (
     Histories,
     IntRange,
     SearchDim,
+    hot_matmul,
     multi_hot,
 )
 
@@ -228,7 +229,7 @@ class _UserKNNModule(torch.nn.Module):
     def similarities(self, hot: torch.Tensor) -> torch.Tensor:
         """Shrunk cosine of each binary ``[B, n_items]`` history with every training user."""
         h = hot * self.item_weights
-        dots = (h * self.item_weights) @ self.matrix.T  # [B, n_users]
+        dots = hot_matmul(h * self.item_weights, self.matrix.T)  # [B, n_users]
         h_norm = torch.sqrt((h * h).sum(dim=1, keepdim=True))
         denom = h_norm * self.norms + self.shrinkage
         return dots / torch.clamp(denom, min=1e-12)
@@ -242,7 +243,7 @@ class _UserKNNModule(torch.nn.Module):
         return torch.where(keep, powered, torch.zeros_like(sim))
 
     def from_multi_hot(self, hot: torch.Tensor) -> torch.Tensor:
-        return self.neighbour_weights(hot) @ self.matrix
+        return hot_matmul(self.neighbour_weights(hot), self.matrix)  # k users a row: their rows only
 
     def forward(self, history: torch.Tensor) -> torch.Tensor:
         return self.from_multi_hot(multi_hot(history, self.matrix.shape[1]))

@@ -20,7 +20,16 @@ from typing import TYPE_CHECKING, ClassVar, Self
 import numpy as np
 import scipy.sparse as sp
 import torch
-from fuserec.api import Algorithm, AlgorithmConfig, FloatRange, Histories, IntRange, SearchDim, multi_hot
+from fuserec.api import (
+    Algorithm,
+    AlgorithmConfig,
+    FloatRange,
+    Histories,
+    IntRange,
+    SearchDim,
+    hot_matmul,
+    multi_hot,
+)
 from pydantic import Field
 
 if TYPE_CHECKING:
@@ -141,7 +150,7 @@ class _Dense(torch.nn.Module):
         self.register_buffer("w", w)
 
     def forward(self, history: torch.Tensor) -> torch.Tensor:
-        return multi_hot(history, self.w.shape[0]) @ self.w
+        return hot_matmul(multi_hot(history, self.w.shape[0]), self.w)
 
 
 class _Gather(torch.nn.Module):
