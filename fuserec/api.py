@@ -11,7 +11,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -92,15 +92,13 @@ class Algorithm(ABC):
     #: keeps only the attributes some configured plugin declares (data minimisation, docs/privacy.md), so a
     #: plugin that reads an attribute it does not declare finds it missing.
     user_attributes: ClassVar[frozenset[str]] = frozenset()
+    #: The rater (entry-point group ``fuserec.raters``) that predicts explicit ratings by this plugin's
+    #: method, where there is one (a ranking plugin learns from implicit positives, which hold no rating
+    #: scale). ``fuserec plugins`` lists it among the plugin's capabilities.
+    rating_counterpart: ClassVar[str | None] = None
 
     def __init__(self, config: AlgorithmConfig | dict[str, Any] | None = None) -> None:
-        if config is None:
-            config = self.Config()
-        elif isinstance(config, dict):
-            config = self.Config.model_validate(config)
-        elif not isinstance(config, self.Config):
-            config = self.Config.model_validate(config.model_dump())
-        self.config = config
+        self.config = coerce_config(self.Config, config)
         self.n_items_: int | None = None
 
     # -- the contract -------------------------------------------------------------------------------
@@ -160,27 +158,58 @@ class Algorithm(ABC):
     def save(self, path: str | Path) -> Path:
         """Write ``config.json`` and ``state.npz`` into folder ``path``."""
         n_items = self._check_fitted()
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_FILE).write_text(
-            json.dumps({"config": self.config.model_dump(mode="json"), "n_items": n_items}, indent=2)
-        )
         state = self.get_state()
-        bad = [k for k, v in state.items() if not isinstance(v, np.ndarray) or v.dtype == object]
-        if bad:
-            raise TypeError(f"{type(self).__name__}.get_state() returned non-numeric arrays for {bad}")
-        np.savez(path / STATE_FILE, **state)  # type: ignore[arg-type]  # stub: **kwds may hit allow_pickle
-        return path
+        return save_config_and_state(path, type(self).__name__, self.config, state, n_items=n_items)
 
     @classmethod
     def load(cls, path: str | Path) -> Self:
-        path = Path(path)
-        meta = json.loads((path / CONFIG_FILE).read_text())
+        meta, state = load_config_and_state(path)
         algo = cls(cls.Config.model_validate(meta["config"]))
-        with np.load(path / STATE_FILE, allow_pickle=False) as npz:
-            algo.set_state({k: npz[k] for k in npz.files})
+        algo.set_state(state)
         algo.n_items_ = int(meta["n_items"])
         return algo
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def coerce_config(model: type[C], config: BaseModel | dict[str, Any] | None) -> C:
+    """``config`` as an instance of ``model``: defaults for None, validated from a dict or another model.
+
+    What every plugin base's logic-free ``__init__`` does with its argument (algorithms, fusers, raters).
+    """
+    if config is None:
+        return model()
+    if isinstance(config, dict):
+        return model.model_validate(config)
+    if isinstance(config, model):
+        return config
+    return model.model_validate(config.model_dump())
+
+
+def save_config_and_state(
+    path: str | Path, owner: str, config: BaseModel, state: dict[str, np.ndarray], **extra: Any
+) -> Path:
+    """Write ``config.json`` (the config plus ``extra`` keys) and ``state.npz`` into folder ``path``.
+
+    Refuses non-numeric arrays, which would need pickle to load; ``owner`` names the plugin in that error.
+    """
+    bad = [k for k, v in state.items() if not isinstance(v, np.ndarray) or v.dtype == object]
+    if bad:
+        raise TypeError(f"{owner}.get_state() returned non-numeric arrays for {bad}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CONFIG_FILE).write_text(json.dumps({"config": config.model_dump(mode="json"), **extra}, indent=2))
+    np.savez(path / STATE_FILE, **state)  # type: ignore[arg-type]  # stub: **kwds may hit allow_pickle
+    return path
+
+
+def load_config_and_state(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """What :func:`save_config_and_state` wrote: the ``config.json`` document and the arrays (no pickle)."""
+    path = Path(path)
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    with np.load(path / STATE_FILE, allow_pickle=False) as npz:
+        return meta, {k: npz[k] for k in npz.files}
 
 
 def api_major(version: str) -> int:
@@ -245,6 +274,9 @@ __all__ = [
     "IntRange",
     "SearchDim",
     "api_major",
+    "coerce_config",
     "hot_matmul",
+    "load_config_and_state",
     "multi_hot",
+    "save_config_and_state",
 ]

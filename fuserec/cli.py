@@ -135,13 +135,30 @@ def tune(
 
 @app.command()
 def plugins() -> None:
-    """List every algorithm plugin found through entry points, broken ones included."""
-    from fuserec.registry import discover
+    """List every plugin found through entry points (algorithms, fusers, raters, rating fusers), broken
+    ones included, with what each can do."""
+    from fuserec.registry import (
+        ALGORITHMS_GROUP,
+        FUSERS_GROUP,
+        RATERS_GROUP,
+        RATING_FUSERS_GROUP,
+        capabilities,
+        discover,
+    )
 
-    table = Table("name", "distribution", "version", "api_version", "status")
-    for info in discover():
-        status = "[green]ok[/green]" if info.ok else f"[red]{info.error}[/red]"
-        table.add_row(info.name, info.distribution, info.version, info.api_version or "?", status)
+    table = Table("group", "name", "distribution", "version", "api_version", "capabilities", "status")
+    for group in (ALGORITHMS_GROUP, FUSERS_GROUP, RATERS_GROUP, RATING_FUSERS_GROUP):
+        for info in discover(group):
+            status = "[green]ok[/green]" if info.ok else f"[red]{info.error}[/red]"
+            table.add_row(
+                group.removeprefix("fuserec."),
+                info.name,
+                info.distribution,
+                info.version,
+                info.api_version or "?",
+                ", ".join(capabilities(info)),
+                status,
+            )
     console.print(table)
 
 
@@ -209,7 +226,8 @@ def serve(
     overrides: SetOpt = None,
 ) -> None:
     """Serve the exported model over HTTP: /recommend, /events, /explain, /admin/reload, /health, /ready,
-    /metrics. Limits, keys and the store come from the serve section of params.yaml."""
+    /metrics (a rating run: /predict instead of /recommend and /explain). Limits, keys and the store come
+    from the serve section of params.yaml."""
     import logging
 
     import uvicorn
@@ -583,10 +601,21 @@ def _pseudonymiser(params: Path, overrides: list[str] | None) -> Any:
 
 def _show(outputs: Path, user: str | None, pseudonymiser: Any = None) -> None:
     """The metrics table and one user's top-k; ``user`` as the data names them (mapped to its pseudonym)."""
-    from fuserec.report import metrics_table, top_items_for_user
+    from fuserec.layout import Layout
+    from fuserec.manifest import read_json
+    from fuserec.report import (
+        metrics_table,
+        rating_metrics_table,
+        rating_predictions_for_user,
+        top_items_for_user,
+    )
 
-    console.print(metrics_table(outputs))
     stored = pseudonymiser.stored(user) if pseudonymiser is not None and user is not None else user
+    if read_json(Layout(outputs).metrics).get("task") == "rating":
+        console.print(rating_metrics_table(outputs))
+        console.print(rating_predictions_for_user(outputs, stored))
+        return
+    console.print(metrics_table(outputs))
     console.print(top_items_for_user(outputs, stored))
 
 

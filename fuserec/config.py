@@ -541,6 +541,43 @@ class PrivacyConfig(_Section):
         return source != "synthetic" if self.pseudonymise == "auto" else bool(self.pseudonymise)
 
 
+class RatingTaskConfig(_Section):
+    """The rating task (``task: rating``): predict how a user would rate items, measured by RMSE and MAE.
+
+    Every stage after clean reads it; the ranking task ignores it (docs/concepts/rating.md).
+    """
+
+    protocol: Literal["temporal", "kfold"] = Field(
+        default="temporal",
+        description="temporal: each user's latest split.test_fraction of ratings to test (docs/protocol.md); "
+        "kfold: shuffled ratings in `folds` equal folds, the protocol Surprise publishes its benchmark on",
+    )
+    folds: int = Field(default=5, ge=2, le=20, description="kfold: folds of the cross-validation")
+    seed: int = Field(default=42, description="seed of the kfold shuffle and the validation folds")
+    raters: list[str] | Literal["all"] = Field(
+        default="all", description="rater plugins to fit (entry-point group fuserec.raters): all, or names"
+    )
+    fusers: list[str] | Literal["all"] = Field(
+        default="all", description="rating fusers learned on the validation folds: all, or names; [] = none"
+    )
+    validation_folds: int = Field(
+        default=5,
+        ge=2,
+        le=20,
+        description="the fusers learn from out-of-fold predictions: every rater is refitted this many times "
+        "on the other folds of train",
+    )
+    export: str = Field(
+        default="auto",
+        description="the served predictor: auto = the lowest validation RMSE among fusers and raters, or a "
+        "rater or fuser by name",
+    )
+    max_history: int = Field(default=1024, ge=1, description="rated history entries the served graph reads")
+    cold_user_max: int = Field(
+        default=5, ge=0, description="segment cold_users: test users with at most this many training ratings"
+    )
+
+
 class CacheConfig(_Section):
     """Prefect task caching of ``fuserec run``; ``fuserec stage`` and DVC never read it.
 
@@ -571,6 +608,10 @@ class Params(_Section):
     """All of ``params.yaml``."""
 
     outputs: str = Field(default="outputs", description="folder every stage writes into (the run folder)")
+    task: Literal["ranking", "rating"] = Field(
+        default="ranking",
+        description="ranking: top-k lists from implicit positives; rating: predicted ratings (RMSE, MAE)",
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="where the data comes from")
     validate_: ValidateConfig = Field(
         default_factory=ValidateConfig, alias="validate", description="the validate stage's rules"
@@ -587,6 +628,9 @@ class Params(_Section):
     promote: PromoteConfig = Field(default_factory=PromoteConfig, description="promotion of a retrained run")
     drift: DriftConfig = Field(default_factory=DriftConfig, description="drift check before retraining")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="the HTTP service")
+    rating: RatingTaskConfig = Field(
+        default_factory=RatingTaskConfig, description="the rating task (task: rating)"
+    )
     privacy: PrivacyConfig = Field(
         default_factory=PrivacyConfig, description="pseudonymous ids, minimised attributes, retention"
     )
@@ -597,6 +641,14 @@ class Params(_Section):
     fusers: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="each fuser plugin's config by plugin name, checked against that plugin's Config",
+    )
+    raters: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="each rater plugin's config by plugin name (task: rating), checked against its Config",
+    )
+    rating_fusers: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="each rating fuser's config by plugin name (task: rating), checked against its Config",
     )
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -614,6 +666,12 @@ class Params(_Section):
 
     def fuser_config(self, name: str) -> dict[str, Any]:
         return dict(self.fusers.get(name) or {})
+
+    def rater_config(self, name: str) -> dict[str, Any]:
+        return dict(self.raters.get(name) or {})
+
+    def rating_fuser_config(self, name: str) -> dict[str, Any]:
+        return dict(self.rating_fusers.get(name) or {})
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -725,7 +783,12 @@ class ParamsLayers:
         return places[-1] if effective else " and ".join(places)
 
 
-_SECTIONS = (("algorithms", "fuserec.algorithms", "algorithm"), ("fusers", "fuserec.fusers", "fuser"))
+_SECTIONS = (
+    ("algorithms", "fuserec.algorithms", "algorithm"),
+    ("fusers", "fuserec.fusers", "fuser"),
+    ("raters", "fuserec.raters", "rater"),
+    ("rating_fusers", "fuserec.rating_fusers", "rating fuser"),
+)
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:

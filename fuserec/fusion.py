@@ -23,7 +23,7 @@ import scipy.sparse as sp
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from fuserec.api import API_VERSION, Algorithm, SearchDim, multi_hot, user_feature_names
+from fuserec.api import API_VERSION, Algorithm, SearchDim, coerce_config, multi_hot, user_feature_names
 from fuserec.histories import Histories
 
 if TYPE_CHECKING:
@@ -85,11 +85,7 @@ class Fuser(ABC):
     uses_time: ClassVar[bool] = False
 
     def __init__(self, config: FuserConfig | dict[str, Any] | None = None) -> None:
-        if config is None:
-            config = self.Config()
-        elif isinstance(config, dict):
-            config = self.Config.model_validate(config)
-        self.config = config
+        self.config = coerce_config(self.Config, config)
         self.names_: list[str] | None = None
         self.n_items_: int | None = None
         self.components_: dict[str, Algorithm] = {}

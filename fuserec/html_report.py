@@ -286,3 +286,47 @@ vectors (diversity weight) and a self-information bonus (novelty weight), applie
 {line_chart(points, "intra-list diversity@10", "NDCG@10")}{curve_table}
 <h2>Learned gating weights by user segment</h2>{gating_table(gating or {})}
 </body></html>"""
+
+
+def render_rating(metrics: dict[str, Any], selection: dict[str, Any] | None = None) -> str:
+    """The rating task's report (``task: rating``): RMSE and MAE of every rater, fuser and the served
+    graph, overall and per segment, and what was served and why."""
+    protocol = metrics.get("protocol", {})
+    rows: list[list[Any]] = []
+    for group in ("models", "fusers"):
+        for name, m in metrics.get(group, {}).items():
+            rows.append([name, group[:-1], m.get("rmse"), m.get("mae"), m.get("n")])
+    served = metrics.get("served") or {}
+    if served:
+        rows.append(
+            [
+                f"served ({served.get('name')})",
+                "graph",
+                served.get("rmse"),
+                served.get("mae"),
+                served.get("n"),
+            ]
+        )
+    segment_names = sorted({s for m in metrics.get("models", {}).values() for s in m.get("segments", {})})
+    seg_rows = [
+        [name, *[(m.get("segments", {}).get(s) or {}).get("rmse") for s in segment_names]]
+        for group in ("models", "fusers")
+        for name, m in metrics.get(group, {}).items()
+    ]
+    candidates = (selection or {}).get("candidates", {})
+    sel_rows = [[name, c.get("kind"), c.get("rmse")] for name, c in candidates.items()]
+    chosen = html.escape(str((selection or {}).get("chosen", served.get("name", "-"))))
+    sig = metrics.get("significance") or {}
+    sig_text = html.escape(str(sig.get("summary", "not computed")))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>fuserec rating report</title>
+<style>{STYLE}</style></head><body>
+<h1>fuserec rating report</h1>
+<p class="note">Protocol {html.escape(str(protocol.get("protocol")))}; {protocol.get("test_ratings")} held-out
+ratings of {protocol.get("test_users")} users, {protocol.get("n_items")} items. Lower is better.</p>
+<h2>What is served, and why</h2><p>Served: <b>{chosen}</b> (lowest validation RMSE on out-of-fold
+predictions of the training ratings, unless rating.export names one).</p>
+{_table(["candidate", "kind", "validation RMSE"], sel_rows)}
+<h2>Every rater and fuser on test</h2>{_table(["name", "kind", "RMSE", "MAE", "ratings"], rows)}
+<h2>Best fused predictor against the best single rater</h2><p>{sig_text}</p>
+<h2>RMSE by segment</h2>{_table(["name", *segment_names], seg_rows)}
+</body></html>"""

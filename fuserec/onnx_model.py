@@ -192,6 +192,39 @@ def weight_bytes(module: torch.nn.Module) -> int:
 EXTERNAL_DATA_BYTES = 1 << 30  # above 1 GiB of weights, store them beside the graph (protobuf: 2 GiB)
 
 
+def inference_session(
+    path: str | Path,
+    providers: list[str] | None = None,
+    threads: int = 0,
+    spinning: bool = True,
+    prepack: bool = True,
+) -> Any:
+    """An ``onnxruntime.InferenceSession`` over ``path`` on exactly ``providers`` (default CPU), quiet.
+
+    A provider that is not installed is an error naming the ones that are, never a silent fallback.
+    ``threads``: intra-op threads (0 = one per core); ``spinning=False`` lets idle pool threads sleep (a
+    server sharing its cores); ``prepack=False`` keeps a second, pre-packed copy of MatMul weights out of
+    memory.
+    """
+    import onnxruntime as ort
+
+    providers = providers or ["CPUExecutionProvider"]
+    missing = [p for p in providers if p not in ort.get_available_providers()]
+    if missing:
+        raise RuntimeError(
+            f"onnxruntime providers {missing} are not available here "
+            f"(available: {ort.get_available_providers()}); set export.providers in params.yaml"
+        )
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
 class OnnxRecommender:
     """An onnxruntime session over an exported model, with its providers named explicitly."""
 
@@ -209,23 +242,7 @@ class OnnxRecommender:
         ``prepack=False`` keeps onnxruntime from re-packing MatMul weights at load, which holds a second
         copy of them: on a large model that roughly doubles the session's memory for no speed that
         matters (``export.prepack``)."""
-        import onnxruntime as ort
-
-        providers = providers or ["CPUExecutionProvider"]
-        missing = [p for p in providers if p not in ort.get_available_providers()]
-        if missing:
-            raise RuntimeError(
-                f"onnxruntime providers {missing} are not available here "
-                f"(available: {ort.get_available_providers()}); set export.providers in params.yaml"
-            )
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = threads
-        if not spinning:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if not prepack:
-            options.add_session_config_entry("session.disable_prepacking", "1")
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.session = inference_session(path, providers, threads, spinning, prepack)
         self.providers = self.session.get_providers()
 
         inputs = {i.name for i in self.session.get_inputs()}

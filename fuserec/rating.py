@@ -17,11 +17,10 @@ past 5 stars, a served rating may not.
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
 import pandas as pd
@@ -29,15 +28,19 @@ from pydantic import Field
 
 from fuserec.api import (
     API_VERSION,
-    CONFIG_FILE,
-    STATE_FILE,
     AlgorithmConfig,
     FloatRange,
     IntRange,
     SearchDim,
+    coerce_config,
+    load_config_and_state,
+    save_config_and_state,
 )
 from fuserec.histories import Histories
 from fuserec.registry import RATERS_GROUP
+
+if TYPE_CHECKING:
+    import torch
 
 #: Keys of :meth:`RatingAlgorithm.get_state` that the base class owns; plugins' own keys must differ.
 META_KEYS = ("meta_rating_range", "meta_shape")
@@ -74,6 +77,22 @@ class FactorSGDConfig(RatingConfig):
 
 
 @dataclass(frozen=True)
+class RatingSide:
+    """Optional side information a rater may read: item content and user attributes, as numbers.
+
+    ``item_features float32 [n_items, f]`` (content: genres, year, text; see :mod:`fuserec.features`);
+    ``user_features float32 [n_users, g]`` one-hot attributes of the training users (rows = user index,
+    all zeros for a user whose attributes are unknown) with ``user_feature_names`` naming the columns.
+    At predict time a known user's row is found through ``Histories.users``; the served graph takes the
+    same columns as its optional ``user_features`` input.
+    """
+
+    item_features: np.ndarray | None = None
+    user_features: np.ndarray | None = None
+    user_feature_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RatingData:
     """Validated training triples: ``users`` and ``items`` are ``int64`` indices, ``ratings`` ``float64``."""
 
@@ -83,9 +102,12 @@ class RatingData:
     n_users: int
     n_items: int
     timestamps: np.ndarray | None = None
+    side: RatingSide = RatingSide()
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame, n_users: int, n_items: int) -> RatingData:
+    def from_frame(
+        cls, frame: pd.DataFrame, n_users: int, n_items: int, side: RatingSide | None = None
+    ) -> RatingData:
         """Check a ``user, item, rating[, timestamp]`` frame, so errors name the problem, not a shape."""
         missing = {"user", "item", "rating"} - set(frame.columns)
         if missing:
@@ -102,7 +124,12 @@ class RatingData:
         if not np.isfinite(ratings).all():
             raise ValueError("ratings must be finite")
         timestamps = frame["timestamp"].to_numpy(np.int64) if "timestamp" in frame else None
-        return cls(users, items, ratings, int(n_users), int(n_items), timestamps)
+        side = side or RatingSide()
+        if side.item_features is not None and len(side.item_features) != n_items:
+            raise ValueError(f"side.item_features has {len(side.item_features)} rows, items {n_items}")
+        if side.user_features is not None and len(side.user_features) != n_users:
+            raise ValueError(f"side.user_features has {len(side.user_features)} rows, the users {n_users}")
+        return cls(users, items, ratings, int(n_users), int(n_items), timestamps, side)
 
     @property
     def global_mean(self) -> float:
@@ -143,15 +170,11 @@ class RatingAlgorithm(ABC):
 
     api_version: ClassVar[str] = API_VERSION
     Config: ClassVar[type[RatingConfig]] = RatingConfig
+    #: Whether :meth:`to_torch`'s module takes a fourth input, ``user_features float32 [B, g]``.
+    reads_user_features: ClassVar[bool] = False
 
     def __init__(self, config: AlgorithmConfig | dict[str, Any] | None = None) -> None:
-        if config is None:
-            config = self.Config()
-        elif isinstance(config, dict):
-            config = self.Config.model_validate(config)
-        elif not isinstance(config, self.Config):
-            config = self.Config.model_validate(config.model_dump())
-        self.config = config
+        self.config = coerce_config(self.Config, config)
         self.n_items_: int | None = None
         self.n_users_: int | None = None
         self.rating_range_: tuple[float, float] | None = None
@@ -173,6 +196,20 @@ class RatingAlgorithm(ABC):
     def set_model_state(self, state: dict[str, np.ndarray]) -> None:
         """Restore what :meth:`model_state` returned."""
 
+    def to_torch(self) -> torch.nn.Module:
+        """The served form of :meth:`estimate` (unclipped), exportable with ``torch.export`` / ONNX.
+
+        ``forward(history, history_ratings, items[, user_features])``: ``history int64 [B, L]`` item
+        indices padded with -1 (:data:`fuserec.histories.PAD`; any id outside ``[0, n_items)`` is padding),
+        ``history_ratings float32 [B, L]`` aligned with it (padding ignored), ``items int64 [B, m]`` the
+        items to rate (in range) and, when :attr:`reads_user_features`, ``user_features float32 [B, g]``.
+        Returns ``float32 [B, m]``, equal to :meth:`estimate` within 1e-4 (the base class clips).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no served form: implement to_torch() to export it "
+            "(docs/concepts/rating.md)"
+        )
+
     def fitted_estimate(self, users: np.ndarray, items: np.ndarray) -> np.ndarray | None:
         """Unclipped estimates from the *fitted* per-user parameters of training users (pairs ``users[n]``,
         ``items[n]``); None when the model has no such parameters or they were not kept (after a load).
@@ -182,10 +219,11 @@ class RatingAlgorithm(ABC):
         return None
 
     # -- the contract -----------------------------------------------------------------------------------
-    def fit(self, ratings: pd.DataFrame, n_users: int, n_items: int) -> Self:
+    def fit(self, ratings: pd.DataFrame, n_users: int, n_items: int, side: RatingSide | None = None) -> Self:
         """Fit on ``ratings`` (columns ``user``, ``item``, ``rating``[, ``timestamp``]) of ``n_users`` users
-        over a catalogue of ``n_items`` items."""
-        data = RatingData.from_frame(ratings, n_users, n_items)
+        over a catalogue of ``n_items`` items, with optional ``side`` information (raters that do not
+        read it ignore it)."""
+        data = RatingData.from_frame(ratings, n_users, n_items, side)
         self.n_users_, self.n_items_ = data.n_users, data.n_items
         self.rating_range_ = (float(data.ratings.min()), float(data.ratings.max()))
         self.fit_ratings(data)
@@ -274,23 +312,13 @@ class RatingAlgorithm(ABC):
 
     def save(self, path: str | Path) -> Path:
         """Write ``config.json`` and ``state.npz`` into folder ``path``."""
-        state = self.get_state()
-        bad = [k for k, v in state.items() if not isinstance(v, np.ndarray) or v.dtype == object]
-        if bad:
-            raise TypeError(f"{type(self).__name__}.get_state() returned non-numeric arrays for {bad}")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_FILE).write_text(json.dumps({"config": self.config.model_dump(mode="json")}, indent=2))
-        np.savez(path / STATE_FILE, **state)  # type: ignore[arg-type]  # stub: **kwds may hit allow_pickle
-        return path
+        return save_config_and_state(path, type(self).__name__, self.config, self.get_state())
 
     @classmethod
     def load(cls, path: str | Path) -> Self:
-        path = Path(path)
-        meta = json.loads((path / CONFIG_FILE).read_text())
+        meta, state = load_config_and_state(path)
         algo = cls(cls.Config.model_validate(meta["config"]))
-        with np.load(path / STATE_FILE, allow_pickle=False) as npz:
-            algo.set_state({k: npz[k] for k in npz.files})
+        algo.set_state(state)
         return algo
 
 
@@ -299,5 +327,6 @@ __all__ = [
     "RatingAlgorithm",
     "RatingConfig",
     "RatingData",
+    "RatingSide",
     "history_rows",
 ]

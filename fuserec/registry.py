@@ -1,8 +1,9 @@
 """Plugins found through entry points, built-ins exactly like third parties'.
 
 A plugin that fails to import, is not an Algorithm, or declares an unsupported ``api_version`` is
-recorded with its distribution and version and an error; the others still load. Three groups share the
-mechanism: ranking algorithms, fusers and raters (rating prediction, :mod:`fuserec.rating`).
+recorded with its distribution and version and an error; the others still load. Four groups share the
+mechanism: ranking algorithms, fusers, raters (rating prediction, :mod:`fuserec.rating`) and rating fusers
+(:mod:`fuserec.rating_fuser`).
 """
 
 from __future__ import annotations
@@ -17,15 +18,18 @@ from fuserec.api import API_VERSION, SUPPORTED_API_MAJORS, Algorithm, api_major
 if TYPE_CHECKING:
     from fuserec.fusion import Fuser
     from fuserec.rating import RatingAlgorithm
+    from fuserec.rating_fuser import RatingFuser
 
 ALGORITHMS_GROUP = "fuserec.algorithms"
 FUSERS_GROUP = "fuserec.fusers"
 RATERS_GROUP = "fuserec.raters"
+RATING_FUSERS_GROUP = "fuserec.rating_fusers"
 #: Where users name a group's plugins (said in the error of an unknown name).
 _CONFIGURED_IN = {
     ALGORITHMS_GROUP: "train.algorithms",
     FUSERS_GROUP: "fuse.fusers",
     RATERS_GROUP: "the rating task's raters",
+    RATING_FUSERS_GROUP: "rating.fusers",
 }
 
 
@@ -39,6 +43,10 @@ def _base_class(group: str) -> type:
         from fuserec.rating import RatingAlgorithm
 
         return RatingAlgorithm
+    if group == RATING_FUSERS_GROUP:
+        from fuserec.rating_fuser import RatingFuser
+
+        return RatingFuser
     return Algorithm
 
 
@@ -55,7 +63,7 @@ class PluginInfo:
     version: str
     api_version: str | None
     error: str | None
-    cls: type[Algorithm] | type[Fuser] | type[RatingAlgorithm] | None
+    cls: type[Algorithm] | type[Fuser] | type[RatingAlgorithm] | type[RatingFuser] | None
 
     @property
     def ok(self) -> bool:
@@ -93,7 +101,7 @@ def _inspect(ep: md.EntryPoint, group: str) -> PluginInfo:
             f"Upgrade {dist_name} or fuserec so that they match",
             declared,
         )
-    plugin = cast("type[Algorithm] | type[Fuser] | type[RatingAlgorithm]", obj)
+    plugin = cast("type[Algorithm] | type[Fuser] | type[RatingAlgorithm] | type[RatingFuser]", obj)
     return PluginInfo(ep.name, group, ep.value, dist_name, dist_version, declared, None, plugin)
 
 
@@ -147,6 +155,25 @@ def plugin_info(name: str, group: str = ALGORITHMS_GROUP) -> PluginInfo:
     )
 
 
+def capabilities(info: PluginInfo) -> list[str]:
+    """What a plugin does, in words: its task, and the optional inputs and counterparts it declares."""
+    cls = info.cls
+    if cls is None:
+        return []
+    out = {
+        ALGORITHMS_GROUP: ["ranks items"],
+        FUSERS_GROUP: ["fuses rankings"],
+        RATERS_GROUP: ["predicts ratings"],
+        RATING_FUSERS_GROUP: ["fuses ratings"],
+    }.get(info.group, [])
+    if getattr(cls, "user_attributes", None) or getattr(cls, "reads_user_features", False):
+        out.append("reads user attributes")
+    counterpart = getattr(cls, "rating_counterpart", None)
+    if counterpart:
+        out.append(f"predicts ratings as rater {counterpart!r}")
+    return out
+
+
 def get_algorithm(name: str) -> type[Algorithm]:
     cls = plugin_info(name).cls
     assert cls is not None
@@ -164,6 +191,13 @@ def get_rater(name: str) -> type[RatingAlgorithm]:
     cls = plugin_info(name, RATERS_GROUP).cls
     assert cls is not None
     return cast("type[RatingAlgorithm]", cls)
+
+
+def get_rating_fuser(name: str) -> type[RatingFuser]:
+    """The rating fuser registered as ``name`` in ``fuserec.rating_fusers``."""
+    cls = plugin_info(name, RATING_FUSERS_GROUP).cls
+    assert cls is not None
+    return cast("type[RatingFuser]", cls)
 
 
 def resolve_names(requested: list[str] | str, group: str = ALGORITHMS_GROUP) -> list[str]:

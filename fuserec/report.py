@@ -91,3 +91,74 @@ def top_items_for_user(outputs: Path, user_id: str | None) -> Table:
             f"{score:.4f}",
         )
     return table
+
+
+def rating_metrics_table(outputs: Path) -> Table:
+    """The rating task's test RMSE / MAE of every rater and fuser, and last the served graph's."""
+    metrics = read_json(Layout(outputs).metrics)
+    protocol = metrics["protocol"]
+    how = (
+        f"{protocol['folds']}-fold cross-validation" if protocol["protocol"] == "kfold" else "temporal split"
+    )
+    table = Table(title=f"rating test metrics ({protocol['test_ratings']} ratings, {how}; lower is better)")
+    for column in ("model", "kind", "RMSE", "MAE"):
+        table.add_column(column, justify="left" if column in ("model", "kind") else "right", no_wrap=True)
+    rows = [(n, k[:-1], v) for k in ("models", "fusers") for n, v in metrics[k].items()]
+    for name, kind, values in sorted(rows, key=lambda r: r[2]["rmse"]):
+        table.add_row(name, kind, f"{values['rmse']:.4f}", f"{values['mae']:.4f}")
+    served = metrics["served"]
+    table.add_row(f"served: {served['name']}", "graph", f"{served['rmse']:.4f}", f"{served['mae']:.4f}")
+    selection = read_json(Layout(outputs).selection) if Layout(outputs).selection.exists() else {}
+    table.caption = str(selection.get("reason", ""))
+    return table
+
+
+def rating_predictions_for_user(outputs: Path, user_id: str | None, n: int = 10) -> Table:
+    """A user's held-out ratings beside what the exported graph predicts from their training ratings
+    (default: the first user with held-out ratings; without them, the first ``n`` unrated items)."""
+    from fuserec.rating_onnx import RatingSession
+
+    layout = Layout(outputs)
+    manifest = read_json(layout.export / "manifest.json")
+    users = pd.read_parquet(layout.clean / "users.parquet")
+    train, test = pd.read_parquet(layout.split_file("train")), pd.read_parquet(layout.split_file("test"))
+    if user_id is None:
+        user = int(test["user"].min()) if len(test) else int(train["user"].min())
+    else:
+        matches = np.flatnonzero(users["user_id"].astype(str).to_numpy() == str(user_id))
+        if not len(matches):
+            raise SystemExit(
+                f"user {user_id!r} is not in the users table; pick one of {users['user_id'][:5].tolist()}"
+            )
+        user = int(users["user"].iloc[matches[0]])
+    mine = train[train["user"] == user].sort_values(["timestamp", "item"], kind="stable")
+    held = test[test["user"] == user].head(n)
+    targets = (
+        held["item"].to_numpy()
+        if len(held)
+        else np.setdiff1d(np.arange(manifest["n_items"]), mine["item"])[:n]
+    )
+    session = RatingSession(layout.export / MODEL_FILE, manifest["providers"])
+    history = mine["item"].to_numpy()[-manifest["max_history"] :]
+    ratings = mine["rating"].to_numpy()[-manifest["max_history"] :]
+    predicted = session.run([history.tolist()], [ratings.tolist()], [targets.tolist()])["ratings"][0]
+    catalog = pd.read_parquet(layout.export / CATALOG_FILE)
+    actual = dict(zip(held["item"], held["rating"], strict=True))
+    table = Table(
+        "item_id",
+        "title",
+        "predicted",
+        "actual",
+        title=f"predicted ratings for user {users['user_id'].iloc[user]} ({len(mine)} training ratings) from "
+        f"{manifest['algorithm']['name']}, onnxruntime {session.providers[0]}",
+    )
+    for item, value in zip(targets, predicted, strict=False):
+        row = catalog.iloc[int(item)]
+        truth = actual.get(item)
+        table.add_row(
+            str(row["item_id"]),
+            str(row.get("title", "")),
+            f"{value:.2f}",
+            "-" if truth is None else f"{truth:g}",
+        )
+    return table

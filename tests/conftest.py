@@ -93,3 +93,26 @@ def serving_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for stage in (validate, clean, split, train, fuse, export, evaluate):
         stage.fn(params)
     return params.outputs_dir
+
+
+# A small run of the rating task (task: rating): every built-in rater, neural small, a blend served.
+RATING_RATERS = ["baseline", "svd", "knn_baseline", "neural"]
+RATING = {
+    "task": "rating",
+    "data": {"synthetic": {"n_interactions": 5000, "seed": 3}},
+    "rating": {"raters": RATING_RATERS, "validation_folds": 3, "export": "blend"},
+    "raters": {"svd": {"factors": 8, "epochs": 8}, "neural": {"dim": 8, "hidden": 8, "max_epochs": 3}},
+}
+
+
+@pytest.fixture(scope="session")
+def rating_run(tmp_path_factory: pytest.TempPathFactory):
+    """Params of a finished rating-task run (stage functions, as dvc repro calls them)."""
+    import importlib
+
+    from fuserec.config import load_params
+
+    params = load_params(write_params(tmp_path_factory.mktemp("rating-run"), **RATING))
+    for name in ("validate", "clean", "split", "train", "fuse", "export", "evaluate", "report"):
+        getattr(importlib.import_module(f"fuserec.stages.{name}"), name)(params)
+    return params

@@ -52,7 +52,9 @@ async def _no_lifespan(_: FastAPI) -> AsyncIterator[None]:
 OPERATIONS = [("POST", "/recommend"), ("GET", "/explain"), ("POST", "/events"), ("GET", "/events")]
 OPERATIONS += [("POST", "/admin/reload"), ("GET", "/health"), ("GET", "/ready")]
 OPERATIONS += [("DELETE", "/users/{user_id}"), ("GET", "/admin/users/{user_id}")]
-OPERATIONS += [("POST", "/items"), ("GET", "/items/{item_id}")]
+OPERATIONS += [("POST", "/items"), ("GET", "/items/{item_id}"), ("POST", "/predict")]
+#: What a service over a rating-task run answers besides 409s (fuzzed there too).
+RATING_OPERATIONS = [("POST", "/predict"), ("POST", "/events"), ("GET", "/events"), ("GET", "/ready")]
 
 
 NO_INPUT = {"/health", "/ready"}  # nothing to send them that could be invalid
@@ -91,3 +93,46 @@ def test_the_document_lists_every_route(service: FastAPI) -> None:
     api = schemathesis.openapi.from_asgi("/openapi.json", service)
     found = {(r.ok().method.upper(), r.ok().path) for r in api.get_all_operations()}
     assert found == set(OPERATIONS) | {("GET", "/metrics")} or found == set(OPERATIONS)
+
+
+@pytest.fixture(scope="module")
+def rating_service(rating_run: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FastAPI]:
+    from fuserec.layout import Layout
+
+    folder = tmp_path_factory.mktemp("rating-contract")
+    ring = KeyRing.load(folder / "keys.json")
+    KEY["rating"] = ring.add("fuzzer", ["read", "write", "admin"])
+    root = Layout(rating_run.outputs_dir).root  # type: ignore[attr-defined]
+    app = create_app(root, folder / "e.sqlite", settings=ServeConfig(watch_s=0), keys=ring)
+    app.router.lifespan_context = _no_lifespan
+    yield app
+    app.state.deployment.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "mode"),
+    [
+        pytest.param(method, path, mode, id=f"rating {method} {path} {mode.value}")
+        for method, path in RATING_OPERATIONS
+        for mode in schemathesis.GenerationMode
+        if not (path in NO_INPUT and mode is schemathesis.GenerationMode.NEGATIVE)
+    ],
+)
+def test_a_rating_service_keeps_the_contract(
+    rating_service: FastAPI, method: str, path: str, mode: schemathesis.GenerationMode
+) -> None:
+    """The same fuzzing against a service of the rating task: /predict, events and readiness."""
+    api = schemathesis.openapi.from_asgi("/openapi.json", rating_service)
+    operation = api[path][method]
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def check(case: schemathesis.Case) -> None:
+        response = case.call(headers={HEADER: KEY["rating"]})
+        assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:300])
+        case.validate_response(
+            response,
+            checks=[status_code_conformance, content_type_conformance, response_schema_conformance],
+        )
+
+    check()

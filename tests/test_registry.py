@@ -36,3 +36,17 @@ def test_broken_plugins_are_reported_and_the_rest_load(tmp_path: Path) -> None:
 def test_unknown_name_lists_what_is_available() -> None:
     with pytest.raises(PluginError, match="available"):
         plugin_info("nope")
+
+
+def test_rating_counterparts_are_registered_raters_and_listed_as_capabilities() -> None:
+    from fuserec.registry import ALGORITHMS_GROUP, RATERS_GROUP, available, capabilities, discover
+
+    raters = set(available(RATERS_GROUP))
+    declared = {i.name: i for i in discover(ALGORITHMS_GROUP) if getattr(i.cls, "rating_counterpart", None)}
+    assert {"itemknn", "userknn"} <= set(declared)
+    for name, info in declared.items():
+        counterpart = info.cls.rating_counterpart  # type: ignore[union-attr]
+        assert counterpart in raters, f"{name} names {counterpart!r}, which is not a registered rater"
+        assert f"predicts ratings as rater {counterpart!r}" in capabilities(info)
+    neural = next(i for i in discover(RATERS_GROUP) if i.name == "neural")
+    assert capabilities(neural) == ["predicts ratings", "reads user attributes"]

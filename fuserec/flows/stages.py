@@ -36,7 +36,14 @@ from fuserec.data.dataset import ITEMS_FILE, USERS_FILE
 from fuserec.flows.retries import with_io_retries
 from fuserec.layout import Layout
 from fuserec.manifest import read_json
-from fuserec.registry import FUSERS_GROUP, plugin_info, resolve_names
+from fuserec.registry import (
+    ALGORITHMS_GROUP,
+    FUSERS_GROUP,
+    RATERS_GROUP,
+    RATING_FUSERS_GROUP,
+    plugin_info,
+    resolve_names,
+)
 from fuserec.stages.table import Stage, param_value
 from fuserec.stages.table import stage as table_stage
 from fuserec.stages.train import CARVES, limited_threads, threads_per_fit, training_jobs
@@ -54,18 +61,37 @@ def _dump(section: Any) -> Any:
     return section.model_dump(mode="json", by_alias=True)
 
 
-def _code(algorithms: Sequence[str] = (), fusers: Sequence[str] = ()) -> dict[str, str]:
+def _code(
+    algorithms: Sequence[str] = (),
+    fusers: Sequence[str] = (),
+    raters: Sequence[str] = (),
+    rating_fusers: Sequence[str] = (),
+) -> dict[str, str]:
     """``distribution==version`` of fuserec (the stage's own code) and of every plugin the stage runs."""
     try:
         own = f"fuserec=={version('fuserec')}"
     except PackageNotFoundError:  # a source tree that was never installed
         own = "fuserec==unknown"
     code = {"fuserec": own}
-    for group, names in (("algorithms", algorithms), ("fusers", fusers)):
+    groups = (
+        ("algorithms", ALGORITHMS_GROUP, algorithms),
+        ("fusers", FUSERS_GROUP, fusers),
+        ("raters", RATERS_GROUP, raters),
+        ("rating_fusers", RATING_FUSERS_GROUP, rating_fusers),
+    )
+    for label, group, names in groups:
         for name in names:
-            info = plugin_info(name, FUSERS_GROUP if group == "fusers" else "fuserec.algorithms")
-            code[f"{group}.{name}"] = f"{info.distribution}=={info.version}"
+            info = plugin_info(name, group)
+            code[f"{label}.{name}"] = f"{info.distribution}=={info.version}"
     return code
+
+
+def _rating_code(params: Params) -> dict[str, str]:
+    """The rating task's stages after split run its raters and rating fusers (``rating`` section)."""
+    return _code(
+        raters=resolve_names(params.rating.raters, RATERS_GROUP),
+        rating_fusers=resolve_names(params.rating.fusers, RATING_FUSERS_GROUP),
+    )
 
 
 def _manifest_names(folder: Path) -> list[str]:
@@ -122,6 +148,8 @@ def stage_spec(stage: str, params: Params, plugin: str | None = None, carve: str
         from fuserec.data.sources import source_path
 
         inputs["data"] = source_path(params.data)
+    elif params.task == "rating" and stage in ("train", "fuse", "evaluate", "export", "report"):
+        code = _rating_code(params)
     elif stage == "fuse":
         fusers = resolve_names(params.fuse.fusers, FUSERS_GROUP)
         code = _code(_manifest_names(root / "inner_models"), fusers)
@@ -281,5 +309,6 @@ def run_train(params: Params) -> str:
 
 
 def run_stage(stage: str, params: Params) -> str:
-    runner: Callable[[Params], str] = run_train if stage == "train" else stage_task(stage, params)
+    fan_out = stage == "train" and params.task == "ranking"  # the rating task fits its raters in one task
+    runner: Callable[[Params], str] = run_train if fan_out else stage_task(stage, params)
     return runner(params)

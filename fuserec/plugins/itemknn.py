@@ -44,6 +44,7 @@ class ItemKNNConfig(AlgorithmConfig):
 
 
 class ItemKNN(Algorithm):
+    rating_counterpart = "knn_baseline"  # item-based neighbours, with baselines (Pearson-baseline)
     Config = ItemKNNConfig
     config: ItemKNNConfig
 

@@ -75,6 +75,7 @@ class UserKNNConfig(AlgorithmConfig):
 
 
 class UserKNN(Algorithm):
+    rating_counterpart = "user_similarity"  # similarity-weighted neighbours' rating deviations
     Config = UserKNNConfig
     config: UserKNNConfig
     _module: _UserKNNModule | None  # built lazily from the fitted state

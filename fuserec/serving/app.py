@@ -1,6 +1,7 @@
 """The HTTP API over :class:`~fuserec.serving.service.Service`: keys, limits, routing, status codes.
 
-``POST /recommend`` (a stored user, an explicit history, or a cold start), ``POST /events`` and
+``POST /recommend`` (a stored user, an explicit history, or a cold start; ``POST /predict`` instead when
+the served run is of the rating task, :mod:`fuserec.serving.rating`), ``POST /events`` and
 ``GET /events`` (append and read back), ``POST /items`` and ``GET /items/{id}`` (items added after the
 export, listed by content without retraining), ``GET /explain``, ``POST /admin/reload``, ``GET /health``,
 ``GET /ready`` and Prometheus ``GET /metrics``. Every bad input is a 4xx that says why without echoing the
@@ -36,6 +37,7 @@ from fuserec.serving.deployment import Deployment
 from fuserec.serving.metrics import METRICS_PATH, install_metrics
 from fuserec.serving.new_items import ItemsIn
 from fuserec.serving.privacy import UserPrivacy
+from fuserec.serving.rating import PredictIn, RatingService, is_rating_model
 from fuserec.serving.service import (
     MAX_HISTORY_REQUEST,
     RETRY_AFTER_S,
@@ -159,7 +161,9 @@ def create_app(
         log.warning("no API keys configured: serving with open access, on loopback (%s) only", host)
     events = SQLiteEventStore(Path(store) if store else default_store(settings), settings.history_cap)
 
-    def load(root: Path, shared: SQLiteEventStore) -> Service:
+    def load(root: Path, shared: SQLiteEventStore) -> Service | RatingService:
+        if is_rating_model(root):  # a run of the rating task: POST /predict instead of /recommend
+            return RatingService(root, shared, providers, threads, settings)
         return Service(root, shared, providers, max_batch, threads, settings)
 
     deployment = Deployment(Path(outputs), events, settings, load)
@@ -246,6 +250,21 @@ def create_app(
 
         return Depends(check)
 
+    def task(name: str) -> Any:
+        """A route of one task: 409 when the served run is of the other (ranking or rating)."""
+
+        async def check() -> None:
+            rating = isinstance(deployment.current, RatingService)
+            if (name == "rating") != rating:
+                other = "POST /predict" if rating else "POST /recommend"
+                raise HTTPException(
+                    status_code=409,
+                    detail=f"this service serves a {'rating' if rating else 'ranking'} model "
+                    f"(task: {'rating' if rating else 'ranking'}); use {other}",
+                )
+
+        return Depends(check)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's default echoes the offending input, and a NaN there makes the 422 itself unserialisable
@@ -269,10 +288,11 @@ def create_app(
         alive = service.batcher.alive
         body = {
             "ready": alive,
+            "task": "rating" if isinstance(service, RatingService) else "ranking",
             "model": service.manifest["algorithm"]["name"],
             "components": service.components,
             "sha256": service.manifest.get("sha256"),
-            "providers": service.model.providers,
+            "providers": list(service.model.providers),
             "items": service.n_items,
             "events": service.store.count(),
             "batches": {"runs": service.batcher.runs, "histories": service.batcher.scored},
@@ -284,7 +304,7 @@ def create_app(
             body["reason"] = "the scoring worker is not running; restart the service"
         return JSONResponse(body, status_code=200 if alive else 503)
 
-    @app.post("/recommend", dependencies=[scope("read")], responses=SCORED)
+    @app.post("/recommend", dependencies=[scope("read"), task("ranking")], responses=SCORED)
     async def recommend(req: RecommendIn) -> JSONResponse:
         """Top-k items for a history, or for a user's stored events, scored by the exported graph.
 
@@ -300,7 +320,7 @@ def create_app(
         result["user_id"] = raw
         return ListResponse(result)
 
-    @app.get("/explain", dependencies=[scope("read")], responses=SCORED)
+    @app.get("/explain", dependencies=[scope("read"), task("ranking")], responses=SCORED)
     def explain(user_id: QueryId, item_id: QueryId) -> dict[str, Any]:
         """Why ``item_id`` ranks where it does for ``user_id``: its rank, each model's contribution, the
         history items and shared attributes behind it, the kg plugin's own graph paths (``kg``) and the
@@ -308,6 +328,24 @@ def create_app(
         result: dict[str, Any] = deployment.call("explain", stored(user_id), item_id)
         result["user_id"] = user_id
         return result
+
+    @app.post(
+        "/predict",
+        dependencies=[scope("read"), task("rating")],
+        responses={**SCORED, 409: {"description": "the served run is of the ranking task", **_ERROR}},
+    )
+    async def predict(req: PredictIn) -> JSONResponse:
+        """Predicted ratings of ``items`` for a stored user or a rated history (rating task only).
+
+        Each prediction comes with every model's own prediction and the parts of the fused one. A user
+        with no ratings gets the baselines' prediction, and ``strategy`` says so; unknown item ids: 422.
+        """
+        if privacy is None or req.user_id is None:
+            return ListResponse(await deployment.call_async("predict_async", req))
+        raw, req = req.user_id, req.model_copy(update={"user_id": privacy.stored(req.user_id)})
+        result = await deployment.call_async("predict_async", req)
+        result["user_id"] = raw
+        return ListResponse(result)
 
     @app.post("/events", dependencies=[scope("write")], responses=GUARDED)
     def add_events(req: EventsIn) -> dict[str, Any]:

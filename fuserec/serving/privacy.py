@@ -77,8 +77,10 @@ class UserPrivacy:
         if service is not None:  # what the running model holds in memory goes too, not at the next reload
             stored = [s.stored for s in subjects]
             service.attributes.forget(stored)
-            for user_id in stored:
-                service.cold.user_attributes.pop(user_id, None)
+            cold = getattr(service, "cold", None)  # a rating-task service has no cold-start rules
+            if cold is not None:
+                for user_id in stored:
+                    cold.user_attributes.pop(user_id, None)
         return {"forgotten": len(subjects), **report.as_dict()}
 
     def export(self, raw: str, service: Service) -> dict[str, Any]:
@@ -87,9 +89,12 @@ class UserPrivacy:
         explanation."""
         stored = self.stored(raw)
         events = service.store.events(stored, service.settings.history_cap)
-        recommended = service.recommend(RecommendIn(user_id=stored))
-        top = recommended["items"][0]["item_id"] if recommended.get("items") else None
-        explanation = service.explain(stored, top) if top is not None else None
+        recommended: dict[str, Any] | None = None
+        explanation = None
+        if hasattr(service, "recommend"):  # a rating-task service recommends nothing
+            recommended = service.recommend(RecommendIn(user_id=stored))
+            top = recommended["items"][0]["item_id"] if recommended.get("items") else None
+            explanation = service.explain(stored, top) if top is not None else None
         for document in (recommended, explanation):
             if document is not None:
                 document["user_id"] = raw

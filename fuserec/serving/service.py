@@ -184,6 +184,17 @@ def default_store(settings: ServeConfig, served_dir: str | Path = "served") -> P
     return Path(settings.store) if settings.store else Path(served_dir) / "events.sqlite"
 
 
+def events_document(store: SQLiteEventStore, user_id: str, limit: int) -> dict[str, Any]:
+    """``GET /events``' body: the user's latest ``limit`` stored events, oldest first, as stored."""
+    return {
+        "user_id": user_id,
+        "events": [
+            {"item_id": e.item_id, "timestamp": e.timestamp, "kind": e.kind, "rating": e.rating}
+            for e in store.events(user_id, limit)
+        ],
+    }
+
+
 def verify_model(folder: Path, manifest: dict[str, Any]) -> None:
     """Refuse a model file whose bytes are not the ones the export checked and recorded."""
     for name, key in ((MODEL_FILE, "sha256"), (f"{MODEL_FILE}.data", "external_data_sha256")):
@@ -769,14 +780,7 @@ class Service:
         }
 
     def events(self, user_id: str, limit: int) -> dict[str, Any]:
-        stored = self.store.events(user_id, limit)
-        return {
-            "user_id": user_id,
-            "events": [
-                {"item_id": e.item_id, "timestamp": e.timestamp, "kind": e.kind, "rating": e.rating}
-                for e in stored
-            ],
-        }
+        return events_document(self.store, user_id, limit)
 
     def close(self) -> None:
         self.batcher.close()

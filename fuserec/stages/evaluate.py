@@ -273,6 +273,10 @@ def new_items_summary(
 
 def evaluate(params: Params) -> str:
     """Test metrics of every trained model, every fitted fuser (bound to those models), the served graph."""
+    if params.task == "rating":  # the rating task's evaluate: same folders, its own content
+        from fuserec.stages.rating.evaluate import evaluate as rating_evaluate
+
+        return rating_evaluate(params)
     from fuserec.artifacts import fitted_fusers, load_fuser
 
     layout = Layout(params.outputs_dir)

@@ -46,6 +46,10 @@ from fuserec.rerank import Rerank, novelty_bonus
 def export(params: Params) -> str:
     """Export the chosen scorer (``export.algorithm``, ``auto`` resolved) to ``<outputs>/model``; returns
     that folder's path."""
+    if params.task == "rating":  # the rating task's export: same folders, its own content
+        from fuserec.stages.rating.export import export as rating_export
+
+        return rating_export(params)
     layout = Layout(params.outputs_dir)
     out = layout.export
     out.parent.mkdir(parents=True, exist_ok=True)

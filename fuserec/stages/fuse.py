@@ -69,6 +69,10 @@ def fusion_inputs(layout: Layout, names: list[str]) -> tuple[Dataset, pd.DataFra
 
 
 def fuse(params: Params) -> str:
+    if params.task == "rating":  # the rating task's fuse: same folders, its own content
+        from fuserec.stages.rating.fuse import fuse as rating_fuse
+
+        return rating_fuse(params)
     layout = Layout(params.outputs_dir)
     names = resolve_names(params.fuse.fusers, FUSERS_GROUP)
     parse_metric(params.tune.metric)  # a bad metric fails before the fits, not after them

@@ -46,6 +46,10 @@ def served_alone(layout: Layout) -> dict[str, str]:
 
 
 def report(params: Params) -> str:
+    if params.task == "rating":  # the rating task's report: same folders, its own content
+        from fuserec.stages.rating.report import report as rating_report
+
+        return rating_report(params)
     layout = Layout(params.outputs_dir)
     metrics = read_json(layout.metrics)
     data = Dataset.load(layout.clean, interactions=layout.split_file("train"))

@@ -16,6 +16,10 @@ from fuserec.splitting import split_all
 
 
 def split(params: Params) -> str:
+    if params.task == "rating":  # the rating task's split: same folders, its own content
+        from fuserec.stages.rating.split import split as rating_split
+
+        return rating_split(params)
     layout = Layout(params.outputs_dir)
     frame = pd.read_parquet(layout.clean / INTERACTIONS_FILE)
     parts = split_all(frame, params.split)

@@ -53,6 +53,22 @@ class Stage:
 
 _TRAIN_CODE = ("fuserec/api.py", "fuserec/training.py", "fuserec/features.py", "fuserec/plugins")
 SETTINGS_CODE = "fuserec/dataset_settings"
+# The rating task (task: rating) runs under the same stage names: its code and params are every stage's too.
+_RATING_CODE = (
+    "fuserec/stages/rating",
+    "fuserec/rating.py",
+    "fuserec/rating_ops.py",
+    "fuserec/rating_torch.py",
+)
+_RATING_FIT_CODE = (
+    *_RATING_CODE,
+    "fuserec/rating_fusion.py",
+    "fuserec/rating_ensemble.py",
+    "fuserec/rating_fuser.py",
+    "fuserec/rating_meta.py",
+    "fuserec/plugins/rating",
+    "fuserec/plugins/rating_fusers",
+)
 
 STAGES: tuple[Stage, ...] = (
     Stage(
@@ -87,10 +103,10 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "split",
         "Per-user temporal split into train / test, and train into train' / validation.",
-        inputs=("clean/interactions.parquet",),
+        inputs=("clean/interactions.parquet", "clean/ratings.parquet"),
         outputs=(Output("split"),),
-        params=("split",),
-        code=("fuserec/stages/split.py", "fuserec/splitting.py"),
+        params=("task", "split", "rating.protocol", "rating.folds", "rating.seed"),
+        code=("fuserec/stages/split.py", "fuserec/splitting.py", *_RATING_CODE),
     ),
     Stage(
         "train",
@@ -110,8 +126,11 @@ STAGES: tuple[Stage, ...] = (
             "train.seed",
             "algorithms",
             "fuse.components",
+            "task",
+            "rating.raters",
+            "raters",
         ),
-        code=("fuserec/stages/train.py", *_TRAIN_CODE, SETTINGS_CODE),
+        code=("fuserec/stages/train.py", *_TRAIN_CODE, SETTINGS_CODE, *_RATING_FIT_CODE),
     ),
     Stage(
         "fuse",
@@ -126,8 +145,12 @@ STAGES: tuple[Stage, ...] = (
             "fuse",
             "fusers",
             "tune.metric",  # what the candidates for export are scored by
+            "task",
+            "rating",
+            "raters",
         ),
         code=(
+            *_RATING_FIT_CODE,
             "fuserec/stages/fuse.py",
             "fuserec/fusion.py",
             "fuserec/listwise.py",
@@ -141,8 +164,18 @@ STAGES: tuple[Stage, ...] = (
         "One ONNX graph of the chosen scorer, checked against Python under onnxruntime.",
         inputs=("clean", "split", "models", "fusers", "selection.json"),
         outputs=(Output("model"),),
-        params=("export", "clean.implicit_threshold", "validate.rating_min", "validate.rating_max"),
+        params=(
+            "export",
+            "clean.implicit_threshold",
+            "validate.rating_min",
+            "validate.rating_max",
+            "task",
+            "rating.export",
+            "rating.max_history",
+        ),
         code=(
+            *_RATING_FIT_CODE,
+            "fuserec/rating_onnx.py",
             "fuserec/stages/export.py",
             "fuserec/onnx_model.py",
             "fuserec/parity.py",
@@ -171,8 +204,14 @@ STAGES: tuple[Stage, ...] = (
             "export.rerank_depth",
             "export.rerank_keep",
             "export.rerank_order",
+            "task",
+            "rating",
+            "raters",  # kfold: the cross-validation refits the raters
         ),
         code=(
+            *_RATING_FIT_CODE,
+            "fuserec/rating_onnx.py",
+            "fuserec/rating_metrics.py",
             "fuserec/stages/evaluate.py",
             "fuserec/evaluation.py",
             "fuserec/metrics.py",
@@ -188,8 +227,8 @@ STAGES: tuple[Stage, ...] = (
         "A self-contained HTML report of the metrics, segments and gating weights.",
         inputs=("clean", "split", "models", "fusers", "selection.json", "metrics.json"),
         outputs=(Output("report.html", cache=False), Output("gating_weights.csv", "plot", x="segment")),
-        params=(),
-        code=("fuserec/stages/report.py", "fuserec/html_report.py"),
+        params=("task",),
+        code=("fuserec/stages/report.py", "fuserec/html_report.py", "fuserec/stages/rating"),
     ),
 )
 

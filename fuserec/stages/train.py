@@ -136,6 +136,10 @@ def fit_plugin(name: str, params: Params, carve: str, data: Dataset | None = Non
 
 
 def train(params: Params) -> str:
+    if params.task == "rating":  # the rating task's train: same folders, its own content
+        from fuserec.stages.rating.train import train as rating_train
+
+        return rating_train(params)
     layout = Layout(params.outputs_dir)
     jobs = training_jobs(params)
     for carve in CARVES:

@@ -10,12 +10,14 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+import torch
 from pydantic import Field
 
 from fuserec.api import FloatRange, IntRange, SearchDim
 from fuserec.histories import Histories
 from fuserec.rating import RatingAlgorithm, RatingConfig, RatingData
 from fuserec.rating_ops import als_baselines, fold_in_user_bias
+from fuserec.rating_torch import fold_in_bias, history_entries
 
 
 class BaselineConfig(RatingConfig):
@@ -57,6 +59,10 @@ class Baseline(RatingAlgorithm):
             return None
         return self.global_mean_ + bias[users] + self.item_bias_[items]
 
+    def to_torch(self) -> torch.nn.Module:
+        self._check_fitted()
+        return _BaselineModule(self.global_mean_, self.item_bias_, self.config.reg_users).eval()
+
     def model_state(self) -> dict[str, np.ndarray]:
         return {"global_mean": np.asarray(self.global_mean_), "item_bias": self.item_bias_}
 
@@ -64,3 +70,24 @@ class Baseline(RatingAlgorithm):
         self.global_mean_ = float(state["global_mean"])
         self.item_bias_ = np.asarray(state["item_bias"], dtype=np.float64)
         self.train_user_bias_ = None
+
+
+class _BaselineModule(torch.nn.Module):
+    """``μ + b_u + b_i`` with ``b_u`` folded in from the padded history (see ``RatingAlgorithm.to_torch``)."""
+
+    item_bias: torch.Tensor
+
+    def __init__(self, global_mean: float, item_bias: np.ndarray, reg_users: float) -> None:
+        super().__init__()
+        self.register_buffer("item_bias", torch.from_numpy(np.asarray(item_bias, np.float64)))
+        self.global_mean = float(global_mean)
+        self.reg_users = float(reg_users)
+        self.n_items = len(item_bias)
+
+    def forward(
+        self, history: torch.Tensor, history_ratings: torch.Tensor, items: torch.Tensor
+    ) -> torch.Tensor:
+        ids, valid = history_entries(history, self.n_items)
+        bias = fold_in_bias(ids, valid, history_ratings, self.item_bias, self.global_mean, self.reg_users)
+        out = self.global_mean + bias.unsqueeze(1) + self.item_bias[items]
+        return out.to(torch.float32)

@@ -22,6 +22,7 @@ from typing import ClassVar
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 from pydantic import Field
 
 from fuserec.api import FloatRange, IntRange, SearchDim
@@ -34,6 +35,7 @@ from fuserec.rating_ops import (
     padded_entries,
     rows_by_length,
 )
+from fuserec.rating_torch import fold_in_bias, history_entries, masked, ratio
 
 
 class KNNBaselineConfig(RatingConfig):
@@ -138,6 +140,13 @@ class KNNBaseline(RatingAlgorithm):
         out[order] = est[inverse[order], pos]
         return out
 
+    def to_torch(self) -> torch.nn.Module:
+        self._check_fitted()
+        cfg = self.config
+        return _KNNBaselineModule(
+            self.global_mean_, self.item_bias_, self.similarity_, cfg.reg_users, cfg.k
+        ).eval()
+
     def model_state(self) -> dict[str, np.ndarray]:
         return {
             "global_mean": np.asarray(self.global_mean_),
@@ -150,3 +159,45 @@ class KNNBaseline(RatingAlgorithm):
         self.item_bias_ = np.asarray(state["item_bias"], dtype=np.float64)
         self.similarity_ = np.asarray(state["similarity"], dtype=np.float32)
         self.train_user_bias_ = self.train_histories_ = None
+
+
+class _KNNBaselineModule(torch.nn.Module):
+    """:meth:`KNNBaseline.neighbourhood` on the padded history; the similarity matrix is a buffer."""
+
+    item_bias: torch.Tensor
+    similarity: torch.Tensor
+
+    def __init__(
+        self, global_mean: float, item_bias: np.ndarray, similarity: np.ndarray, reg_users: float, k: int
+    ) -> None:
+        super().__init__()
+        self.register_buffer("item_bias", torch.from_numpy(np.asarray(item_bias, np.float64)))
+        # flat, so a (candidate, history item) pair is one Gather of `candidate * n_items + item`
+        self.register_buffer("similarity", torch.from_numpy(np.asarray(similarity, np.float32).ravel()))
+        self.global_mean = float(global_mean)
+        self.reg_users = float(reg_users)
+        self.k = int(k)
+        self.n_items = len(item_bias)
+
+    def forward(
+        self, history: torch.Tensor, history_ratings: torch.Tensor, items: torch.Tensor
+    ) -> torch.Tensor:
+        ids, valid = history_entries(history, self.n_items)
+        bias = fold_in_bias(ids, valid, history_ratings, self.item_bias, self.global_mean, self.reg_users)
+        base = self.global_mean + bias.unsqueeze(1) + self.item_bias[items]  # [B, m]
+        entry_base = self.global_mean + bias.unsqueeze(1) + self.item_bias[ids]  # b_uj of the history
+        resid = masked(history_ratings.to(torch.float64) - entry_base, valid)
+        # k padding columns, so top-k always has k candidates whatever the history's length
+        pad = torch.zeros_like(ids[:, :1]).expand(-1, self.k)
+        ids = torch.cat([ids, pad], dim=1)
+        valid = torch.cat([valid, torch.zeros_like(pad, dtype=torch.bool)], dim=1)
+        resid = torch.cat([resid, torch.zeros_like(pad, dtype=resid.dtype)], dim=1)
+        # float32 as in numpy, so top-k ranks the same values (and the [B, m, L + k] block stays half size)
+        sim = self.similarity[items.unsqueeze(2) * self.n_items + ids.unsqueeze(1)]
+        sim = torch.where(valid.unsqueeze(1), sim, torch.full_like(sim, float("-inf")))  # [B, m, L + k]
+        top, at = torch.topk(sim, self.k, dim=2)  # ties at the k-th place may pick another neighbour
+        top = top.to(torch.float64)
+        dev = torch.gather(resid.unsqueeze(1).expand(-1, items.shape[1], -1), 2, at)
+        weight = torch.where(top > 0, top, torch.zeros_like(top))  # only positive similarities count
+        adjust = ratio((weight * dev).sum(2), weight.sum(2))
+        return (base + adjust).to(torch.float32)

@@ -22,11 +22,13 @@ predictions so the gap is measured (see docs/concepts/rating.md).
 from __future__ import annotations
 
 import numpy as np
+import torch
 from pydantic import Field
 
 from fuserec.histories import Histories
 from fuserec.rating import FactorSGDConfig, RatingAlgorithm, RatingData
 from fuserec.rating_ops import batch_scatter, ridge_fold_in
+from fuserec.rating_torch import entry_count, history_entries, padded_ridge_fold_in
 
 
 class SVDConfig(FactorSGDConfig):
@@ -92,6 +94,13 @@ class SVD(RatingAlgorithm):
         interaction = np.einsum("nk,nk->n", pu[users], self.item_factors_[items])
         return self.global_mean_ + bu[users] + self.item_bias_[items] + interaction
 
+    def to_torch(self) -> torch.nn.Module:
+        self._check_fitted()
+        cfg = self.config
+        return _SVDModule(
+            self.global_mean_, self.item_bias_, self.item_factors_, cfg.fold_in_reg, cfg.reg
+        ).eval()
+
     def model_state(self) -> dict[str, np.ndarray]:
         return {
             "global_mean": np.asarray(self.global_mean_),
@@ -104,3 +113,37 @@ class SVD(RatingAlgorithm):
         self.item_bias_ = np.asarray(state["item_bias"], dtype=np.float64)
         self.item_factors_ = np.asarray(state["item_factors"], dtype=np.float64)
         self.train_user_bias_ = self.train_user_factors_ = None
+
+
+class _SVDModule(torch.nn.Module):
+    """:meth:`SVD.estimate` on the padded history: the ridge fold-in of ``(b_u, p_u)`` solved in the graph."""
+
+    item_bias: torch.Tensor
+    design: torch.Tensor
+
+    def __init__(
+        self,
+        global_mean: float,
+        item_bias: np.ndarray,
+        item_factors: np.ndarray,
+        fold_in_reg: float,
+        reg: float,
+    ) -> None:
+        super().__init__()
+        design = np.hstack([np.ones((len(item_bias), 1)), item_factors]).astype(np.float64)
+        self.register_buffer("item_bias", torch.from_numpy(np.asarray(item_bias, np.float64)))
+        self.register_buffer("design", torch.from_numpy(design))  # [1, q_i]: b_u + q_iᵀp_u = design_i · x
+        self.global_mean = float(global_mean)
+        self.fold_in_reg = float(fold_in_reg)
+        self.reg = float(reg)
+        self.n_items = len(item_bias)
+
+    def forward(
+        self, history: torch.Tensor, history_ratings: torch.Tensor, items: torch.Tensor
+    ) -> torch.Tensor:
+        ids, valid = history_entries(history, self.n_items)
+        targets = history_ratings.to(torch.float64) - self.global_mean - self.item_bias[ids]
+        ridge = self.fold_in_reg + self.reg * entry_count(valid)
+        x = padded_ridge_fold_in(self.design, ids, valid, targets, ridge)  # [B, 1 + k] = (b_u, p_u)
+        out = self.global_mean + self.item_bias[items] + (self.design[items] * x.unsqueeze(1)).sum(2)
+        return out.to(torch.float32)

@@ -17,11 +17,19 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 from pydantic import Field
 
 from fuserec.histories import Histories
 from fuserec.rating import FactorSGDConfig, RatingAlgorithm, RatingData, history_rows
 from fuserec.rating_ops import batch_scatter, ridge_fold_in
+from fuserec.rating_torch import (
+    entry_count,
+    first_occurrences,
+    history_entries,
+    padded_ridge_fold_in,
+    ratio,
+)
 
 
 class SVDppConfig(FactorSGDConfig):
@@ -126,6 +134,18 @@ class SVDpp(RatingAlgorithm):
         interaction = np.einsum("nk,nk->n", pu[users] + z[users], self.item_factors_[items])
         return self.global_mean_ + bu[users] + self.item_bias_[items] + interaction
 
+    def to_torch(self) -> torch.nn.Module:
+        self._check_fitted()
+        cfg = self.config
+        return _SVDppModule(
+            self.global_mean_,
+            self.item_bias_,
+            self.item_factors_,
+            self.implicit_factors_,
+            cfg.fold_in_reg,
+            cfg.reg,
+        ).eval()
+
     def model_state(self) -> dict[str, np.ndarray]:
         return {
             "global_mean": np.asarray(self.global_mean_),
@@ -140,3 +160,51 @@ class SVDpp(RatingAlgorithm):
         self.item_factors_ = np.asarray(state["item_factors"], dtype=np.float64)
         self.implicit_factors_ = np.asarray(state["implicit_factors"], dtype=np.float64)
         self.train_user_bias_ = self.train_user_factors_ = self.train_implicit_ = None
+
+
+class _SVDppModule(torch.nn.Module):
+    """:meth:`SVDpp.estimate` on the padded history: implicit term, then the ridge fold-in in the graph."""
+
+    item_bias: torch.Tensor
+    design: torch.Tensor
+    implicit_factors: torch.Tensor
+
+    def __init__(
+        self,
+        global_mean: float,
+        item_bias: np.ndarray,
+        item_factors: np.ndarray,
+        implicit_factors: np.ndarray,
+        fold_in_reg: float,
+        reg: float,
+    ) -> None:
+        super().__init__()
+        design = np.hstack([np.ones((len(item_bias), 1)), item_factors]).astype(np.float64)
+        self.register_buffer("item_bias", torch.from_numpy(np.asarray(item_bias, np.float64)))
+        self.register_buffer("design", torch.from_numpy(design))  # [1, q_i]
+        self.register_buffer("implicit_factors", torch.from_numpy(np.asarray(implicit_factors, np.float64)))
+        self.global_mean = float(global_mean)
+        self.fold_in_reg = float(fold_in_reg)
+        self.reg = float(reg)
+        self.n_items = len(item_bias)
+
+    def forward(
+        self, history: torch.Tensor, history_ratings: torch.Tensor, items: torch.Tensor
+    ) -> torch.Tensor:
+        ids, valid = history_entries(history, self.n_items)
+        # z_u = |N(u)|^-½ Σ y_j over the distinct rated items (a repeated item counts once)
+        distinct, first = first_occurrences(ids, valid)
+        weight = first.to(torch.float64).unsqueeze(2)
+        implicit = ratio((self.implicit_factors[distinct] * weight).sum(1), weight.sum(1).sqrt())  # [B, k]
+        factors = self.design[:, 1:]
+        targets = (
+            history_ratings.to(torch.float64)
+            - self.global_mean
+            - self.item_bias[ids]
+            - (factors[ids] * implicit.unsqueeze(1)).sum(2)
+        )
+        ridge = self.fold_in_reg + self.reg * entry_count(valid)
+        x = padded_ridge_fold_in(self.design, ids, valid, targets, ridge)  # (b_u, p_u)
+        user = x + torch.cat([torch.zeros_like(x[:, :1]), implicit], dim=1)  # (b_u, p_u + z_u)
+        out = self.global_mean + self.item_bias[items] + (self.design[items] * user.unsqueeze(1)).sum(2)
+        return out.to(torch.float32)

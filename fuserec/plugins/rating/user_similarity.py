@@ -19,11 +19,13 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 from pydantic import Field
 
 from fuserec.api import Choice, IntRange, SearchDim
 from fuserec.histories import Histories
 from fuserec.rating import RatingAlgorithm, RatingConfig, RatingData, history_rows
+from fuserec.rating_torch import entry_count, history_entries, masked, ratio
 
 #: Pairs scored per chunk, times the longest candidate list (bounds the [pairs, raters] blocks).
 PAIR_CELLS = 1 << 21
@@ -142,6 +144,26 @@ class UserSimilarity(RatingAlgorithm):
         total = np.abs(s).sum(axis=1)
         return (s * dev).sum(axis=1) / np.where(total > 0, total, 1.0)
 
+    def to_torch(self) -> torch.nn.Module:
+        """The served form carries the training ratings as dense arrays: the users' unit vectors
+        ``[n_items, n_users]`` and each item's raters padded to the most-rated item's count."""
+        self._check_fitted()
+        counts = np.diff(self.item_ptr_)
+        width = max(int(counts.max()) if len(counts) else 0, 1)
+        offsets = np.arange(width)
+        valid = offsets[None, :] < counts[:, None]
+        pos = np.where(valid, self.item_ptr_[:-1, None] + offsets[None, :], 0)
+        # a fitted model has at least one rating, so position 0 exists for the padding to point at
+        return _UserSimilarityModule(
+            self.global_mean_,
+            np.asarray(self.user_vectors_.T.toarray(), np.float64),
+            np.where(valid, self.rater_users_[pos], 0),
+            np.where(valid, self.rater_deviations_[pos], 0.0),
+            valid,
+            self.config.k,
+            self.config.similarity == "pearson",
+        ).eval()
+
     def model_state(self) -> dict[str, np.ndarray]:
         vectors = self.user_vectors_
         return {
@@ -164,3 +186,57 @@ class UserSimilarity(RatingAlgorithm):
         self.user_vectors_ = sp.csr_matrix(
             (state["vectors_data"], state["vectors_indices"], state["vectors_indptr"]), shape=shape
         )
+
+
+class _UserSimilarityModule(torch.nn.Module):
+    """:meth:`UserSimilarity.estimate` on the padded history, in float64 like the numpy path, so the
+    top-k neighbours are the same ones (a similarity rounded to float32 could swap near ties)."""
+
+    user_vectors: torch.Tensor
+    raters: torch.Tensor
+    deviations: torch.Tensor
+    rater_valid: torch.Tensor
+
+    def __init__(
+        self,
+        global_mean: float,
+        user_vectors: np.ndarray,
+        raters: np.ndarray,
+        deviations: np.ndarray,
+        rater_valid: np.ndarray,
+        k: int,
+        pearson: bool,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("user_vectors", torch.from_numpy(np.ascontiguousarray(user_vectors)))
+        self.register_buffer("raters", torch.from_numpy(np.asarray(raters, np.int64)))  # [n_items, W]
+        self.register_buffer("deviations", torch.from_numpy(np.asarray(deviations, np.float64)))
+        self.register_buffer("rater_valid", torch.from_numpy(np.asarray(rater_valid, bool)))
+        self.global_mean = float(global_mean)
+        self.k = min(int(k), raters.shape[1])
+        self.pearson = bool(pearson)
+        self.n_items = user_vectors.shape[0]
+
+    def forward(
+        self, history: torch.Tensor, history_ratings: torch.Tensor, items: torch.Tensor
+    ) -> torch.Tensor:
+        ids, valid = history_entries(history, self.n_items)
+        ratings = masked(history_ratings, valid)
+        count = entry_count(valid)
+        mean = torch.where(count > 0, ratio(ratings.sum(1), count), torch.full_like(count, self.global_mean))
+        values = masked(ratings - mean.unsqueeze(1), valid) if self.pearson else ratings
+        # the history's rating vector over the catalogue (a repeated item adds up, as in scipy's sum)
+        slot = torch.where(valid, ids, torch.full_like(ids, self.n_items))
+        vector = torch.zeros(ids.shape[0], self.n_items + 1, dtype=values.dtype, device=values.device)
+        vector = vector.scatter_add(1, slot, values)[:, : self.n_items]
+        unit = ratio(vector, (vector * vector).sum(1, keepdim=True).sqrt())
+        sim = unit @ self.user_vectors  # [B, n_users]
+        batch, m = items.shape
+        width = self.raters.shape[1]
+        near = torch.gather(sim, 1, self.raters[items].reshape(batch, m * width)).reshape(batch, m, width)
+        near = torch.where(self.rater_valid[items], near, torch.full_like(near, float("-inf")))
+        top, at = torch.topk(near, self.k, dim=2)  # ties at the k-th place may pick another rater
+        dev = torch.gather(self.deviations[items], 2, at)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        deviation = ratio((top * dev).sum(2), top.abs().sum(2))
+        return (mean.unsqueeze(1) + deviation).to(torch.float32)

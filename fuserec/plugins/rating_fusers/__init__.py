@@ -1,0 +1,1 @@
+"""Built-in rating fusers (entry-point group ``fuserec.rating_fusers``), one module each."""
