@@ -86,3 +86,17 @@ def test_without_a_key_erasure_and_access_say_how_to_configure_one(serving_run: 
         for method, path in (("DELETE", "/users/7"), ("GET", "/admin/users/7")):
             answer = client.request(method, path)
             assert answer.status_code == 501 and "privacy.key_file" in answer.json()["detail"]
+
+
+def test_an_id_of_spaces_only_is_a_422_not_a_500(tmp_path: Path) -> None:
+    """The pseudonymiser strips ids, so a blank one would be the empty id: refused, saying why."""
+    from fastapi import HTTPException
+
+    from fuserec.privacy.erasure import Places
+    from fuserec.serving.privacy import UserPrivacy
+
+    places = Places(tables=[], stores=[], caches=[], register=tmp_path / "erasures.jsonl")
+    privacy = UserPrivacy(b"k" * 32, None, places)
+    with pytest.raises(HTTPException) as caught:
+        privacy.forget(["   "], None, where="api")
+    assert caught.value.status_code == 422 and "space" in str(caught.value.detail)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastapi import HTTPException
+
 from fuserec.config import Params
 from fuserec.privacy.erasure import Places, erase, rows_about, subjects_for
 from fuserec.privacy.pseudonyms import MissingKeyError, Pseudonymiser, load_key
@@ -68,11 +70,11 @@ class UserPrivacy:
 
     def stored(self, raw: str) -> str:
         """The id the store and the model know a client's id by."""
-        return raw if self.pseudonym is None else str(self.pseudonym(raw.strip()))
+        return raw if self.pseudonym is None else str(self.pseudonym(_named(raw).strip()))
 
     def forget(self, raw_ids: list[str], service: Service | None, where: str) -> dict[str, Any]:
         """Erase the people everywhere this project keeps data, the running service's store included."""
-        subjects = subjects_for(raw_ids, self.key, self.pseudonym)
+        subjects = subjects_for([_named(r) for r in raw_ids], self.key, self.pseudonym)
         report = erase(subjects, self.places, where=where, live=service.store if service else None)
         if service is not None:  # what the running model holds in memory goes too, not at the next reload
             stored = [s.stored for s in subjects]
@@ -110,3 +112,13 @@ class UserPrivacy:
             "recommendations": recommended,
             "explanation_of_first": explanation,
         }
+
+
+def _named(raw: str) -> str:
+    """``raw`` if it names someone; a 422 for an id of spaces only, which no pseudonym can stand for
+    (the pseudonymiser strips ids, so it would be the empty id)."""
+    if not raw.strip():
+        raise HTTPException(
+            status_code=422, detail="a user id needs at least one character that is not a space"
+        )
+    return raw

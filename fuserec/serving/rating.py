@@ -33,6 +33,7 @@ from fuserec.serving.service import (
     MAX_HISTORY_REQUEST,
     Attributes,
     EventsIn,
+    catalogue_indices,
     default_store,
     events_document,
     timed_out,
@@ -168,13 +169,7 @@ class RatingService:
 
     # -- requests -----------------------------------------------------------------------------------
     def indices(self, ids: list[str], what: str) -> list[int]:
-        unknown = [i for i in ids if i not in self.index]
-        if unknown:
-            raise _client_error(
-                f"unknown {what} item ids {unknown[:5]}: they are not in the exported catalogue "
-                "(outputs/model/catalog.parquet); add them to the data and retrain, or leave them out"
-            )
-        return [self.index[i] for i in ids]
+        return catalogue_indices(self.index, ids, what, "add them to the data and retrain")
 
     def rated_history(self, req: PredictIn) -> tuple[list[int], list[float]]:
         """The request's rated history as catalogue indices and ratings, latest ``max_history`` kept."""

@@ -184,6 +184,18 @@ def default_store(settings: ServeConfig, served_dir: str | Path = "served") -> P
     return Path(settings.store) if settings.store else Path(served_dir) / "events.sqlite"
 
 
+def catalogue_indices(index: dict[str, int], ids: list[str], what: str, remedy: str) -> list[int]:
+    """The catalogue rows of item ``ids``; a 422 naming the first unknown ones (``what``: whose ids) and
+    how to fix it (``remedy``) when any is not in the exported catalogue."""
+    unknown = [i for i in ids if i not in index]
+    if unknown:
+        raise _client_error(
+            f"unknown {what} item ids {unknown[:5]}: they are not in the exported catalogue "
+            f"(outputs/model/catalog.parquet); {remedy}, or leave them out"
+        )
+    return [index[i] for i in ids]
+
+
 def events_document(store: SQLiteEventStore, user_id: str, limit: int) -> dict[str, Any]:
     """``GET /events``' body: the user's latest ``limit`` stored events, oldest first, as stored."""
     return {
@@ -315,13 +327,7 @@ class Service:
 
     # -- requests -----------------------------------------------------------------------------------
     def indices(self, ids: list[str], what: str) -> list[int]:
-        unknown = [i for i in ids if i not in self.index]
-        if unknown:
-            raise _client_error(
-                f"unknown {what} item ids {unknown[:5]}: they are not in the exported catalogue "
-                "(outputs/model/catalog.parquet); add the items and re-export, or leave them out"
-            )
-        return [self.index[i] for i in ids]
+        return catalogue_indices(self.index, ids, what, "add the items and re-export")
 
     def history(self, user_id: str, now: int) -> tuple[list[int], int]:
         """The user's latest positive events as catalogue indices, and the time of the latest one."""
