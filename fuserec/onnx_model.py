@@ -161,15 +161,35 @@ def export_onnx(
         (True, True): TimedFeaturedTopKModel,
     }[(uses_time(algo), bool(features))]
     model = wrapper(scorer, n_items, k, reranker).eval()
+    # the column names travel inside the graph: whoever feeds it encodes the same way
+    metadata = {FEATURE_NAMES_KEY: json.dumps(list(features))} if features else {}
+    return save_onnx(model, inputs, names, [*OUTPUT_NAMES, CONTRIBUTIONS], shapes, path, opset, metadata)
+
+
+def save_onnx(
+    module: torch.nn.Module,
+    inputs: list[torch.Tensor],
+    input_names: list[str],
+    output_names: list[str],
+    shapes: list[dict[int, Any]],
+    path: str | Path,
+    opset: int,
+    metadata: dict[str, str],
+) -> Path:
+    """Export ``module`` (with the trees' translations) to ``path`` with ``metadata`` in the file.
+
+    What every served graph goes through, ranking or rating. The weights go to ``<file>.data`` beside it
+    when they pass :data:`EXTERNAL_DATA_BYTES` (protobuf cannot hold 2 GiB).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         program = torch.onnx.export(
-            model,
+            module,
             tuple(inputs),
             dynamo=True,
-            input_names=names,
-            output_names=[*OUTPUT_NAMES, CONTRIBUTIONS],
+            input_names=input_names,
+            output_names=output_names,
             dynamic_shapes=tuple(shapes),
             opset_version=opset,
             external_data=False,
@@ -177,9 +197,8 @@ def export_onnx(
             custom_translation_table=TRANSLATIONS,
         )
     assert program is not None  # dynamo=True always returns the ONNXProgram
-    if features:  # the column names travel inside the graph: whoever feeds it encodes the same way
-        program.model.metadata_props[FEATURE_NAMES_KEY] = json.dumps(list(features))
-    program.save(str(path), external_data=weight_bytes(model) > EXTERNAL_DATA_BYTES)
+    program.model.metadata_props.update(metadata)
+    program.save(str(path), external_data=weight_bytes(module) > EXTERNAL_DATA_BYTES)
     return path
 
 

@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from fuserec.api import USER_FEATURES, user_feature_names
-from fuserec.onnx_model import EXTERNAL_DATA_BYTES, FEATURE_NAMES_KEY, inference_session, weight_bytes
-from fuserec.trees import TRANSLATIONS
+from fuserec.onnx_model import FEATURE_NAMES_KEY, inference_session, save_onnx
 
 INPUT_NAMES = ("history", "history_ratings", "items")
 OUTPUT_NAMES = ("ratings", "predictions", "contributions")
@@ -123,30 +122,14 @@ def export_rating_onnx(
         shapes.append({0: batch})
         names.append(USER_FEATURES)
     graph = RatingGraph(module, n_items, rating_range).eval()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        program = torch.onnx.export(
-            graph,
-            tuple(inputs),
-            dynamo=True,
-            input_names=names,
-            output_names=list(OUTPUT_NAMES),
-            dynamic_shapes=tuple(shapes),
-            opset_version=opset,
-            external_data=False,
-            verbose=False,
-            custom_translation_table=TRANSLATIONS,
-        )
-    assert program is not None  # dynamo=True always returns the ONNXProgram
-    props = program.model.metadata_props
-    props.update(metadata or {})
-    props[RANGE_KEY] = json.dumps([float(v) for v in rating_range])
-    props[N_ITEMS_KEY] = json.dumps(int(n_items))
+    props = {
+        **(metadata or {}),
+        RANGE_KEY: json.dumps([float(v) for v in rating_range]),
+        N_ITEMS_KEY: json.dumps(int(n_items)),
+    }
     if reads_user_features and features:
         props[FEATURE_NAMES_KEY] = json.dumps(list(features))
-    program.save(str(path), external_data=weight_bytes(graph) > EXTERNAL_DATA_BYTES)
-    return path
+    return save_onnx(graph, inputs, names, list(OUTPUT_NAMES), shapes, path, opset, props)
 
 
 class RatingSession:

@@ -34,6 +34,7 @@ from fuserec.serving.service import (
     Attributes,
     EventsIn,
     catalogue_indices,
+    check_provider,
     default_store,
     events_document,
     timed_out,
@@ -126,11 +127,7 @@ class RatingService:
         requested = list(providers or self.manifest.get("providers") or ["CPUExecutionProvider"])
         threads = settings.threads if threads is None else threads
         self.model = RatingSession(layout.export / MODEL_FILE, requested, threads, spinning=False)
-        if self.model.providers[0] != requested[0]:  # no silent fallback (e.g. CUDA asked, CPU given)
-            raise RuntimeError(
-                f"asked onnxruntime for {requested[0]} but the session runs on {self.model.providers[0]}; "
-                "check the CUDA/cuDNN install or serve with --provider CPUExecutionProvider"
-            )
+        check_provider(requested, self.model.providers)
         catalog = pd.read_parquet(layout.export / CATALOG_FILE)
         self.item_ids = catalog["item_id"].astype(str).to_numpy()
         self.index = {item: i for i, item in enumerate(self.item_ids)}

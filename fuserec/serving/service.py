@@ -184,6 +184,16 @@ def default_store(settings: ServeConfig, served_dir: str | Path = "served") -> P
     return Path(settings.store) if settings.store else Path(served_dir) / "events.sqlite"
 
 
+def check_provider(requested: list[str], running: list[str]) -> None:
+    """No silent fallback: a session that runs on another provider than the first asked for (CUDA asked,
+    CPU given after a failed CUDA start) is an error, not a slower service."""
+    if running[0] != requested[0]:
+        raise RuntimeError(
+            f"asked onnxruntime for {requested[0]} but the session runs on {running[0]}; "
+            "check the CUDA/cuDNN install or serve with --provider CPUExecutionProvider"
+        )
+
+
 def catalogue_indices(index: dict[str, int], ids: list[str], what: str, remedy: str) -> list[int]:
     """The catalogue rows of item ``ids``; a 422 naming the first unknown ones (``what``: whose ids) and
     how to fix it (``remedy``) when any is not in the exported catalogue."""
@@ -253,11 +263,7 @@ class Service:
             spinning=False,
             prepack=self.manifest.get("prepack", False),
         )
-        if self.model.providers[0] != requested[0]:  # no silent fallback (e.g. CUDA asked, CPU given)
-            raise RuntimeError(
-                f"asked onnxruntime for {requested[0]} but the session runs on {self.model.providers[0]}; "
-                "check the CUDA/cuDNN install or serve with --provider CPUExecutionProvider"
-            )
+        check_provider(requested, self.model.providers)
         log.info("serving %s on %s", self.manifest["algorithm"]["name"], self.model.providers[0])
         self.catalog = pd.read_parquet(layout.export / CATALOG_FILE)
         self.item_ids = self.catalog["item_id"].astype(str).to_numpy()
